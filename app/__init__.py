@@ -1,0 +1,63 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from app.errors import register_errorhandlers
+from app.extensions import api, db, init_redis, migrate
+from app.logs import configure_logging
+
+
+def create_app(config: object | str = "config.Config", overrides: dict | None = None) -> Flask:
+    """Build the app from a config object (or its import path) and optional overrides."""
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_object(config)
+    if overrides:
+        app.config.update(overrides)
+    app.json.sort_keys = False
+    configure_logging(app)
+    register_extensions(app)
+    register_blueprints(app)
+    register_errorhandlers(app)
+    register_commands(app)
+    return app
+
+
+def register_extensions(app: Flask) -> None:
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(app.config.get("MIGRATIONS_DIR", "migrations")))
+    api.init_app(app)
+    init_redis(app)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        os.makedirs(app.instance_path, exist_ok=True)
+
+
+def register_blueprints(app: Flask) -> None:
+    from app import campaigns, customers
+
+    api.register_blueprint(customers.bp)
+    api.register_blueprint(campaigns.bp)
+
+
+def register_commands(app: Flask) -> None:
+    from app import cli
+
+    cli.register(app)
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
+    """SQLite (development and fast tests): enforce foreign keys, and let the API and the worker
+    write the same file without 'database is locked'."""
+    if type(dbapi_connection).__module__ != "sqlite3":
+        return
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()

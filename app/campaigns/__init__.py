@@ -1,0 +1,3 @@
+from app.campaigns.routes import bp
+
+__all__ = ["bp"]

@@ -1,0 +1,79 @@
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from app.campaigns import service
+from app.campaigns.schemas import (
+    CampaignDetailSchema,
+    CampaignQuerySchema,
+    CampaignSchema,
+    MessageQuerySchema,
+    MessageSchema,
+    PreviewRequestSchema,
+    PreviewSchema,
+    SendResultSchema,
+    SendSchema,
+)
+from app.schemas import page_of
+
+bp = Blueprint("campaigns", __name__, url_prefix="/campaigns", description="Campaigns, sending and their messages")
+
+CAMPAIGN = "/<int(max=2147483647):campaign_id>"
+
+
+@bp.route("")
+class Campaigns(MethodView):
+    @bp.arguments(CampaignQuerySchema, location="query")
+    @bp.response(200, page_of(CampaignSchema))
+    def get(self, query):
+        """List campaigns, newest first"""
+        return service.list_campaigns(**query)
+
+    @bp.arguments(CampaignSchema)
+    @bp.response(201, CampaignDetailSchema)
+    def post(self, data):
+        """Create a campaign (draft, or scheduled when `scheduled_at` is given)"""
+        return service.create_campaign(data)
+
+
+@bp.route(CAMPAIGN)
+class CampaignById(MethodView):
+    @bp.response(200, CampaignDetailSchema)
+    @bp.alt_response(404, description="Unknown campaign")
+    def get(self, campaign_id):
+        """Get a campaign with its message stats"""
+        return service.with_stats(service.get_campaign(campaign_id))
+
+    @bp.arguments(CampaignSchema(partial=True))
+    @bp.response(200, CampaignDetailSchema)
+    @bp.alt_response(409, description="Campaign is no longer draft or scheduled")
+    def patch(self, data, campaign_id):
+        """Change a draft or scheduled campaign; `scheduled_at: null` unschedules it"""
+        return service.update_campaign(campaign_id, data)
+
+
+@bp.route(CAMPAIGN + "/send", methods=["POST"])
+@bp.arguments(SendSchema)
+@bp.response(202, SendResultSchema)
+@bp.alt_response(404, description="Unknown campaign")
+@bp.alt_response(409, description="Campaign already finished")
+def send(data, campaign_id):
+    """Send the campaign to customers (ids, or an audience)"""
+    return service.send_campaign(campaign_id, **data)
+
+
+@bp.route(CAMPAIGN + "/personalized-preview", methods=["POST"])
+@bp.arguments(PreviewRequestSchema)
+@bp.response(200, PreviewSchema)
+@bp.alt_response(404, description="Unknown campaign or customer")
+def personalized_preview(data, campaign_id):
+    """Render the campaign for one customer; stores and queues nothing"""
+    return service.preview(campaign_id, data["customer_id"])
+
+
+@bp.route(CAMPAIGN + "/messages")
+@bp.arguments(MessageQuerySchema, location="query")
+@bp.response(200, page_of(MessageSchema))
+@bp.alt_response(404, description="Unknown campaign")
+def messages(query, campaign_id):
+    """List the campaign's outbound messages, newest first"""
+    return service.list_messages(campaign_id, **query)

@@ -1,0 +1,103 @@
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from app.models import CampaignStatus, Channel, MessageStatus
+from app.schemas import Id, PageQuerySchema, Text, UTCDateTime
+
+
+class StatsSchema(Schema):
+    total = fields.Integer(required=True)
+    pending = fields.Integer(required=True)
+    sent = fields.Integer(required=True)
+    failed = fields.Integer(required=True)
+
+
+class CampaignSchema(Schema):
+    id = fields.Integer(dump_only=True)
+    name = Text(required=True, validate=validate.Length(min=1, max=200))
+    channel = fields.String(required=True, validate=validate.OneOf(Channel.ALL))
+    base_template = Text(
+        required=True,
+        validate=validate.Length(min=1),
+        metadata={
+            "description": "Placeholders: {first_name}, {last_name}, {preferred_product}, {location}. "
+            "At most 1,600 characters for sms, 4,096 for whatsapp."
+        },
+    )
+    scheduled_at = UTCDateTime(
+        allow_none=True,
+        metadata={"description": "ISO 8601, in the future; naive times are UTC. Sets status scheduled."},
+    )
+    status = fields.String(dump_only=True, metadata={"enum": list(CampaignStatus.ALL)})
+    status_reason = fields.String(
+        dump_only=True, allow_none=True, metadata={"description": "Why it failed, when no message says."}
+    )
+    created_at = UTCDateTime(dump_only=True)
+    updated_at = UTCDateTime(dump_only=True)
+
+
+class CampaignDetailSchema(CampaignSchema):
+    stats = fields.Nested(StatsSchema, dump_only=True)
+
+
+class CampaignQuerySchema(PageQuerySchema):
+    status = fields.String(validate=validate.OneOf(CampaignStatus.ALL))
+    channel = fields.String(validate=validate.OneOf(Channel.ALL))
+
+
+class AudienceSchema(Schema):
+    all = fields.Boolean(metadata={"description": "Every customer."})
+    location = Text(validate=validate.Length(min=1, max=100), metadata={"description": "Customers in this location."})
+
+    @validates_schema
+    def exactly_one(self, data, **kwargs):
+        if data.get("all") is False:
+            raise ValidationError("`all` must be true when given.", "all")
+        if len(data) != 1:
+            raise ValidationError("Give exactly one of `all: true` or `location`.")
+
+
+class SendSchema(Schema):
+    customer_ids = fields.List(
+        Id(), validate=validate.Length(min=1), metadata={"description": "At most MAX_SEND_IDS ids."}
+    )
+    audience = fields.Nested(AudienceSchema)
+
+    @validates_schema
+    def exactly_one(self, data, **kwargs):
+        if ("customer_ids" in data) == ("audience" in data):
+            raise ValidationError("Give exactly one of `customer_ids` or `audience`.")
+
+
+class SendResultSchema(Schema):
+    campaign_id = fields.Integer(required=True)
+    messages_queued = fields.Integer(required=True)
+    status = fields.String(required=True)
+    messages_scheduled = fields.Integer(
+        metadata={"description": "Recipients stored for a campaign scheduled in the future."}
+    )
+    scheduled_at = UTCDateTime()
+
+
+class PreviewRequestSchema(Schema):
+    customer_id = Id(required=True)
+
+
+class PreviewSchema(Schema):
+    campaign_id = fields.Integer(required=True)
+    customer_id = fields.Integer(required=True)
+    rendered_message = fields.String(required=True)
+
+
+class MessageSchema(Schema):
+    id = fields.Integer()
+    customer_id = fields.Integer()
+    status = fields.String(metadata={"enum": list(MessageStatus.ALL)})
+    rendered_content = fields.String(allow_none=True)
+    last_error = fields.String(allow_none=True)
+    retry_count = fields.Integer()
+    created_at = UTCDateTime()
+    updated_at = UTCDateTime()
+
+
+class MessageQuerySchema(PageQuerySchema):
+    status = fields.String(validate=validate.OneOf(MessageStatus.ALL))

@@ -1,0 +1,199 @@
+"""Campaigns: create, edit, schedule, send and preview. One transaction per call; jobs and triggers
+are handed to Redis only after the commit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+
+from flask import current_app
+from redis.exceptions import RedisError
+from sqlalchemy import ColumnElement, func, select, true
+
+from app import clock
+from app.customers.service import get_customer
+from app.errors import ConflictError, NotFoundError, ValidationFailed
+from app.extensions import db
+from app.messaging import dispatch, scheduling
+from app.messaging.templates import CHANNEL_LIMITS, render, unknown_placeholders
+from app.models import Campaign, CampaignStatus, Customer, MessageStatus, OutboundMessage
+from app.pagination import paginate
+
+log = logging.getLogger(__name__)
+
+
+def get_campaign(campaign_id: int, lock: bool = False) -> Campaign:
+    stmt = select(Campaign).where(Campaign.id == campaign_id)
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    campaign = db.session.scalar(stmt)
+    if campaign is None:
+        raise NotFoundError(f"campaign {campaign_id} not found")
+    return campaign
+
+
+def with_stats(campaign: Campaign) -> Campaign:
+    """`campaign` with its message `stats` attached, for the detail view."""
+    campaign.stats = dispatch.campaign_stats(campaign.id)
+    return campaign
+
+
+def check_template(template: str, channel: str) -> None:
+    """422 naming any placeholder rendering cannot fill, or a template over the channel's limit."""
+    errors = []
+    unknown = unknown_placeholders(template)
+    if unknown:
+        errors.append(
+            f"unknown placeholder{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            "use {first_name}, {last_name}, {preferred_product} or {location}"
+        )
+    limit = CHANNEL_LIMITS[channel]
+    if len(template) > limit:
+        errors.append(f"{len(template)} characters is over the {channel} limit of {limit}")
+    if errors:
+        raise ValidationFailed("base_template: " + "; ".join(errors), {"base_template": errors})
+
+
+def _check_schedule(at: datetime) -> None:
+    if at <= clock.now():
+        raise ValidationFailed(
+            f"scheduled_at: {at.isoformat()} is in the past", {"scheduled_at": ["must be in the future"]}
+        )
+
+
+def create_campaign(data: Mapping) -> Campaign:
+    check_template(data["base_template"], data["channel"])
+    scheduled_at = data.get("scheduled_at")
+    if scheduled_at is not None:
+        _check_schedule(scheduled_at)
+    campaign = Campaign(**data, status=CampaignStatus.SCHEDULED if scheduled_at else CampaignStatus.DRAFT)
+    db.session.add(campaign)
+    db.session.commit()
+    if scheduled_at:
+        scheduling.sync_dispatch(campaign.id, scheduled_at)
+    return with_stats(campaign)
+
+
+def update_campaign(campaign_id: int, data: Mapping) -> Campaign:
+    """Edit a draft or scheduled campaign. A new `scheduled_at` reschedules it; `null` returns it to draft."""
+    campaign = get_campaign(campaign_id, lock=True)
+    if campaign.status not in CampaignStatus.EDITABLE:
+        db.session.rollback()
+        raise ConflictError(
+            f"campaign {campaign_id} is {campaign.status}; only draft or scheduled campaigns can be changed"
+        )
+    check_template(data.get("base_template", campaign.base_template), data.get("channel", campaign.channel))
+    if data.get("scheduled_at") is not None:
+        _check_schedule(data["scheduled_at"])
+    for key, value in data.items():
+        setattr(campaign, key, value)
+    if "scheduled_at" in data:
+        campaign.status = CampaignStatus.SCHEDULED if campaign.scheduled_at else CampaignStatus.DRAFT
+        campaign.status_reason = None
+    db.session.commit()
+    if "scheduled_at" in data:
+        scheduling.sync_dispatch(campaign.id, campaign.scheduled_at)
+    return with_stats(campaign)
+
+
+def list_campaigns(page: int, page_size: int, status: str | None = None, channel: str | None = None) -> dict:
+    stmt = select(Campaign).order_by(Campaign.id.desc())
+    if status is not None:
+        stmt = stmt.where(Campaign.status == status)
+    if channel is not None:
+        stmt = stmt.where(Campaign.channel == channel)
+    return paginate(stmt, page, page_size)
+
+
+def list_messages(campaign_id: int, page: int, page_size: int, status: str | None = None) -> dict:
+    get_campaign(campaign_id)
+    stmt = select(OutboundMessage).where(OutboundMessage.campaign_id == campaign_id).order_by(OutboundMessage.id.desc())
+    if status is not None:
+        stmt = stmt.where(OutboundMessage.status == status)
+    return paginate(stmt, page, page_size)
+
+
+def _audience_filter(customer_ids: list[int] | None, audience: Mapping | None) -> ColumnElement[bool]:
+    """The customers a send targets; 422 for ids of no customer or too many ids."""
+    if customer_ids is None:
+        assert audience is not None
+        return Customer.location == audience["location"] if "location" in audience else true()
+    limit = current_app.config["MAX_SEND_IDS"]
+    ids = sorted(set(customer_ids))
+    if len(ids) > limit:
+        raise ValidationFailed(
+            f"customer_ids: {len(ids)} ids is over the limit of {limit}; send to an audience instead "
+            '({"audience": {"all": true}} or {"audience": {"location": "..."}})',
+            {"customer_ids": [f"at most {limit} ids"]},
+        )
+    found = set(db.session.scalars(select(Customer.id).where(Customer.id.in_(ids))))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise ValidationFailed(
+            f"customer_ids: no customer with id {shown}", {"customer_ids": {"missing": missing[:1000]}}
+        )
+    return Customer.id.in_(ids)
+
+
+def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audience: Mapping | None = None) -> dict:
+    """Create the pending messages for the recipients in one transaction, then queue them.
+
+    A campaign scheduled in the future only stores its recipients; its trigger queues them later.
+    A campaign that starts now (draft, or scheduled and due) queues all its pending messages,
+    one already sending queues only the rows this call created.
+    """
+    campaign = get_campaign(campaign_id, lock=True)  # serializes sends to one campaign
+    try:
+        if campaign.status not in CampaignStatus.SENDABLE:
+            raise ConflictError(
+                f"campaign {campaign_id} is {campaign.status}; only draft, scheduled or sending campaigns can be sent"
+            )
+        audience_filter = _audience_filter(customer_ids, audience)
+        rows = dispatch.create_pending_messages(campaign.id, audience_filter)
+        if campaign.status == CampaignStatus.SCHEDULED and campaign.scheduled_at > clock.now():
+            db.session.commit()
+            return {
+                "campaign_id": campaign.id,
+                "messages_queued": 0,
+                "messages_scheduled": rows.count,
+                "status": campaign.status,
+                "scheduled_at": campaign.scheduled_at,
+            }
+        starting = campaign.status != CampaignStatus.SENDING
+        if starting:
+            # Recipients stored while it was scheduled are queued together with the new ones.
+            queued = db.session.scalar(
+                select(func.count()).where(
+                    OutboundMessage.campaign_id == campaign.id, OutboundMessage.status == MessageStatus.PENDING
+                )
+            )
+            if not queued:
+                raise ValidationFailed("the audience matches no customer: nothing to send")
+            rows = dispatch.NewRows(queued, None, None)
+        campaign.status = CampaignStatus.SENDING
+        campaign.status_reason = None
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    if starting:
+        scheduling.sync_dispatch(campaign.id, None)
+    try:
+        dispatch.enqueue_new_rows(campaign.id, rows)
+    except RedisError:
+        # The rows are committed: the reconciler enqueues them once they are STALE_AFTER old.
+        log.warning("could not enqueue after commit", extra={"campaign_id": campaign.id}, exc_info=True)
+    return {"campaign_id": campaign.id, "messages_queued": rows.count, "status": CampaignStatus.SENDING}
+
+
+def preview(campaign_id: int, customer_id: int) -> dict:
+    campaign = get_campaign(campaign_id)
+    customer = get_customer(customer_id)
+    fields = {name: getattr(customer, name) for name in ("first_name", "last_name", "preferred_product", "location")}
+    return {
+        "campaign_id": campaign.id,
+        "customer_id": customer.id,
+        "rendered_message": render(campaign.base_template, fields),
+    }

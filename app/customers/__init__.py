@@ -1,0 +1,3 @@
+from app.customers.routes import bp
+
+__all__ = ["bp"]

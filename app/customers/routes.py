@@ -1,0 +1,43 @@
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from app.customers import service
+from app.customers.schemas import CustomerQuerySchema, CustomerSchema
+from app.schemas import page_of
+
+bp = Blueprint("customers", __name__, url_prefix="/customers", description="Customers who receive campaigns")
+
+
+@bp.route("")
+class Customers(MethodView):
+    @bp.arguments(CustomerQuerySchema, location="query")
+    @bp.response(200, page_of(CustomerSchema))
+    def get(self, query):
+        """List customers, newest first"""
+        return service.list_customers(**query)
+
+    @bp.arguments(CustomerSchema)
+    @bp.response(201, CustomerSchema)
+    @bp.alt_response(409, description="Phone already taken")
+    def post(self, data):
+        """Create a customer"""
+        return service.create_customer(data)
+
+
+@bp.route("/<int(max=2147483647):customer_id>")
+class CustomerById(MethodView):
+    @bp.response(200, CustomerSchema)
+    def get(self, customer_id):
+        """Get a customer"""
+        return service.get_customer(customer_id)
+
+    @bp.arguments(CustomerSchema(partial=True))
+    @bp.response(200, CustomerSchema)
+    def patch(self, data, customer_id):
+        """Change some fields of a customer"""
+        return service.update_customer(customer_id, data)
+
+    @bp.response(204)
+    def delete(self, customer_id):
+        """Delete a customer who has no messages"""
+        service.delete_customer(customer_id)

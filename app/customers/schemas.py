@@ -1,0 +1,24 @@
+from marshmallow import Schema, fields, validate
+
+from app.schemas import PageQuerySchema, Text, UTCDateTime
+
+
+def _name(max_length: int) -> Text:
+    return Text(allow_none=True, validate=validate.Length(max=max_length))
+
+
+class CustomerSchema(Schema):
+    id = fields.Integer(dump_only=True)
+    phone = Text(
+        required=True, validate=validate.Length(min=1, max=32), metadata={"description": "Any format; stored in E.164."}
+    )
+    first_name = _name(100)
+    last_name = _name(100)
+    location = _name(100)
+    preferred_product = _name(200)
+    created_at = UTCDateTime(dump_only=True)
+    updated_at = UTCDateTime(dump_only=True)
+
+
+class CustomerQuerySchema(PageQuerySchema):
+    location = Text(validate=validate.Length(max=100))

@@ -1,0 +1,82 @@
+"""Customers: create, change, list and delete, one transaction each."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flask import current_app
+from sqlalchemy import exists, select
+from sqlalchemy.exc import IntegrityError
+
+from app.customers.phones import InvalidPhone, normalize_phone
+from app.errors import ConflictError, NotFoundError, ValidationFailed
+from app.extensions import db
+from app.models import Customer, OutboundMessage
+from app.pagination import paginate
+
+
+def get_customer(customer_id: int) -> Customer:
+    customer = db.session.get(Customer, customer_id)
+    if customer is None:
+        raise NotFoundError(f"customer {customer_id} not found")
+    return customer
+
+
+def _normalized(phone: str) -> str:
+    try:
+        return normalize_phone(phone, current_app.config["DEFAULT_PHONE_REGION"])
+    except InvalidPhone as exc:
+        raise ValidationFailed(f"phone: {exc}", {"phone": [str(exc)]}) from None
+
+
+def _check_phone_free(phone: str, customer_id: int | None = None) -> None:
+    taken = db.session.scalar(select(Customer.id).where(Customer.phone == phone, Customer.id != (customer_id or 0)))
+    if taken is not None:
+        db.session.rollback()
+        raise ConflictError(f"phone {phone} already belongs to customer {taken}", {"phone": ["already taken"]})
+
+
+def _save(customer: Customer) -> Customer:
+    """Commit `customer`; a phone taken meanwhile by a concurrent request is a 409."""
+    try:
+        db.session.commit()
+    except IntegrityError:  # a concurrent request took the phone between the check and the commit
+        db.session.rollback()
+        raise ConflictError(
+            f"phone {customer.phone} already belongs to another customer", {"phone": ["already taken"]}
+        ) from None
+    return customer
+
+
+def create_customer(data: Mapping) -> Customer:
+    phone = _normalized(data["phone"])
+    _check_phone_free(phone)
+    customer = Customer(**{**data, "phone": phone})
+    db.session.add(customer)
+    return _save(customer)
+
+
+def update_customer(customer_id: int, data: Mapping) -> Customer:
+    customer = get_customer(customer_id)
+    changes = dict(data)
+    if "phone" in changes:
+        changes["phone"] = _normalized(changes["phone"])
+        _check_phone_free(changes["phone"], customer_id)
+    for key, value in changes.items():
+        setattr(customer, key, value)
+    return _save(customer)
+
+
+def delete_customer(customer_id: int) -> None:
+    customer = get_customer(customer_id)
+    if db.session.scalar(select(exists().where(OutboundMessage.customer_id == customer_id))):
+        raise ConflictError(f"customer {customer_id} has messages in campaigns; their history is kept")
+    db.session.delete(customer)
+    db.session.commit()
+
+
+def list_customers(page: int, page_size: int, location: str | None = None) -> dict:
+    stmt = select(Customer).order_by(Customer.id.desc())
+    if location is not None:
+        stmt = stmt.where(Customer.location == location)
+    return paginate(stmt, page, page_size)

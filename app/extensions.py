@@ -1,0 +1,44 @@
+"""Extension objects, bound to the app in `create_app`, and the Redis/queue accessors."""
+
+from __future__ import annotations
+
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import current_app
+from flask_migrate import Migrate
+from flask_smorest import Api
+from flask_sqlalchemy import SQLAlchemy
+from redis import Redis
+from rq import Queue
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def schema_name(schema) -> str:
+    """OpenAPI component name: the class name without `Schema`; a partial (PATCH) schema gets `Update`."""
+    cls = schema if isinstance(schema, type) else type(schema)
+    name = cls.__name__.removesuffix("Schema")
+    return name + "Update" if getattr(schema, "partial", False) else name
+
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+api = Api(spec_kwargs={"marshmallow_plugin": MarshmallowPlugin(schema_name_resolver=schema_name)})
+
+
+def init_redis(app) -> None:
+    """Open the app's Redis connection unless one was given (tests pass fakeredis)."""
+    if "redis" not in app.extensions:
+        app.extensions["redis"] = Redis.from_url(app.config["REDIS_URL"])
+
+
+def get_redis() -> Redis:
+    """The current app's Redis connection."""
+    return current_app.extensions["redis"]
+
+
+def get_queue(name: str | None = None) -> Queue:
+    """The RQ queue `name`; by default the one outbound messages go to."""
+    return Queue(name or current_app.config["QUEUES"][0], connection=get_redis())

@@ -1,0 +1,113 @@
+"""What RQ runs. Jobs take ids, load what they need, and are safe to run twice."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import current_app
+from rq import get_current_job
+from sqlalchemy import select, update
+
+from app import clock
+from app.extensions import db
+from app.messaging import dispatch
+from app.messaging.senders import OutgoingMessage, get_sender
+from app.messaging.templates import render
+from app.models import Campaign, Customer, MessageStatus, OutboundMessage
+
+log = logging.getLogger(__name__)
+
+
+class SendAttemptFailed(Exception):
+    """Raised after a failed attempt has been recorded, so that RQ schedules the retry."""
+
+
+def _rq_will_retry() -> bool:
+    job = get_current_job()
+    return bool(job is not None and job.retries_left)
+
+
+def send_outbound_message(message_id: int) -> str:
+    """Render and send one pending message, record the result and commit.
+
+    A message that is not pending (already sent, or failed for good) is left alone, and a message whose
+    row another worker holds is skipped: a job that runs twice never sends twice. A failed attempt that
+    RQ will retry leaves the message pending with `retry_count` + 1, then raises so that RQ retries;
+    the last failed attempt marks it `failed`.
+    """
+    row = db.session.execute(
+        select(
+            OutboundMessage.status,
+            OutboundMessage.retry_count,
+            OutboundMessage.campaign_id,
+            Campaign.channel,
+            Campaign.base_template,
+            Customer.phone,
+            Customer.first_name,
+            Customer.last_name,
+            Customer.location,
+            Customer.preferred_product,
+        )
+        .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
+        .join(Customer, Customer.id == OutboundMessage.customer_id)
+        .where(OutboundMessage.id == message_id)
+        .with_for_update(of=OutboundMessage, skip_locked=True)
+    ).one_or_none()
+    if row is None:
+        db.session.rollback()
+        return "skipped: missing, or being sent by another worker"
+    if row.status != MessageStatus.PENDING:
+        db.session.rollback()
+        return f"skipped: already {row.status}"
+
+    body = render(row.base_template, row._mapping)
+    result = get_sender(current_app._get_current_object()).send(
+        OutgoingMessage(
+            message_id=message_id,
+            campaign_id=row.campaign_id,
+            channel=row.channel,
+            phone=row.phone,
+            body=body,
+            attempt=row.retry_count + 1,
+        )
+    )
+    values: dict = {"rendered_content": body, "updated_at": clock.now()}
+    will_retry = not result.ok and _rq_will_retry()
+    if result.ok:
+        values["status"] = MessageStatus.SENT
+    elif will_retry:
+        values.update(retry_count=row.retry_count + 1, last_error=result.error)
+    else:
+        values.update(status=MessageStatus.FAILED, last_error=result.error)
+    db.session.execute(update(OutboundMessage).where(OutboundMessage.id == message_id).values(**values))
+    db.session.commit()
+    extra = {"campaign_id": row.campaign_id, "message_id": message_id}
+
+    if will_retry:
+        log.info("send attempt failed, RQ will retry", extra=extra)
+        raise SendAttemptFailed(f"message {message_id}: {result.error}")
+    dispatch.finalize_campaign(row.campaign_id)
+    status = values.get("status")
+    log.info("message %s", status, extra=extra)
+    return str(status)
+
+
+def enqueue_campaign_range(campaign_id: int, first_id: int, last_id: int) -> str:
+    """Fan-out: enqueue the send jobs of the campaign's pending messages with ids in the range."""
+    count = dispatch.enqueue_messages(
+        dispatch.pending_messages(campaign_id, first_id, last_id, current_app.config["RECONCILE_BATCH_SIZE"])
+    )
+    return f"enqueued {count}"
+
+
+def dispatch_campaign(campaign_id: int) -> str:
+    """The scheduler's trigger at a campaign's `scheduled_at`: start it and enqueue its messages."""
+    return dispatch.dispatch_campaign(campaign_id)
+
+
+def reconcile() -> str:
+    """The periodic self-healing pass (see `app.messaging.reconcile`)."""
+    from app.messaging.reconcile import reconcile as run
+
+    report = run()
+    return f"dispatched {report.dispatched}, requeued {report.requeued}, finalized {report.finalized}"

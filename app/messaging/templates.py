@@ -1,0 +1,36 @@
+"""Message templates: one pure render function for the preview and the worker."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+PLACEHOLDERS = ("first_name", "last_name", "preferred_product", "location")
+UNKNOWN = "[unknown]"
+CHANNEL_LIMITS = {"sms": 1600, "whatsapp": 4096}
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def unknown_placeholders(template: str) -> list[str]:
+    """The placeholders in `template` that rendering cannot fill, in order of appearance, once each."""
+    seen: dict[str, None] = {}
+    for match in _PLACEHOLDER.finditer(template):
+        if match.group(1) not in PLACEHOLDERS:
+            seen.setdefault(match.group(0), None)
+    return list(seen)
+
+
+def render(template: str, fields: Mapping[str, object]) -> str:
+    """`template` with each known placeholder replaced by its field; a missing, null, empty or
+    whitespace-only value renders as `[unknown]`. Values are inserted as they are, never re-parsed."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in PLACEHOLDERS:
+            return match.group(0)
+        value = fields.get(name)
+        text = "" if value is None else str(value)
+        return text if text.strip() else UNKNOWN
+
+    return _PLACEHOLDER.sub(substitute, template)

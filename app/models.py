@@ -1,0 +1,122 @@
+"""The three tables of the design: customers, campaigns and their outbound messages."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app import clock
+from app.extensions import db
+
+
+def utcnow() -> datetime:
+    return clock.now()
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp that is always timezone-aware UTC in Python, on PostgreSQL and on SQLite."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        # SQLite keeps no offset: store naive UTC there.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# BIGINT on PostgreSQL; SQLite only auto-increments a column declared INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class CampaignStatus:
+    DRAFT = "draft"
+    SCHEDULED = "scheduled"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    ALL = (DRAFT, SCHEDULED, SENDING, SENT, FAILED)
+    EDITABLE = (DRAFT, SCHEDULED)
+    SENDABLE = (DRAFT, SCHEDULED, SENDING)
+
+
+class MessageStatus:
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+    ALL = (PENDING, SENT, FAILED)
+
+
+class Channel:
+    SMS = "sms"
+    WHATSAPP = "whatsapp"
+    ALL = (SMS, WHATSAPP)
+
+
+class Customer(db.Model):
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    phone: Mapped[str] = mapped_column(String(16), unique=True)
+    first_name: Mapped[str | None] = mapped_column(String(100))
+    last_name: Mapped[str | None] = mapped_column(String(100))
+    location: Mapped[str | None] = mapped_column(String(100), index=True)
+    preferred_product: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Campaign(db.Model):
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    channel: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=CampaignStatus.DRAFT)
+    base_template: Mapped[str] = mapped_column(Text)
+    scheduled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Why a campaign ended `failed` when no message says it (e.g. it reached its time with no recipients).
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class OutboundMessage(db.Model):
+    __tablename__ = "outbound_messages"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "customer_id", name="uq_outbound_messages_campaign_customer"),
+        # Also serves keyset walks over one campaign's pending messages, in id order.
+        Index("ix_outbound_messages_campaign_status", "campaign_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="RESTRICT"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING)
+    rendered_content: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    campaign: Mapped[Campaign] = relationship(lazy="raise")
+    customer: Mapped[Customer] = relationship(lazy="raise")

@@ -1,0 +1,62 @@
+"""Schema pieces shared by the blueprints: safe strings, ids, UTC timestamps and the page envelope."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from marshmallow import Schema, ValidationError, fields, validate
+
+# PostgreSQL INTEGER; anything larger cannot be an id here.
+MAX_ID = 2**31 - 1
+MAX_PAGE = 1_000_000
+
+
+class Text(fields.String):
+    """A string PostgreSQL can store: no NUL characters."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise ValidationError("Must not contain NUL characters.")
+        return text
+
+
+def Id(**kwargs) -> fields.Integer:  # noqa: N802 - reads as a field type
+    """A positive integer id (JSON numbers only, no strings, no floats)."""
+    return fields.Integer(strict=True, validate=validate.Range(min=1, max=MAX_ID), **kwargs)
+
+
+class UTCDateTime(fields.AwareDateTime):
+    """ISO 8601 in, UTC with offset out; a naive time is UTC."""
+
+    def __init__(self, **kwargs):
+        super().__init__(format="iso", default_timezone=UTC, **kwargs)
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return super()._serialize(value.astimezone(UTC) if value else value, attr, obj, **kwargs)
+
+
+class PageQuerySchema(Schema):
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE))
+    page_size = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+
+
+class PaginationSchema(Schema):
+    page = fields.Integer(required=True)
+    page_size = fields.Integer(required=True)
+    total = fields.Integer(required=True)
+    total_pages = fields.Integer(required=True)
+
+
+def page_of(item_schema: type[Schema]) -> type[Schema]:
+    """The `{"data": [...], "pagination": {...}}` envelope around `item_schema`."""
+    name = item_schema.__name__.removesuffix("Schema") + "PageSchema"
+    return Schema.from_dict(
+        {
+            "data": fields.List(fields.Nested(item_schema), required=True),
+            "pagination": fields.Nested(PaginationSchema, required=True),
+        },
+        name=name,
+    )

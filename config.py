@@ -1,0 +1,77 @@
+"""Configuration from the environment (and a `.env` file), with safe defaults.
+
+Every setting is listed in the README. `Config` is read once, when the module is imported;
+tests build their own subclass or pass overrides to `create_app`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+BASE_DIR = Path(__file__).resolve().parent
+load_dotenv(BASE_DIR / ".env")
+
+
+def database_url(raw: str | None) -> str:
+    """The SQLAlchemy URL for `raw`: PostgreSQL through psycopg 3 (Heroku's `postgres://` accepted),
+    a SQLite file in `instance/` when unset."""
+    if not raw:
+        return f"sqlite:///{BASE_DIR / 'instance' / 'campaigns.db'}"
+    for prefix in ("postgres://", "postgresql://"):
+        if raw.startswith(prefix):
+            return "postgresql+psycopg://" + raw[len(prefix) :]
+    return raw
+
+
+def int_list(raw: str) -> list[int]:
+    """`"10,30,60"` -> `[10, 30, 60]`; blanks are ignored."""
+    return [int(part) for part in raw.split(",") if part.strip()]
+
+
+def _float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+class Config:
+    SQLALCHEMY_DATABASE_URI = database_url(os.environ.get("DATABASE_URL"))
+    SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
+    REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+    # Queues the worker listens on; the first one carries the outbound messages.
+    QUEUES = [q.strip() for q in os.environ.get("QUEUES", "campaign_sends").split(",") if q.strip()]
+    MAX_RETRIES = 3
+    RETRY_INTERVALS = int_list(os.environ.get("RETRY_INTERVALS", "10,30,60"))
+    JOB_TIMEOUT = _int("JOB_TIMEOUT", 60)
+    ENQUEUE_BATCH_SIZE = _int("ENQUEUE_BATCH_SIZE", 1000)
+    # A /send that creates more rows than this enqueues them from a background fan-out job.
+    ENQUEUE_INLINE_LIMIT = _int("ENQUEUE_INLINE_LIMIT", 1000)
+
+    MAX_SEND_IDS = _int("MAX_SEND_IDS", 10_000)
+    DEFAULT_PHONE_REGION = os.environ.get("DEFAULT_PHONE_REGION", "KE")
+
+    SENDER = os.environ.get("SENDER", "mock")
+    MOCK_SENDER_FAILURE_RATE = _float("MOCK_SENDER_FAILURE_RATE", 0.0)
+    MOCK_SENDER_FAIL_ATTEMPTS = _int("MOCK_SENDER_FAIL_ATTEMPTS", 0)
+    MOCK_SENDER_LOG = os.environ.get("MOCK_SENDER_LOG") or None
+
+    # Scheduling and self-healing (see README, "Processes").
+    SCHEDULER_INTERVAL = _float("SCHEDULER_INTERVAL", 5)
+    RECONCILE_INTERVAL = _int("RECONCILE_INTERVAL", 60)
+    STALE_AFTER = _int("STALE_AFTER", 300)
+    RECONCILE_BATCH_SIZE = _int("RECONCILE_BATCH_SIZE", 5000)
+
+    LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
+
+    # flask-smorest / OpenAPI
+    API_TITLE = "Campaign dispatch API"
+    API_VERSION = "1.0"
+    OPENAPI_VERSION = "3.0.3"
+    OPENAPI_URL_PREFIX = "/"
+    OPENAPI_JSON_PATH = "openapi.json"

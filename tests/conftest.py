@@ -1,0 +1,221 @@
+"""Fixtures. Every test that takes `app` runs twice: `fast` (SQLite + fakeredis) and `real`
+(PostgreSQL + Redis from TEST_DATABASE_URL / TEST_REDIS_URL). `TEST_BACKENDS=fast` runs only the first.
+A real service that cannot be reached fails the run; it is never skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import fakeredis
+import pytest
+from flask_migrate import upgrade
+from redis import Redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from app import clock as app_clock
+from app import create_app
+from app.extensions import db
+from app.messaging.worker import build_worker
+from config import database_url
+
+ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS = str(ROOT / "migrations")
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/campaigns_test")
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+BACKENDS = [b.strip() for b in os.environ.get("TEST_BACKENDS", "fast,real").split(",") if b.strip()]
+
+TEST_OVERRIDES = {
+    "TESTING": True,
+    "RETRY_INTERVALS": [0, 0, 0],  # retries run at once, inside one burst
+    "MOCK_SENDER_FAILURE_RATE": 0.0,
+    "MOCK_SENDER_FAIL_ATTEMPTS": 0,
+    "LOG_LEVEL": "WARNING",
+}
+
+
+def _ensure_postgres_database(url: str) -> None:
+    """Create the test database if it is missing (the server must be up: a connection error fails)."""
+    target = make_url(database_url(url))
+    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": target.database}):
+            conn.execute(text(f'CREATE DATABASE "{target.database}"'))
+    admin.dispose()
+
+
+def _migrated(uri: str) -> None:
+    app = create_app("config.Config", {**TEST_OVERRIDES, "SQLALCHEMY_DATABASE_URI": uri})
+    with app.app_context():
+        if uri.startswith("postgresql"):
+            db.session.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+            db.session.commit()
+        upgrade(directory=MIGRATIONS)
+        db.engine.dispose()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request) -> str:
+    """`fast` or `real`: which database and Redis the tests run against."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """A SQLite file migrated once; each test gets a copy."""
+    path = tmp_path_factory.mktemp("db") / "template.db"
+    _migrated(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_uri() -> str:
+    """The real test database, migrated from scratch once per run."""
+    _ensure_postgres_database(TEST_DATABASE_URL)
+    uri = database_url(TEST_DATABASE_URL)
+    _migrated(uri)
+    return uri
+
+
+@pytest.fixture
+def database_uri(backend, request, tmp_path) -> str:
+    """A clean database for one test."""
+    if backend == "fast":
+        path = tmp_path / "test.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    uri = request.getfixturevalue("postgres_uri")
+    engine = create_engine(uri)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE outbound_messages, campaigns, customers RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    return uri
+
+
+@pytest.fixture
+def redis_conn(backend):
+    """An empty Redis: fakeredis, or database 15 of the real server, flushed."""
+    if backend == "fast":
+        conn = fakeredis.FakeRedis()
+    else:
+        conn = Redis.from_url(TEST_REDIS_URL)
+        conn.flushdb()
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def send_log(tmp_path) -> Path:
+    """The mock sender's log: one JSON line per attempt that reached the sender."""
+    return tmp_path / "sends.jsonl"
+
+
+@pytest.fixture
+def app(database_uri, redis_conn, send_log):
+    """The app on a clean database and an empty Redis."""
+    app = create_app(
+        "config.Config",
+        {**TEST_OVERRIDES, "SQLALCHEMY_DATABASE_URI": database_uri, "MOCK_SENDER_LOG": str(send_log)},
+    )
+    app.extensions["redis"] = redis_conn
+    with app.app_context():
+        yield app
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    """A test client for the app."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    """A runner for the app's CLI commands."""
+    return app.test_cli_runner()
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.current = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.current
+
+    def advance(self, **kwargs) -> None:
+        self.current += timedelta(**kwargs)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    """Replace the service's clock with one the test controls."""
+    fake = Clock()
+    monkeypatch.setattr(app_clock, "now", fake.now)
+    return fake
+
+
+@pytest.fixture
+def work(app):
+    """Process every queued job with a real RQ worker in burst mode, in this process."""
+
+    def run(queue_names: list[str] | None = None) -> None:
+        build_worker(app, queue_names).work(burst=True, logging_level="WARNING")
+        db.session.remove()
+
+    return run
+
+
+@pytest.fixture
+def worker_env(app, send_log) -> dict:
+    """Environment for worker processes started as the Procfile starts them (real backend only)."""
+    assert app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"), "worker processes need the real backend"
+    return {
+        **os.environ,
+        "DATABASE_URL": TEST_DATABASE_URL,
+        "REDIS_URL": TEST_REDIS_URL,
+        "RETRY_INTERVALS": "0,0,0",
+        "MOCK_SENDER_LOG": str(send_log),
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+@pytest.fixture
+def spawn_worker(worker_env):
+    """Start `python worker.py` (burst unless told otherwise) with extra settings; returns the process."""
+    started: list[subprocess.Popen] = []
+
+    def spawn(burst: bool = True, **env) -> subprocess.Popen:
+        cmd = [sys.executable, str(ROOT / "worker.py")] + (["--burst"] if burst else [])
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**worker_env, **{k: str(v) for k, v in env.items()}},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        started.append(proc)
+        return proc
+
+    yield spawn
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def read_send_log(path: Path) -> list[dict]:
+    """The attempts the mock sender saw, in order."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -1,0 +1,44 @@
+"""Test data, written straight to the database."""
+
+from __future__ import annotations
+
+import itertools
+
+from app.extensions import db
+from app.models import Campaign, Customer
+
+_numbers = itertools.count(1)
+
+
+def make_customer(**fields) -> Customer:
+    n = next(_numbers)
+    values = {
+        "phone": f"+2547{n:08d}",
+        "first_name": f"First{n}",
+        "last_name": f"Last{n}",
+        "location": "Nairobi",
+        "preferred_product": f"Product{n}",
+        **fields,
+    }
+    customer = Customer(**values)
+    db.session.add(customer)
+    db.session.commit()
+    return customer
+
+
+def make_customers(count: int, **fields) -> list[int]:
+    return [make_customer(**fields).id for _ in range(count)]
+
+
+def make_campaign(**fields) -> Campaign:
+    values = {
+        "name": "Spring sale",
+        "channel": "sms",
+        "status": "draft",
+        "base_template": "Hi {first_name}, check out {preferred_product}",
+        **fields,
+    }
+    campaign = Campaign(**values)
+    db.session.add(campaign)
+    db.session.commit()
+    return campaign

@@ -1,0 +1,78 @@
+from tests.factories import make_campaign, make_customer
+
+
+def test_create_customer_normalizes_phone(client):
+    response = client.post("/customers", json={"phone": "0712345678", "first_name": "Amina", "location": "Nairobi"})
+    assert response.status_code == 201
+    body = response.get_json()
+    assert body["phone"] == "+254712345678"
+    assert body["first_name"] == "Amina"
+    assert body["last_name"] is None
+    assert body["created_at"].endswith("+00:00")
+    assert client.get(f"/customers/{body['id']}").get_json() == body
+
+
+def test_invalid_phone_is_422_and_creates_nothing(client):
+    response = client.post("/customers", json={"phone": "12345"})
+    assert response.status_code == 422
+    assert "phone" in response.get_json()["message"]
+    assert client.get("/customers").get_json()["pagination"]["total"] == 0
+
+
+def test_duplicate_phone_in_another_format_is_409(client):
+    assert client.post("/customers", json={"phone": "+254712345678"}).status_code == 201
+    response = client.post("/customers", json={"phone": "0712 345 678"})
+    assert response.status_code == 409
+    assert "+254712345678" in response.get_json()["message"]
+
+
+def test_missing_phone_and_unknown_field_are_named(client):
+    response = client.post("/customers", json={"nickname": "x"})
+    assert response.status_code == 422
+    message = response.get_json()["message"]
+    assert "phone" in message and "nickname" in message
+
+
+def test_patch_changes_fields_and_renormalizes_phone(client, app):
+    customer = make_customer(first_name="Old")
+    response = client.patch(f"/customers/{customer.id}", json={"first_name": "New", "phone": "0799000111"})
+    assert response.status_code == 200
+    assert response.get_json()["first_name"] == "New"
+    assert response.get_json()["phone"] == "+254799000111"
+
+
+def test_patch_to_taken_phone_is_409(client):
+    a = make_customer()
+    b = make_customer()
+    response = client.patch(f"/customers/{b.id}", json={"phone": a.phone})
+    assert response.status_code == 409
+    assert client.get(f"/customers/{b.id}").get_json()["phone"] == b.phone
+
+
+def test_delete_customer(client):
+    customer = make_customer()
+    assert client.delete(f"/customers/{customer.id}").status_code == 204
+    assert client.get(f"/customers/{customer.id}").status_code == 404
+    assert client.delete(f"/customers/{customer.id}").status_code == 404
+
+
+def test_delete_customer_with_messages_is_409(client):
+    customer = make_customer()
+    campaign = make_campaign()
+    assert client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": [customer.id]}).status_code == 202
+    response = client.delete(f"/customers/{customer.id}")
+    assert response.status_code == 409
+    assert client.get(f"/customers/{customer.id}").status_code == 200
+
+
+def test_list_filters_by_location_newest_first(client):
+    ids = [make_customer(location=loc).id for loc in ("Nairobi", "Mombasa", "Nairobi")]
+    body = client.get("/customers?location=Nairobi").get_json()
+    assert [c["id"] for c in body["data"]] == [ids[2], ids[0]]
+    assert body["pagination"] == {"page": 1, "page_size": 20, "total": 2, "total_pages": 1}
+
+
+def test_unknown_customer_is_404_json(client):
+    response = client.get("/customers/999")
+    assert response.status_code == 404
+    assert response.get_json()["message"] == "customer 999 not found"

@@ -1,0 +1,166 @@
+"""POST /campaigns/{id}/send: rows, jobs, and every way it refuses."""
+
+import pytest
+from rq import Queue
+
+from app.extensions import db
+from app.messaging.dispatch import message_job_id
+from app.models import OutboundMessage
+from tests.factories import make_campaign, make_customers
+
+
+def queued_job_ids(redis_conn) -> list[str]:
+    return Queue("campaign_sends", connection=redis_conn).job_ids
+
+
+def test_send_creates_pending_rows_and_one_job_each(client, redis_conn):
+    ids = make_customers(3)
+    campaign = make_campaign()
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
+    assert response.status_code == 202
+    assert response.get_json() == {"campaign_id": campaign.id, "messages_queued": 3, "status": "sending"}
+    messages = db.session.scalars(db.select(OutboundMessage).order_by(OutboundMessage.id)).all()
+    assert [(m.customer_id, m.status, m.retry_count) for m in messages] == [(i, "pending", 0) for i in ids]
+    assert sorted(queued_job_ids(redis_conn)) == sorted(message_job_id(m.id) for m in messages)
+    detail = client.get(f"/campaigns/{campaign.id}").get_json()
+    assert detail["status"] == "sending"
+    assert detail["stats"] == {"total": 3, "pending": 3, "sent": 0, "failed": 0}
+
+
+def test_repeat_send_creates_no_duplicates(client, redis_conn):
+    ids = make_customers(3)
+    campaign = make_campaign()
+    client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids[:2]})
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids + ids})
+    assert response.get_json()["messages_queued"] == 1
+    again = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
+    assert again.status_code == 202 and again.get_json()["messages_queued"] == 0
+    assert db.session.scalar(db.select(db.func.count()).select_from(OutboundMessage)) == 3
+    assert len(queued_job_ids(redis_conn)) == 3
+
+
+def test_unknown_campaign_is_404(client):
+    response = client.post("/campaigns/999/send", json={"customer_ids": [1]})
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize("status", ["sent", "failed"])
+def test_finished_campaign_is_409(client, status):
+    ids = make_customers(1)
+    campaign = make_campaign(status=status)
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
+    assert response.status_code == 409
+    assert status in response.get_json()["message"]
+
+
+def test_ids_of_no_customer_are_listed_and_nothing_is_created(client, redis_conn):
+    ids = make_customers(2)
+    campaign = make_campaign()
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": [ids[0], 998, 999]})
+    assert response.status_code == 422
+    assert "998, 999" in response.get_json()["message"]
+    assert response.get_json()["errors"]["customer_ids"]["missing"] == [998, 999]
+    detail = client.get(f"/campaigns/{campaign.id}").get_json()
+    assert detail["status"] == "draft" and detail["stats"]["total"] == 0
+    assert queued_job_ids(redis_conn) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"customer_ids": []},
+        {"customer_ids": ["1"]},
+        {"customer_ids": [1.5]},
+        {"customer_ids": [True]},
+        {"customer_ids": [0]},
+        {"customer_ids": [10**30]},
+        {"customer_ids": "1,2"},
+        {"customer_ids": None},
+        {},
+        [],
+        {"customer_ids": [1], "audience": {"all": True}},
+        {"audience": {}},
+        {"audience": {"all": False}},
+        {"audience": {"all": True, "location": "Nairobi"}},
+    ],
+)
+def test_malformed_send_is_422_and_changes_nothing(client, body):
+    make_customers(1)
+    campaign = make_campaign()
+    response = client.post(f"/campaigns/{campaign.id}/send", json=body)
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["message"]
+    assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "draft"
+
+
+def test_too_many_ids_points_to_audiences(client, app):
+    app.config["MAX_SEND_IDS"] = 3
+    ids = make_customers(4)
+    campaign = make_campaign()
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
+    assert response.status_code == 422
+    assert "audience" in response.get_json()["message"]
+
+
+def test_send_to_location_audience(client, redis_conn):
+    nairobi = make_customers(2, location="Nairobi")
+    make_customers(3, location="Mombasa")
+    campaign = make_campaign()
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"audience": {"location": "Nairobi"}})
+    assert response.get_json()["messages_queued"] == 2
+    rows = db.session.scalars(db.select(OutboundMessage.customer_id).order_by(OutboundMessage.customer_id)).all()
+    assert rows == nairobi
+
+
+def test_send_to_everyone_then_again_adds_only_new_customers(client, redis_conn):
+    make_customers(3)
+    campaign = make_campaign()
+    assert (
+        client.post(f"/campaigns/{campaign.id}/send", json={"audience": {"all": True}}).get_json()["messages_queued"]
+        == 3
+    )
+    make_customers(2)
+    assert (
+        client.post(f"/campaigns/{campaign.id}/send", json={"audience": {"all": True}}).get_json()["messages_queued"]
+        == 2
+    )
+    assert len(queued_job_ids(redis_conn)) == 5
+
+
+def test_audience_matching_nobody_on_a_draft_is_422(client):
+    make_customers(1, location="Nairobi")
+    campaign = make_campaign()
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"audience": {"location": "Atlantis"}})
+    assert response.status_code == 422
+    assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "draft"
+
+
+def test_large_send_is_enqueued_by_a_fan_out_job(client, app, redis_conn, work):
+    app.config["ENQUEUE_INLINE_LIMIT"] = 5
+    make_customers(12)
+    campaign = make_campaign()
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"audience": {"all": True}})
+    assert response.get_json()["messages_queued"] == 12
+    # Only the fan-out job is queued by the request itself.
+    assert [j.split("-")[0] for j in queued_job_ids(redis_conn)] == ["enqueue_campaign"]
+    work()
+    detail = client.get(f"/campaigns/{campaign.id}").get_json()
+    assert detail["status"] == "sent"
+    assert detail["stats"]["sent"] == 12
+
+
+def test_send_survives_redis_being_down_after_commit(client, app, monkeypatch):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from app.messaging import dispatch
+
+    def refuse(*args, **kwargs):
+        raise RedisConnectionError("redis is down")
+
+    monkeypatch.setattr(dispatch, "_flush", refuse)
+    ids = make_customers(2)
+    campaign = make_campaign()
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
+    # The rows are the truth; the reconciler queues them later (see test_reconcile).
+    assert response.status_code == 202
+    assert client.get(f"/campaigns/{campaign.id}").get_json()["stats"]["pending"] == 2

@@ -1,0 +1,35 @@
+import pytest
+
+from app.messaging.templates import render, unknown_placeholders
+
+
+def test_render_fills_every_placeholder():
+    fields = {"first_name": "Amina", "last_name": "Otieno", "preferred_product": "Sneakers", "location": "Nairobi"}
+    assert (
+        render("Hi {first_name} {last_name} in {location}: {preferred_product}!", fields)
+        == "Hi Amina Otieno in Nairobi: Sneakers!"
+    )
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", "\t\n"])
+def test_missing_or_blank_value_renders_unknown(value):
+    assert render(
+        "Hi {first_name}, check out {preferred_product}", {"first_name": value, "preferred_product": "Shoes"}
+    ) == ("Hi [unknown], check out Shoes")
+
+
+def test_absent_field_renders_unknown():
+    assert render("{location}", {}) == "[unknown]"
+
+
+def test_values_are_not_parsed_as_templates():
+    assert render("{first_name} {last_name}", {"first_name": "{last_name}", "last_name": "X"}) == "{last_name} X"
+
+
+def test_unknown_placeholders_are_named_once_in_order():
+    assert unknown_placeholders("Hi {nickname}, {first_name} {age} {nickname}") == ["{nickname}", "{age}"]
+
+
+def test_text_without_placeholders_is_left_alone():
+    assert unknown_placeholders("50% off, today only") == []
+    assert render("50% off", {}) == "50% off"
