@@ -59,6 +59,7 @@ class Config:
     SENDER = os.environ.get("SENDER", "mock")
     MOCK_SENDER_FAILURE_RATE = _float("MOCK_SENDER_FAILURE_RATE", 0.0)
     MOCK_SENDER_FAIL_ATTEMPTS = _int("MOCK_SENDER_FAIL_ATTEMPTS", 0)
+    MOCK_SENDER_LATENCY = _float("MOCK_SENDER_LATENCY", 0.0)
     MOCK_SENDER_LOG = os.environ.get("MOCK_SENDER_LOG") or None
 
     # Scheduling and self-healing (see README, "Processes").

@@ -31,6 +31,31 @@ TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@1
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 BACKENDS = [b.strip() for b in os.environ.get("TEST_BACKENDS", "fast,real").split(",") if b.strip()]
 
+if os.environ.get("CI") and "real" not in BACKENDS:
+    raise pytest.UsageError("CI must run the real backend: TEST_BACKENDS has no 'real'")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_only: needs real PostgreSQL and Redis (worker processes, row locks)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`real_only` tests are not collected for the fast backend (deselected, not skipped)."""
+    fast = [i for i in items if i.get_closest_marker("real_only") and "[fast" in i.nodeid]
+    if fast:
+        config.hook.pytest_deselected(items=fast)
+        items[:] = [i for i in items if i not in fast]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI a skipped test is a failed run: every test must run against the real services."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if os.environ.get("CI") and skipped:
+        reporter.write_line(f"CI: {len(skipped)} test(s) skipped; every test must run here", red=True)
+        session.exitstatus = 1
+
+
 TEST_OVERRIDES = {
     "TESTING": True,
     "RETRY_INTERVALS": [0, 0, 0],  # retries run at once, inside one burst
@@ -169,7 +194,7 @@ def work(app):
 
     def run(queue_names: list[str] | None = None) -> None:
         build_worker(app, queue_names).work(burst=True, logging_level="WARNING")
-        db.session.remove()
+        db.session.rollback()  # end the test's transaction: its next read sees what the worker wrote
 
     return run
 
@@ -189,14 +214,14 @@ def worker_env(app, send_log) -> dict:
 
 
 @pytest.fixture
-def spawn_worker(worker_env):
-    """Start `python worker.py` (burst unless told otherwise) with extra settings; returns the process."""
+def spawn(worker_env):
+    """Start a process of the service (`python worker.py`, `flask scheduler`) against the real
+    backend with extra settings; killed at the end of the test."""
     started: list[subprocess.Popen] = []
 
-    def spawn(burst: bool = True, **env) -> subprocess.Popen:
-        cmd = [sys.executable, str(ROOT / "worker.py")] + (["--burst"] if burst else [])
+    def start(args: list[str], **env) -> subprocess.Popen:
         proc = subprocess.Popen(
-            cmd,
+            [sys.executable, *args],
             cwd=ROOT,
             env={**worker_env, **{k: str(v) for k, v in env.items()}},
             stdout=subprocess.DEVNULL,
@@ -205,13 +230,33 @@ def spawn_worker(worker_env):
         started.append(proc)
         return proc
 
-    yield spawn
+    yield start
     for proc in started:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+@pytest.fixture
+def spawn_worker(spawn):
+    """Start `python worker.py` (with `--burst` unless told otherwise), as the Procfile does."""
+
+    def start(burst: bool = True, **env) -> subprocess.Popen:
+        return spawn([str(ROOT / "worker.py")] + (["--burst"] if burst else []), **env)
+
+    return start
+
+
+@pytest.fixture
+def spawn_scheduler(spawn):
+    """Start `flask scheduler`, as the Procfile does."""
+
+    def start(**env) -> subprocess.Popen:
+        return spawn(["-m", "flask", "--app", "wsgi", "scheduler"], **env)
+
+    return start
 
 
 def read_send_log(path: Path) -> list[dict]:

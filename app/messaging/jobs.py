@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from app import clock
 from app.extensions import db
 from app.messaging import dispatch
-from app.messaging.senders import OutgoingMessage, get_sender
+from app.messaging.senders import OutgoingMessage, SendResult, get_sender
 from app.messaging.templates import render
 from app.models import Campaign, Customer, MessageStatus, OutboundMessage
 
@@ -58,19 +58,24 @@ def send_outbound_message(message_id: int) -> str:
         return "skipped: missing, or being sent by another worker"
     if row.status != MessageStatus.PENDING:
         db.session.rollback()
+        # The run that recorded it may have died before the completion step.
+        dispatch.finalize_campaign(row.campaign_id)
         return f"skipped: already {row.status}"
 
     body = render(row.base_template, row._mapping)
-    result = get_sender(current_app._get_current_object()).send(
-        OutgoingMessage(
-            message_id=message_id,
-            campaign_id=row.campaign_id,
-            channel=row.channel,
-            phone=row.phone,
-            body=body,
-            attempt=row.retry_count + 1,
-        )
+    outgoing = OutgoingMessage(
+        message_id=message_id,
+        campaign_id=row.campaign_id,
+        channel=row.channel,
+        phone=row.phone,
+        body=body,
+        attempt=row.retry_count + 1,
     )
+    try:
+        result = get_sender(current_app._get_current_object()).send(outgoing)
+    except Exception as exc:  # noqa: BLE001 - a provider timeout or crash is a failed attempt like any other
+        log.warning("sender raised", extra={"campaign_id": row.campaign_id, "message_id": message_id}, exc_info=True)
+        result = SendResult(False, f"sender error: {type(exc).__name__}: {exc}"[:1000])
     values: dict = {"rendered_content": body, "updated_at": clock.now()}
     will_retry = not result.ok and _rq_will_retry()
     if result.ok:

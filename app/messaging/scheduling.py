@@ -6,7 +6,7 @@ Redis may lose these; the reconciler finds due campaigns in PostgreSQL all the s
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from flask import current_app
 from rq_scheduler import Scheduler
@@ -29,6 +29,9 @@ def get_scheduler() -> Scheduler:
 def schedule_dispatch(campaign_id: int, at: datetime) -> None:
     """(Re)place the campaign's dispatch trigger at `at`. One trigger per campaign: its id is derived
     from the campaign, so rescheduling moves it instead of adding a second."""
+    # rq-scheduler keeps whole seconds and fires when the second is reached: round up, never early.
+    if at.microsecond:
+        at = at.replace(microsecond=0) + timedelta(seconds=1)
     get_scheduler().enqueue_at(
         at, DISPATCH_JOB, campaign_id, job_id=dispatch_job_id(campaign_id), job_result_ttl=0, timeout=3600
     )

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,16 +43,22 @@ class Sender(Protocol):
 
 class MockSender:
     """Succeeds unless told otherwise: `fail_attempts` fails the first N attempts of every message,
-    `failure_rate` fails attempts at random. With `log_path`, appends one JSON line per attempt."""
+    `failure_rate` fails attempts at random, `latency` seconds stand for the provider's round trip.
+    With `log_path`, appends one JSON line per attempt."""
 
     _log_lock = threading.Lock()
 
-    def __init__(self, failure_rate: float = 0.0, fail_attempts: int = 0, log_path: str | None = None):
+    def __init__(
+        self, failure_rate: float = 0.0, fail_attempts: int = 0, log_path: str | None = None, latency: float = 0.0
+    ):
+        self.latency = latency
         self.failure_rate = failure_rate
         self.fail_attempts = fail_attempts
         self.log_path = log_path
 
     def send(self, message: OutgoingMessage) -> SendResult:
+        if self.latency:
+            time.sleep(self.latency)  # a provider's round trip
         if message.attempt <= self.fail_attempts:
             result = SendResult(False, f"mock failure: attempt {message.attempt} of {self.fail_attempts} set to fail")
         elif self.failure_rate and random.random() < self.failure_rate:
@@ -91,6 +98,7 @@ def build_sender(app: Flask) -> Sender:
             failure_rate=app.config["MOCK_SENDER_FAILURE_RATE"],
             fail_attempts=app.config["MOCK_SENDER_FAIL_ATTEMPTS"],
             log_path=app.config["MOCK_SENDER_LOG"],
+            latency=app.config["MOCK_SENDER_LATENCY"],
         )
     raise ValueError(f"unknown SENDER {name!r}; this build ships the 'mock' sender")
 

@@ -1,0 +1,260 @@
+"""Self-healing: PostgreSQL is the truth; Redis may lose everything and every message still goes out once."""
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from rq import Queue
+from rq_scheduler import Scheduler
+
+from app.extensions import db
+from app.messaging import dispatch
+from app.messaging.reconcile import reconcile
+from app.messaging.scheduling import RECONCILE_JOB_ID, register_periodic_jobs
+from app.messaging.worker import build_worker
+from app.models import Campaign
+from tests.conftest import read_send_log
+from tests.factories import make_campaign, make_customers
+
+
+def stats(client, campaign_id):
+    return client.get(f"/campaigns/{campaign_id}").get_json()
+
+
+def send_to(client, campaign_id, ids):
+    response = client.post(f"/campaigns/{campaign_id}/send", json={"customer_ids": ids})
+    assert response.status_code == 202, response.get_json()
+
+
+def test_redis_flushed_mid_campaign_every_message_sent_once(app, client, clock, redis_conn, work, send_log):
+    ids = make_customers(300)
+    campaign = make_campaign()
+    send_to(client, campaign.id, ids)
+    build_worker(app).work(burst=True, max_jobs=100, logging_level="WARNING")
+    db.session.rollback()
+    assert stats(client, campaign.id)["stats"]["sent"] == 100
+    redis_conn.flushdb()  # every queued job is gone
+    work()
+    assert stats(client, campaign.id)["stats"]["pending"] == 200  # nothing left to run them
+
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    report = reconcile()
+    assert report.requeued == 200
+    work()
+    detail = stats(client, campaign.id)
+    assert detail["status"] == "sent"
+    assert detail["stats"] == {"total": 300, "pending": 0, "sent": 300, "failed": 0}
+    sends = Counter(a["message_id"] for a in read_send_log(send_log))
+    assert len(sends) == 300 and set(sends.values()) == {1}
+
+
+def test_crash_between_commit_and_enqueue_is_healed(app, client, clock, monkeypatch, work, send_log):
+    ids = make_customers(5)
+    campaign = make_campaign()
+    with monkeypatch.context() as patch:
+        patch.setattr(dispatch, "enqueue_new_rows", lambda *a: os.kill(os.getpid(), 0))  # the process "dies" here
+        send_to(client, campaign.id, ids)
+    work()
+    assert stats(client, campaign.id)["stats"]["pending"] == 5
+
+    clock.advance(seconds=app.config["STALE_AFTER"] - 1)
+    assert reconcile().requeued == 0  # not stale yet: its jobs might still be on their way
+    clock.advance(seconds=2)
+    assert reconcile().requeued == 5
+    work()
+    assert stats(client, campaign.id)["status"] == "sent"
+    assert len(read_send_log(send_log)) == 5
+
+
+def test_jobs_still_waiting_in_redis_are_not_duplicated(app, client, clock, redis_conn):
+    ids = make_customers(4)
+    campaign = make_campaign()
+    send_to(client, campaign.id, ids)
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    assert reconcile().requeued == 0
+    assert Queue("campaign_sends", connection=redis_conn).count == 4
+
+
+def test_requeued_messages_are_not_requeued_again_before_they_are_stale(app, client, clock, redis_conn):
+    ids = make_customers(3)
+    campaign = make_campaign()
+    send_to(client, campaign.id, ids)
+    redis_conn.flushdb()
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    assert reconcile().requeued == 3
+    redis_conn.flushdb()
+    assert reconcile().requeued == 0
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    assert reconcile().requeued == 3
+
+
+def test_retries_left_carry_over_to_a_requeued_message(app, client, clock, redis_conn, work, send_log):
+    app.config["MOCK_SENDER_FAIL_ATTEMPTS"] = 99
+    app.config["RETRY_INTERVALS"] = [3600]  # the retry waits in Redis...
+    ids = make_customers(1)
+    campaign = make_campaign()
+    send_to(client, campaign.id, ids)
+    work()
+    redis_conn.flushdb()  # ...and is lost
+    app.config["RETRY_INTERVALS"] = [0]
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    assert reconcile().requeued == 1
+    work()
+    [message] = client.get(f"/campaigns/{campaign.id}/messages").get_json()["data"]
+    assert (message["status"], message["retry_count"]) == ("failed", 3)
+    assert len(read_send_log(send_log)) == 4  # still at most four attempts in all
+
+
+def test_due_campaign_whose_trigger_was_lost_is_dispatched(app, client, clock, redis_conn, work):
+    ids = make_customers(3)
+    body = {"name": "Later", "channel": "sms", "base_template": "Hi {first_name}"}
+    at = clock.now() + timedelta(minutes=10)
+    campaign = client.post("/campaigns", json={**body, "scheduled_at": at.isoformat()}).get_json()
+    send_to(client, campaign["id"], ids)
+    redis_conn.flushdb()  # the schedule is gone
+    clock.advance(minutes=9)
+    assert reconcile().dispatched == []  # never before its time
+    clock.advance(minutes=1)
+    assert reconcile().dispatched == [campaign["id"]]
+    assert reconcile().dispatched == []
+    work()
+    assert stats(client, campaign["id"])["stats"]["sent"] == 3
+
+
+def test_sending_campaign_with_nothing_pending_is_finalized(app, client, work):
+    ids = make_customers(2)
+    campaign = make_campaign()
+    send_to(client, campaign.id, ids)
+    work()
+    # As if the worker died between the last message's commit and the completion step.
+    db.session.execute(db.update(Campaign).values(status="sending"))
+    db.session.commit()
+    assert reconcile().finalized == {campaign.id: "sent"}
+    assert stats(client, campaign.id)["status"] == "sent"
+
+
+def test_reconcile_runs_as_a_job(app, client, clock, redis_conn, work):
+    ids = make_customers(2)
+    campaign = make_campaign()
+    send_to(client, campaign.id, ids)
+    redis_conn.flushdb()
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    Queue("campaign_sends", connection=redis_conn).enqueue("app.messaging.jobs.reconcile")
+    work()  # the reconcile job, then the two send jobs it queued
+    assert stats(client, campaign.id)["status"] == "sent"
+
+
+def test_registering_the_reconciler_twice_keeps_one(app, redis_conn):
+    scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
+    register_periodic_jobs(scheduler)
+    register_periodic_jobs(scheduler)
+    jobs = list(scheduler.get_jobs())
+    assert [job.id for job in jobs] == [RECONCILE_JOB_ID]
+    assert jobs[0].meta["interval"] == app.config["RECONCILE_INTERVAL"]
+
+
+@pytest.mark.real_only
+def test_two_reconcilers_and_a_worker_at_once_send_each_message_once(app, client, redis_conn, spawn_worker, send_log):
+    ids = make_customers(200)
+    campaign = make_campaign()
+    campaign_id = campaign.id
+    send_to(client, campaign_id, ids)
+    redis_conn.flushdb()
+    app.config["STALE_AFTER"] = 0
+    worker = spawn_worker(burst=False)
+    reports = []
+
+    def run():
+        with app.app_context():
+            reports.append(reconcile())
+            db.session.remove()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_for(lambda: stats(client, campaign_id)["status"] == "sent", timeout=60)
+    worker.kill()
+    sends = Counter(a["message_id"] for a in read_send_log(send_log))
+    assert len(sends) == 200 and set(sends.values()) == {1}
+    assert sum(r.requeued for r in reports) >= 200
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        db.session.rollback()
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.mark.real_only
+def test_worker_killed_mid_campaign_new_worker_completes_it(app, client, spawn_worker, send_log):
+    ids = make_customers(300)
+    campaign = make_campaign()
+    campaign_id = campaign.id
+    send_to(client, campaign_id, ids)
+    victim = spawn_worker(burst=False, MOCK_SENDER_LATENCY=0.01)
+    wait_for(lambda: len(read_send_log(send_log)) >= 50, timeout=30, interval=0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    sent_before = stats(client, campaign_id)["stats"]["sent"]
+    assert 0 < sent_before < 300
+
+    app.config["STALE_AFTER"] = 0  # the test does not wait five minutes
+    first = reconcile()
+    drain = spawn_worker(burst=True)
+    assert drain.wait(timeout=120) == 0, drain.stderr.read().decode()[-3000:]
+    second = reconcile()  # the in-flight message, if its row was still locked at the first pass
+    drain = spawn_worker(burst=True)
+    assert drain.wait(timeout=120) == 0, drain.stderr.read().decode()[-3000:]
+    detail = stats(client, campaign_id)
+    assert detail["status"] == "sent", (first, second, detail)
+    assert detail["status"] == "sent"
+    assert detail["stats"]["sent"] == 300
+    sends = Counter(a["message_id"] for a in read_send_log(send_log))
+    assert len(sends) == 300
+    twice = [m for m, n in sends.items() if n > 1]
+    assert len(twice) <= 1  # only the message in flight at the kill may reach the sender again
+    keys = {a["idempotency_key"] for a in read_send_log(send_log) if a["message_id"] in twice}
+    assert len(keys) == len(twice)  # and it carries the same idempotency key both times
+
+
+@pytest.mark.real_only
+def test_dispatch_happens_within_seconds_of_scheduled_at_never_before(app, client, spawn_worker, spawn_scheduler):
+    ids = make_customers(3)
+    at = (datetime.now(timezone.utc) + timedelta(seconds=4)).replace(microsecond=0)
+    body = {"name": "Real time", "channel": "sms", "base_template": "Hi {first_name}", "scheduled_at": at.isoformat()}
+    campaign = client.post("/campaigns", json=body).get_json()
+    send_to(client, campaign["id"], ids)
+    spawn_scheduler(SCHEDULER_INTERVAL=1)
+    spawn_worker(burst=False)
+    wait_for(lambda: stats(client, campaign["id"])["status"] == "sent", timeout=30)
+    messages = client.get(f"/campaigns/{campaign['id']}/messages").get_json()["data"]
+    sent_at = [datetime.fromisoformat(m["updated_at"]) for m in messages]
+    assert min(sent_at) >= at
+    assert max(sent_at) <= at + timedelta(seconds=4)
+
+
+@pytest.mark.real_only
+def test_two_scheduler_processes_dispatch_each_campaign_once(app, client, spawn_worker, spawn_scheduler, send_log):
+    ids = make_customers(4)
+    at = (datetime.now(timezone.utc) + timedelta(seconds=3)).replace(microsecond=0)
+    body = {"channel": "sms", "base_template": "Hi {first_name}", "scheduled_at": at.isoformat()}
+    campaigns = [client.post("/campaigns", json={**body, "name": f"c{i}"}).get_json()["id"] for i in range(5)]
+    for campaign_id in campaigns:
+        send_to(client, campaign_id, ids)
+    spawn_scheduler(SCHEDULER_INTERVAL=1)
+    spawn_scheduler(SCHEDULER_INTERVAL=1)
+    spawn_worker(burst=False)
+    spawn_worker(burst=False)
+    wait_for(lambda: all(stats(client, c)["status"] == "sent" for c in campaigns), timeout=30)
+    sends = Counter(a["message_id"] for a in read_send_log(send_log))
+    assert len(sends) == 20 and set(sends.values()) == {1}

@@ -1,0 +1,171 @@
+"""Scheduled campaigns: status, triggers in rq-scheduler, and dispatch that is never early and never twice."""
+
+from datetime import datetime, timedelta, timezone
+
+from rq import Queue
+from rq_scheduler import Scheduler
+
+from app.messaging.scheduling import dispatch_job_id
+from tests.factories import make_customers
+
+
+def iso(dt: datetime) -> str:
+    return dt.isoformat()
+
+
+def trigger_time(redis_conn, campaign_id):
+    """When rq-scheduler will fire the campaign's dispatch, or None."""
+    scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
+    for job, at in scheduler.get_jobs(with_times=True):
+        if job.id == dispatch_job_id(campaign_id):
+            return at.replace(tzinfo=timezone.utc)
+    return None
+
+
+def create(client, **fields):
+    body = {"name": "Later", "channel": "sms", "base_template": "Hi {first_name}", **fields}
+    return client.post("/campaigns", json=body)
+
+
+def fire_trigger(redis_conn, campaign_id, work):
+    """What rq-scheduler does when the trigger's time comes: queue the dispatch job; then run it."""
+    Queue("campaign_sends", connection=redis_conn).enqueue(
+        "app.messaging.jobs.dispatch_campaign", campaign_id, job_id=dispatch_job_id(campaign_id)
+    )
+    work()
+
+
+def test_future_schedule_makes_campaign_scheduled_with_a_trigger(client, clock, redis_conn):
+    at = clock.now() + timedelta(hours=1)
+    response = create(client, scheduled_at=iso(at))
+    assert response.status_code == 201
+    body = response.get_json()
+    assert body["status"] == "scheduled"
+    assert body["scheduled_at"] == "2030-01-01T13:00:00+00:00"
+    assert trigger_time(redis_conn, body["id"]) == at
+
+
+def test_naive_time_is_utc_and_offsets_are_converted(client, clock):
+    naive = create(client, scheduled_at="2030-01-01T15:30:00").get_json()
+    assert naive["scheduled_at"] == "2030-01-01T15:30:00+00:00"
+    nairobi = create(client, scheduled_at="2030-01-01T18:30:00+03:00").get_json()
+    assert nairobi["scheduled_at"] == "2030-01-01T15:30:00+00:00"
+
+
+def test_past_schedule_is_422(client, clock):
+    response = create(client, scheduled_at=iso(clock.now() - timedelta(seconds=1)))
+    assert response.status_code == 422
+    assert "scheduled_at" in response.get_json()["message"]
+    assert client.get("/campaigns").get_json()["pagination"]["total"] == 0
+
+
+def test_reschedule_moves_the_trigger_and_null_unschedules(client, clock, redis_conn):
+    campaign = create(client, scheduled_at=iso(clock.now() + timedelta(hours=1))).get_json()
+    later = clock.now() + timedelta(hours=5)
+    moved = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(later)}).get_json()
+    assert moved["status"] == "scheduled"
+    assert trigger_time(redis_conn, campaign["id"]) == later
+    draft = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": None}).get_json()
+    assert draft["status"] == "draft" and draft["scheduled_at"] is None
+    assert trigger_time(redis_conn, campaign["id"]) is None
+    again = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(later)}).get_json()
+    assert again["status"] == "scheduled"
+
+
+def test_patch_to_past_time_is_422_and_keeps_schedule(client, clock, redis_conn):
+    at = clock.now() + timedelta(hours=1)
+    campaign = create(client, scheduled_at=iso(at)).get_json()
+    response = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(clock.now() - timedelta(hours=1))})
+    assert response.status_code == 422
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["scheduled_at"] == iso(at)
+
+
+def test_send_before_the_time_stores_recipients_and_queues_nothing(client, clock, redis_conn):
+    ids = make_customers(3)
+    at = clock.now() + timedelta(hours=1)
+    campaign = create(client, scheduled_at=iso(at)).get_json()
+    first = client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids[:2]})
+    assert first.status_code == 202
+    assert first.get_json() == {
+        "campaign_id": campaign["id"],
+        "messages_queued": 0,
+        "messages_scheduled": 2,
+        "status": "scheduled",
+        "scheduled_at": iso(at),
+    }
+    second = client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids}).get_json()
+    assert second["messages_scheduled"] == 1
+    assert Queue("campaign_sends", connection=redis_conn).count == 0
+    stats = client.get(f"/campaigns/{campaign['id']}").get_json()["stats"]
+    assert stats == {"total": 3, "pending": 3, "sent": 0, "failed": 0}
+
+
+def test_dispatch_never_runs_before_the_time(client, clock, redis_conn, work, send_log):
+    ids = make_customers(2)
+    campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=10))).get_json()
+    client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
+    clock.advance(minutes=9, seconds=59)
+    fire_trigger(redis_conn, campaign["id"], work)  # an early trigger (clock skew, a stale job)
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "scheduled"
+    assert not send_log.exists()
+    clock.advance(seconds=1)
+    fire_trigger(redis_conn, campaign["id"], work)
+    detail = client.get(f"/campaigns/{campaign['id']}").get_json()
+    assert detail["status"] == "sent"
+    assert detail["stats"]["sent"] == 2
+
+
+def test_trigger_that_fires_twice_dispatches_once(client, clock, redis_conn, work, send_log):
+    from tests.conftest import read_send_log
+
+    ids = make_customers(3)
+    campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=1))).get_json()
+    client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
+    clock.advance(minutes=2)
+    queue = Queue("campaign_sends", connection=redis_conn)
+    for n in range(3):  # two scheduler processes and a retry, say
+        queue.enqueue("app.messaging.jobs.dispatch_campaign", campaign["id"], job_id=f"trigger-{n}")
+    work()
+    assert len(read_send_log(send_log)) == 3
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "sent"
+
+
+def test_rescheduled_campaign_is_not_dispatched_at_its_old_time(client, clock, redis_conn, work):
+    ids = make_customers(1)
+    campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=5))).get_json()
+    client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
+    client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(clock.now() + timedelta(hours=2))})
+    clock.advance(minutes=6)
+    fire_trigger(redis_conn, campaign["id"], work)  # an old trigger that was not removed
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "scheduled"
+
+
+def test_unscheduled_campaign_is_not_dispatched(client, clock, redis_conn, work):
+    ids = make_customers(1)
+    campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=5))).get_json()
+    client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
+    client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": None})
+    clock.advance(minutes=6)
+    fire_trigger(redis_conn, campaign["id"], work)
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "draft"
+
+
+def test_scheduled_campaign_without_recipients_fails_and_says_why(client, clock, redis_conn, work):
+    campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=1))).get_json()
+    clock.advance(minutes=1)
+    fire_trigger(redis_conn, campaign["id"], work)
+    detail = client.get(f"/campaigns/{campaign['id']}").get_json()
+    assert detail["status"] == "failed"
+    assert "no recipients" in detail["status_reason"]
+
+
+def test_send_on_a_due_scheduled_campaign_starts_it_with_stored_recipients(client, clock, redis_conn, work):
+    ids = make_customers(3)
+    campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=1))).get_json()
+    client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids[:2]})
+    clock.advance(minutes=2)  # due, but its trigger has not run yet
+    response = client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids[2:]}).get_json()
+    assert response == {"campaign_id": campaign["id"], "messages_queued": 3, "status": "sending"}
+    assert trigger_time(redis_conn, campaign["id"]) is None
+    work()
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["stats"]["sent"] == 3

@@ -1,0 +1,228 @@
+"""The send job, run by real RQ workers: rendering, retries, idempotency and campaign completion."""
+
+import threading
+import time
+
+import pytest
+from rq import Queue
+from rq.registry import ScheduledJobRegistry
+from sqlalchemy import create_engine, text
+
+from app.extensions import db
+from app.messaging.dispatch import SEND_JOB, message_job_id
+from app.models import OutboundMessage
+from tests.conftest import read_send_log
+from tests.factories import make_campaign, make_customer, make_customers
+
+
+def start(client, campaign_id, ids):
+    response = client.post(f"/campaigns/{campaign_id}/send", json={"customer_ids": ids})
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()
+
+
+def messages(client, campaign_id, **query):
+    return client.get(f"/campaigns/{campaign_id}/messages", query_string={"page_size": 100, **query}).get_json()["data"]
+
+
+def test_worker_sends_renders_and_completes_campaign(client, work, send_log):
+    amina = make_customer(first_name="Amina", preferred_product="Sneakers", phone="+254712345678")
+    blank = make_customer(first_name=None, preferred_product="")
+    campaign = make_campaign(base_template="Hi {first_name}, check out {preferred_product}")
+    start(client, campaign.id, [amina.id, blank.id])
+    work()
+    detail = client.get(f"/campaigns/{campaign.id}").get_json()
+    assert detail["status"] == "sent"
+    assert detail["stats"] == {"total": 2, "pending": 0, "sent": 2, "failed": 0}
+    bodies = {m["customer_id"]: m["rendered_content"] for m in messages(client, campaign.id)}
+    assert bodies == {amina.id: "Hi Amina, check out Sneakers", blank.id: "Hi [unknown], check out [unknown]"}
+    attempts = read_send_log(send_log)
+    assert len(attempts) == 2
+    first = next(a for a in attempts if a["phone"] == "+254712345678")
+    assert first["body"] == "Hi Amina, check out Sneakers" and first["ok"] is True
+    assert first["campaign_id"] == campaign.id
+    assert first["idempotency_key"] == f"outbound-message-{first['message_id']}"
+
+
+def test_two_failures_then_success_leave_retry_count_two(client, app, work, send_log):
+    app.config["MOCK_SENDER_FAIL_ATTEMPTS"] = 2
+    ids = make_customers(2)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    work()
+    rows = messages(client, campaign.id)
+    assert [(m["status"], m["retry_count"]) for m in rows] == [("sent", 2), ("sent", 2)]
+    assert all("attempt 2" in m["last_error"] for m in rows)  # the last failure is kept for the record
+    assert [a["ok"] for a in read_send_log(send_log) if a["message_id"] == rows[0]["id"]] == [False, False, True]
+    assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent"
+
+
+def test_exhausted_retries_fail_the_message_after_four_attempts(client, app, work, send_log):
+    app.config["MOCK_SENDER_FAIL_ATTEMPTS"] = 99
+    ids = make_customers(1)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    work()
+    [row] = messages(client, campaign.id)
+    assert row["status"] == "failed"
+    assert row["retry_count"] == 3
+    assert row["last_error"].startswith("mock failure")
+    assert len(read_send_log(send_log)) == 4
+    detail = client.get(f"/campaigns/{campaign.id}").get_json()
+    assert detail["status"] == "failed"
+    assert detail["stats"]["failed"] == 1
+    assert detail["status_reason"] == "no message could be sent"
+
+
+def test_campaign_with_some_failures_is_sent(client, app, work, monkeypatch):
+    from app.messaging.senders import MockSender, SendResult
+
+    customers = [make_customer() for _ in range(3)]
+    ids = [c.id for c in customers]
+    doomed = customers[1].phone
+    original = MockSender.send
+
+    def send(self, message):
+        if message.phone == doomed:
+            return SendResult(False, "number unreachable")
+        return original(self, message)
+
+    monkeypatch.setattr(MockSender, "send", send)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    work()
+    detail = client.get(f"/campaigns/{campaign.id}").get_json()
+    assert detail["status"] == "sent"
+    assert detail["stats"] == {"total": 3, "pending": 0, "sent": 2, "failed": 1}
+    assert messages(client, campaign.id, status="failed")[0]["last_error"] == "number unreachable"
+
+
+def test_sender_exception_is_a_failed_attempt_and_the_worker_goes_on(client, app, work, monkeypatch):
+    from app.messaging.senders import MockSender
+
+    calls = {"n": 0}
+    original = MockSender.send
+
+    def flaky(self, message):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TimeoutError("provider timed out")
+        return original(self, message)
+
+    monkeypatch.setattr(MockSender, "send", flaky)
+    ids = make_customers(3)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    work()
+    rows = messages(client, campaign.id)
+    assert all(m["status"] == "sent" for m in rows)
+    assert sorted(m["retry_count"] for m in rows) == [0, 0, 1]
+    assert "provider timed out" in next(m for m in rows if m["retry_count"] == 1)["last_error"]
+
+
+def test_job_that_runs_twice_sends_once(client, app, work, redis_conn, send_log):
+    ids = make_customers(1)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    message_id = messages(client, campaign.id)[0]["id"]
+    # A duplicate of the same job, as a re-enqueue after a lost acknowledgement would make.
+    Queue("campaign_sends", connection=redis_conn).enqueue(SEND_JOB, message_id, job_id=f"dup-{message_id}")
+    work()
+    assert len(read_send_log(send_log)) == 1
+    assert messages(client, campaign.id)[0]["status"] == "sent"
+
+
+def test_retry_waits_out_the_configured_interval(client, app, work, redis_conn, send_log):
+    app.config["RETRY_INTERVALS"] = [30, 60, 90]
+    app.config["MOCK_SENDER_FAIL_ATTEMPTS"] = 1
+    ids = make_customers(1)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    work()
+    [row] = messages(client, campaign.id)
+    assert (row["status"], row["retry_count"]) == ("pending", 1)
+    registry = ScheduledJobRegistry("campaign_sends", connection=redis_conn)
+    assert registry.get_job_ids() == [message_job_id(row["id"])]
+    scheduled_for = registry.get_scheduled_time(message_job_id(row["id"]))
+    assert 25 <= (scheduled_for.timestamp() - time.time()) <= 31
+    assert len(read_send_log(send_log)) == 1
+
+
+@pytest.mark.real_only
+def test_locked_message_is_not_sent_by_a_second_worker(client, app, work, send_log):
+    ids = make_customers(1)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    message_id = messages(client, campaign.id)[0]["id"]
+    other = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    with other.connect() as conn:
+        # Another worker holds the row while it talks to the provider.
+        conn.execute(text("SELECT id FROM outbound_messages WHERE id = :id FOR UPDATE"), {"id": message_id})
+        work()
+        assert read_send_log(send_log) == []
+        conn.rollback()
+    other.dispose()
+    assert db.session.get(OutboundMessage, message_id).status == "pending"
+
+
+@pytest.mark.real_only
+def test_concurrent_workers_complete_every_campaign_exactly(client, app, spawn_worker, send_log):
+    """Many small campaigns drained by four worker processes at once: the last messages of a campaign
+    finish on different workers at the same moment, and every campaign must still end."""
+    customer_ids = make_customers(6)
+    ok = [make_campaign(name=f"ok{i}").id for i in range(12)]
+    for campaign_id in ok:
+        start(client, campaign_id, customer_ids)
+    workers = [spawn_worker() for _ in range(4)]
+    for proc in workers:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+    for campaign_id in ok:
+        detail = client.get(f"/campaigns/{campaign_id}").get_json()
+        assert (detail["status"], detail["stats"]["sent"]) == ("sent", 6), detail
+    attempts = read_send_log(send_log)
+    assert len(attempts) == 72
+    assert len({a["message_id"] for a in attempts}) == 72  # none sent twice
+
+
+@pytest.mark.real_only
+def test_concurrent_workers_fail_a_campaign_whose_every_message_fails(client, app, spawn_worker):
+    customer_ids = make_customers(8)
+    campaigns = [make_campaign(name=f"doomed{i}").id for i in range(4)]
+    for campaign_id in campaigns:
+        start(client, campaign_id, customer_ids)
+    workers = [spawn_worker(MOCK_SENDER_FAIL_ATTEMPTS=99) for _ in range(3)]
+    for proc in workers:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+    for campaign_id in campaigns:
+        detail = client.get(f"/campaigns/{campaign_id}").get_json()
+        assert detail["status"] == "failed"
+        assert detail["stats"] == {"total": 8, "pending": 0, "sent": 0, "failed": 8}
+        rows = messages(client, campaign_id)
+        assert {m["retry_count"] for m in rows} == {3}
+
+
+@pytest.mark.real_only
+def test_two_finalizers_at_once_end_the_campaign_once(client, app):
+    """The completion step itself, raced on two threads after the last two messages committed."""
+    from app.messaging.dispatch import finalize_campaign
+
+    ids = make_customers(2)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    campaign_id = campaign.id
+    db.session.execute(text("UPDATE outbound_messages SET status = 'sent'"))
+    db.session.commit()
+    results, barrier = [], threading.Barrier(2)
+
+    def finish():
+        with app.app_context():
+            barrier.wait()
+            results.append(finalize_campaign(campaign_id))
+            db.session.remove()
+
+    threads = [threading.Thread(target=finish) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results, key=str) == [None, "sent"]
