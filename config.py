@@ -54,6 +54,9 @@ class Config:
     ENQUEUE_INLINE_LIMIT = _int("ENQUEUE_INLINE_LIMIT", 1000)
 
     MAX_SEND_IDS = _int("MAX_SEND_IDS", 10_000)
+    IMPORT_BATCH_SIZE = _int("IMPORT_BATCH_SIZE", 1000)
+    # Imports may be larger than other requests.
+    IMPORT_MAX_CONTENT_LENGTH = _int("IMPORT_MAX_CONTENT_LENGTH", 200 * 1024 * 1024)
     DEFAULT_PHONE_REGION = os.environ.get("DEFAULT_PHONE_REGION", "KE")
 
     SENDER = os.environ.get("SENDER", "mock")

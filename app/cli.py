@@ -112,7 +112,40 @@ def _start_embedded_redis(app: Flask):
     return server, f"unix://{server.socket_file}?db=0"
 
 
+def _counting_lines(binary, on_bytes):
+    """Decode a binary file line by line, reporting the bytes consumed (for the progress bar)."""
+    first = True
+    for raw in binary:
+        on_bytes(len(raw))
+        line = raw.decode("utf-8", errors="replace")
+        if first:
+            line, first = line.removeprefix("\ufeff"), False
+        yield line
+
+
 def register(app: Flask) -> None:
+    customers = click.Group("customers", help="Customer operations.")
+    app.cli.add_command(customers)
+
+    @customers.command("import")
+    @click.argument("path", type=click.Path(exists=True, dir_okay=False))
+    def import_command(path: str) -> None:
+        """Create or update customers from a CSV file (phone,first_name,last_name,location,preferred_product)."""
+        from app.customers.importer import import_customers
+        from app.errors import AppError
+
+        size = os.path.getsize(path)
+        with open(path, "rb") as binary, click.progressbar(length=size, label="importing", show_pos=False) as bar:
+            try:
+                report = import_customers(_counting_lines(binary, bar.update))
+            except AppError as exc:
+                raise click.ClickException(exc.message) from None
+        click.echo(f"created {report.created}, updated {report.updated}, invalid {report.invalid}")
+        for error in report.errors:
+            click.echo(f"  line {error['line']}: {error['reason']}", err=True)
+        if report.errors_truncated:
+            click.echo(f"  ... and {report.invalid - len(report.errors)} more", err=True)
+
     @app.cli.command("seed")
     def seed() -> None:
         """Add 5 sample customers and 3 sample campaigns (skips what is there)."""

@@ -1,8 +1,13 @@
+import io
+
+from flask import current_app, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from app.customers import service
-from app.customers.schemas import CustomerQuerySchema, CustomerSchema
+from app.customers.importer import COLUMNS, import_customers
+from app.customers.schemas import CustomerQuerySchema, CustomerSchema, ImportReportSchema
+from app.errors import ValidationFailed
 from app.schemas import page_of
 
 bp = Blueprint("customers", __name__, url_prefix="/customers", description="Customers who receive campaigns")
@@ -41,3 +46,33 @@ class CustomerById(MethodView):
     def delete(self, customer_id):
         """Delete a customer who has no messages"""
         service.delete_customer(customer_id)
+
+
+CSV_BODY = {
+    "required": True,
+    "content": {
+        "text/csv": {"schema": {"type": "string"}, "example": ",".join(COLUMNS) + "\n0712345678,Amina,Otieno,Nairobi,Sneakers"},
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
+        },
+    },
+}
+
+
+@bp.route("/import", methods=["POST"])
+@bp.doc(requestBody=CSV_BODY)
+@bp.response(200, ImportReportSchema)
+def import_csv():
+    """Create or update customers from CSV (upsert by phone); bad rows are reported, good rows kept"""
+    request.max_content_length = current_app.config["IMPORT_MAX_CONTENT_LENGTH"]
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None:
+            raise ValidationFailed("multipart body has no `file` field", {"file": ["Missing data for required field."]})
+        raw = upload.stream
+    elif request.mimetype in ("text/csv", "text/plain", "application/csv"):
+        raw = request.stream
+    else:
+        raise ValidationFailed("send the CSV as a text/csv body or as a multipart/form-data field named `file`")
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+    return import_customers(text)

@@ -22,3 +22,16 @@ class CustomerSchema(Schema):
 
 class CustomerQuerySchema(PageQuerySchema):
     location = Text(validate=validate.Length(max=100))
+
+
+class ImportErrorSchema(Schema):
+    line = fields.Integer(required=True)
+    reason = fields.String(required=True)
+
+
+class ImportReportSchema(Schema):
+    created = fields.Integer(required=True)
+    updated = fields.Integer(required=True)
+    invalid = fields.Integer(required=True)
+    errors = fields.List(fields.Nested(ImportErrorSchema), required=True, metadata={"description": "First 1,000."})
+    errors_truncated = fields.Boolean(required=True)
