@@ -44,8 +44,12 @@ class Config:
     SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
     REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
-    # Queues the worker listens on; the first one carries the outbound messages.
-    QUEUES = [q.strip() for q in os.environ.get("QUEUES", "campaign_sends").split(",") if q.strip()]
+    # Send jobs, one per message, go to SEND_QUEUE. Campaign-level jobs (fan-out, scheduled dispatch,
+    # reconcile) go to CONTROL_QUEUE, which workers take first, so they never wait behind a million sends.
+    SEND_QUEUE = os.environ.get("SEND_QUEUE", "campaign_sends")
+    CONTROL_QUEUE = os.environ.get("CONTROL_QUEUE", "campaign_control")
+    # Queues this worker process listens on, in priority order.
+    QUEUES = [q.strip() for q in os.environ.get("QUEUES", f"{CONTROL_QUEUE},{SEND_QUEUE}").split(",") if q.strip()]
     MAX_RETRIES = 3
     RETRY_INTERVALS = int_list(os.environ.get("RETRY_INTERVALS", "10,30,60"))
     JOB_TIMEOUT = _int("JOB_TIMEOUT", 60)

@@ -14,7 +14,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     args = parser.parse_args()
-    app = create_app()
+    # No pre-ping round trip per job: a dropped connection fails one attempt, and RQ retries it.
+    app = create_app(overrides={"SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": False}})
     build_worker(app).work(burst=args.burst, with_scheduler=True, logging_level=app.config["LOG_LEVEL"])
 
 

@@ -41,4 +41,9 @@ def get_redis() -> Redis:
 
 def get_queue(name: str | None = None) -> Queue:
     """The RQ queue `name`; by default the one outbound messages go to."""
-    return Queue(name or current_app.config["QUEUES"][0], connection=get_redis())
+    return Queue(name or current_app.config["SEND_QUEUE"], connection=get_redis())
+
+
+def get_control_queue() -> Queue:
+    """The queue of campaign-level jobs: fan-out, scheduled dispatch, reconcile."""
+    return get_queue(current_app.config["CONTROL_QUEUE"])

@@ -1,6 +1,6 @@
 """Scheduled campaigns: status, triggers in rq-scheduler, and dispatch that is never early and never twice."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from rq import Queue
 from rq_scheduler import Scheduler
@@ -18,7 +18,7 @@ def trigger_time(redis_conn, campaign_id):
     scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
     for job, at in scheduler.get_jobs(with_times=True):
         if job.id == dispatch_job_id(campaign_id):
-            return at.replace(tzinfo=timezone.utc)
+            return at.replace(tzinfo=UTC)
     return None
 
 
@@ -75,7 +75,9 @@ def test_reschedule_moves_the_trigger_and_null_unschedules(client, clock, redis_
 def test_patch_to_past_time_is_422_and_keeps_schedule(client, clock, redis_conn):
     at = clock.now() + timedelta(hours=1)
     campaign = create(client, scheduled_at=iso(at)).get_json()
-    response = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(clock.now() - timedelta(hours=1))})
+    response = client.patch(
+        f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(clock.now() - timedelta(hours=1))}
+    )
     assert response.status_code == 422
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["scheduled_at"] == iso(at)
 
@@ -169,3 +171,20 @@ def test_send_on_a_due_scheduled_campaign_starts_it_with_stored_recipients(clien
     assert trigger_time(redis_conn, campaign["id"]) is None
     work()
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["stats"]["sent"] == 3
+
+
+def test_dispatch_does_not_wait_behind_queued_sends(client, clock, app, redis_conn):
+    from app.messaging.scheduling import schedule_dispatch
+    from app.messaging.worker import build_worker
+
+    busy = client.post("/campaigns", json={"name": "Busy", "channel": "sms", "base_template": "Hi"}).get_json()
+    client.post(f"/campaigns/{busy['id']}/send", json={"customer_ids": make_customers(5)})
+    ids = make_customers(1)
+    campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=1))).get_json()
+    client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
+    clock.advance(minutes=1)
+    schedule_dispatch(campaign["id"], datetime.now(timezone.utc) - timedelta(seconds=1))  # due for rq-scheduler
+    Scheduler(queue_name="campaign_control", connection=redis_conn).enqueue_jobs()  # rq-scheduler's tick
+    build_worker(app).work(burst=True, max_jobs=1, logging_level="WARNING")  # one job only: the dispatch
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "sending"
+    assert Queue("campaign_sends", connection=redis_conn).count == 6

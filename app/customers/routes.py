@@ -51,9 +51,16 @@ class CustomerById(MethodView):
 CSV_BODY = {
     "required": True,
     "content": {
-        "text/csv": {"schema": {"type": "string"}, "example": ",".join(COLUMNS) + "\n0712345678,Amina,Otieno,Nairobi,Sneakers"},
+        "text/csv": {
+            "schema": {"type": "string"},
+            "example": ",".join(COLUMNS) + "\n0712345678,Amina,Otieno,Nairobi,Sneakers",
+        },
         "multipart/form-data": {
-            "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
         },
     },
 }

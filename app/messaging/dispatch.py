@@ -15,11 +15,11 @@ from datetime import datetime
 
 from flask import current_app
 from rq import Queue, Retry
-from sqlalchemy import ColumnElement, and_, exists, func, literal, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, exists, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app import clock
-from app.extensions import db, get_queue, get_redis
+from app.extensions import db, get_control_queue, get_queue, get_redis
 from app.models import Campaign, CampaignStatus, Customer, MessageStatus, OutboundMessage
 
 SEND_JOB = "app.messaging.jobs.send_outbound_message"
@@ -156,14 +156,13 @@ def enqueue_new_rows(campaign_id: int, rows: NewRows) -> None:
     if rows.count <= current_app.config["ENQUEUE_INLINE_LIMIT"]:
         enqueue_messages(pending_messages(campaign_id, rows.first_id, rows.last_id))
         return
-    get_queue().enqueue(
+    get_control_queue().enqueue(
         ENQUEUE_RANGE_JOB,
         args=(campaign_id, rows.first_id, rows.last_id),
         job_id=f"enqueue_campaign-{campaign_id}-{rows.first_id}-{rows.last_id}",
         timeout=LONG_JOB_TIMEOUT,
         result_ttl=0,
         retry=Retry(max=3, interval=[1, 5, 30]),
-        at_front=True,
     )
 
 
@@ -187,6 +186,23 @@ def _has_messages(campaign_id: int, status: str | None = None) -> bool:
     return bool(db.session.scalar(select(exists().where(and_(*cond)))))
 
 
+_PENDING_EXISTS = select(
+    exists().where(
+        OutboundMessage.campaign_id == bindparam("campaign_id"), OutboundMessage.status == MessageStatus.PENDING
+    )
+)
+
+
+def _pending_exists_now(campaign_id: int) -> bool:
+    """Whether the campaign has a pending message, read outside any transaction (one round trip)."""
+    db.session.commit()
+    conn = db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    try:
+        return bool(conn.scalar(_PENDING_EXISTS, {"campaign_id": campaign_id}))
+    finally:
+        db.session.commit()  # hands the connection back with its isolation level restored
+
+
 def finalize_campaign(campaign_id: int) -> str | None:
     """If the `sending` campaign has no pending message left, end it: `sent` when at least one message
     was sent, else `failed` with the reason. Returns the new status, or None when nothing changed.
@@ -195,8 +211,8 @@ def finalize_campaign(campaign_id: int) -> str | None:
     finish the last messages at once: the campaign row is locked before the final count, so the count
     sees every commit that came before, and only one caller moves it out of `sending`.
     """
-    if _has_messages(campaign_id, MessageStatus.PENDING):
-        return None  # the common case, one indexed lookup and no lock
+    if _pending_exists_now(campaign_id):
+        return None  # the common case: one indexed lookup, no lock, no transaction
     locked = db.session.scalar(
         select(Campaign.id)
         .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.SENDING)

@@ -6,7 +6,7 @@ import logging
 
 from flask import current_app
 from rq import get_current_job
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, func, select, update
 
 from app import clock
 from app.extensions import db
@@ -27,32 +27,51 @@ def _rq_will_retry() -> bool:
     return bool(job is not None and job.retries_left)
 
 
+# Built once: the hot path only binds parameters (SQLAlchemy's compiled cache does the rest).
+_LOAD_FOR_SEND = (
+    select(
+        OutboundMessage.status,
+        OutboundMessage.retry_count,
+        OutboundMessage.campaign_id,
+        Campaign.channel,
+        Campaign.base_template,
+        Customer.phone,
+        Customer.first_name,
+        Customer.last_name,
+        Customer.location,
+        Customer.preferred_product,
+    )
+    .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
+    .join(Customer, Customer.id == OutboundMessage.customer_id)
+    .where(OutboundMessage.id == bindparam("message_id"))
+    # Two workers never send one message at once: the second skips the row the first holds.
+    .with_for_update(of=OutboundMessage, skip_locked=True)
+)
+_RECORD_ATTEMPT = (
+    update(OutboundMessage)
+    .where(OutboundMessage.id == bindparam("message_id"))
+    .values(
+        status=bindparam("new_status"),
+        rendered_content=bindparam("body"),
+        last_error=func.coalesce(bindparam("error"), OutboundMessage.last_error),  # a success keeps the history
+        retry_count=bindparam("retries_used"),
+        updated_at=bindparam("now"),
+    )
+)
+
+
 def send_outbound_message(message_id: int) -> str:
     """Render and send one pending message, record the result and commit.
 
     A message that is not pending (already sent, or failed for good) is left alone, and a message whose
     row another worker holds is skipped: a job that runs twice never sends twice. A failed attempt that
     RQ will retry leaves the message pending with `retry_count` + 1, then raises so that RQ retries;
-    the last failed attempt marks it `failed`.
+    the last failed attempt marks it `failed`. Database work: one locked read, one update, one commit,
+    and the completion check.
     """
-    row = db.session.execute(
-        select(
-            OutboundMessage.status,
-            OutboundMessage.retry_count,
-            OutboundMessage.campaign_id,
-            Campaign.channel,
-            Campaign.base_template,
-            Customer.phone,
-            Customer.first_name,
-            Customer.last_name,
-            Customer.location,
-            Customer.preferred_product,
-        )
-        .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
-        .join(Customer, Customer.id == OutboundMessage.customer_id)
-        .where(OutboundMessage.id == message_id)
-        .with_for_update(of=OutboundMessage, skip_locked=True)
-    ).one_or_none()
+    # Core on the session's connection: none of the ORM's bookkeeping on the hot path.
+    conn = db.session.connection()
+    row = conn.execute(_LOAD_FOR_SEND, {"message_id": message_id}).one_or_none()
     if row is None:
         db.session.rollback()
         return "skipped: missing, or being sent by another worker"
@@ -76,25 +95,33 @@ def send_outbound_message(message_id: int) -> str:
     except Exception as exc:  # noqa: BLE001 - a provider timeout or crash is a failed attempt like any other
         log.warning("sender raised", extra={"campaign_id": row.campaign_id, "message_id": message_id}, exc_info=True)
         result = SendResult(False, f"sender error: {type(exc).__name__}: {exc}"[:1000])
-    values: dict = {"rendered_content": body, "updated_at": clock.now()}
+
     will_retry = not result.ok and _rq_will_retry()
     if result.ok:
-        values["status"] = MessageStatus.SENT
+        status, retries_used = MessageStatus.SENT, row.retry_count
     elif will_retry:
-        values.update(retry_count=row.retry_count + 1, last_error=result.error)
+        status, retries_used = MessageStatus.PENDING, row.retry_count + 1
     else:
-        values.update(status=MessageStatus.FAILED, last_error=result.error)
-    db.session.execute(update(OutboundMessage).where(OutboundMessage.id == message_id).values(**values))
+        status, retries_used = MessageStatus.FAILED, row.retry_count
+    conn.execute(
+        _RECORD_ATTEMPT,
+        {
+            "message_id": message_id,
+            "new_status": status,
+            "body": body,
+            "error": None if result.ok else result.error,
+            "retries_used": retries_used,
+            "now": clock.now(),
+        },
+    )
     db.session.commit()
-    extra = {"campaign_id": row.campaign_id, "message_id": message_id}
-
+    extra = {"campaign_id": row.campaign_id, "message_id": message_id, "status": status}
     if will_retry:
-        log.info("send attempt failed, RQ will retry", extra=extra)
+        log.info("send attempt failed; RQ will retry", extra={**extra, "error": result.error})
         raise SendAttemptFailed(f"message {message_id}: {result.error}")
     dispatch.finalize_campaign(row.campaign_id)
-    status = values.get("status")
-    log.info("message %s", status, extra=extra)
-    return str(status)
+    log.debug("message recorded", extra=extra)
+    return status
 
 
 def enqueue_campaign_range(campaign_id: int, first_id: int, last_id: int) -> str:

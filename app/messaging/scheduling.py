@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from flask import current_app
 from rq_scheduler import Scheduler
 
-from app.extensions import get_queue, get_redis
+from app.extensions import get_control_queue, get_redis
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,9 @@ def dispatch_job_id(campaign_id: int) -> str:
 
 
 def get_scheduler() -> Scheduler:
-    return Scheduler(queue=get_queue(), connection=get_redis(), interval=current_app.config["SCHEDULER_INTERVAL"])
+    return Scheduler(
+        queue=get_control_queue(), connection=get_redis(), interval=current_app.config["SCHEDULER_INTERVAL"]
+    )
 
 
 def schedule_dispatch(campaign_id: int, at: datetime) -> None:
