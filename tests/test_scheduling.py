@@ -183,7 +183,7 @@ def test_dispatch_does_not_wait_behind_queued_sends(client, clock, app, redis_co
     campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=1))).get_json()
     client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
     clock.advance(minutes=1)
-    schedule_dispatch(campaign["id"], datetime.now(timezone.utc) - timedelta(seconds=1))  # due for rq-scheduler
+    schedule_dispatch(campaign["id"], datetime.now(UTC) - timedelta(seconds=1))  # due for rq-scheduler
     Scheduler(queue_name="campaign_control", connection=redis_conn).enqueue_jobs()  # rq-scheduler's tick
     build_worker(app).work(burst=True, max_jobs=1, logging_level="WARNING")  # one job only: the dispatch
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "sending"
