@@ -104,8 +104,10 @@ class OutboundMessage(db.Model):
     __tablename__ = "outbound_messages"
     __table_args__ = (
         UniqueConstraint("campaign_id", "customer_id", name="uq_outbound_messages_campaign_customer"),
-        # Also serves keyset walks over one campaign's pending messages, in id order.
+        # Stats and the status-filtered listing; also keyset walks over a campaign's pending messages.
         Index("ix_outbound_messages_campaign_status", "campaign_id", "status", "id"),
+        # The unfiltered listing, newest first, without sorting a million rows.
+        Index("ix_outbound_messages_campaign_id", "campaign_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -226,17 +227,25 @@ def spawn(worker_env):
             env={**worker_env, **{k: str(v) for k, v in env.items()}},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: RQ's scheduler child goes down with it
         )
         started.append(proc)
         return proc
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        kill_group(proc)
         if proc.stderr:
             proc.stderr.close()
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Kill a process started by `spawn` and every process it forked, as a machine's death would."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 @pytest.fixture

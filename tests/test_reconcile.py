@@ -17,7 +17,7 @@ from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import RECONCILE_JOB_ID, register_periodic_jobs
 from app.messaging.worker import build_worker
 from app.models import Campaign
-from tests.conftest import read_send_log
+from tests.conftest import kill_group, read_send_log
 from tests.factories import make_campaign, make_customers
 
 
@@ -179,7 +179,7 @@ def test_two_reconcilers_and_a_worker_at_once_send_each_message_once(app, client
     for t in threads:
         t.join()
     wait_for(lambda: stats(client, campaign_id)["status"] == "sent", timeout=60)
-    worker.kill()
+    kill_group(worker)
     sends = Counter(a["message_id"] for a in read_send_log(send_log))
     assert len(sends) == 200 and set(sends.values()) == {1}
     assert sum(r.requeued for r in reports) >= 200
@@ -203,8 +203,7 @@ def test_worker_killed_mid_campaign_new_worker_completes_it(app, client, spawn_w
     send_to(client, campaign_id, ids)
     victim = spawn_worker(burst=False, MOCK_SENDER_LATENCY=0.01)
     wait_for(lambda: len(read_send_log(send_log)) >= 50, timeout=30, interval=0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill_group(victim, signal.SIGKILL)
     sent_before = stats(client, campaign_id)["stats"]["sent"]
     assert 0 < sent_before < 300
 
@@ -258,3 +257,19 @@ def test_two_scheduler_processes_dispatch_each_campaign_once(app, client, spawn_
     wait_for(lambda: all(stats(client, c)["status"] == "sent" for c in campaigns), timeout=30)
     sends = Counter(a["message_id"] for a in read_send_log(send_log))
     assert len(sends) == 20 and set(sends.values()) == {1}
+
+
+def test_job_lost_between_dequeue_and_start_is_requeued(app, client, clock, redis_conn, work, send_log):
+    """A worker that dies right after taking a job off the queue leaves it saying `queued` in RQ's
+    intermediate queue; the reconciler must not count it as waiting."""
+    ids = make_customers(2)
+    campaign = make_campaign()
+    send_to(client, campaign.id, ids)
+    queue = Queue("campaign_sends", connection=redis_conn)
+    # What a worker's dequeue does (LMOVE to the intermediate queue), and then it dies.
+    redis_conn.lmove(queue.key, f"{queue.key}:intermediate", "LEFT", "RIGHT")
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    assert reconcile().requeued == 1
+    work()
+    assert stats(client, campaign.id)["status"] == "sent"
+    assert len(read_send_log(send_log)) == 2

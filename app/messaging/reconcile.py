@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from flask import current_app
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 from sqlalchemy import exists, select, update
 
 from app import clock
-from app.extensions import db, get_redis
+from app.extensions import db, get_queue, get_redis
 from app.messaging import dispatch
 from app.models import Campaign, CampaignStatus, MessageStatus, OutboundMessage
 
@@ -52,11 +53,19 @@ def dispatch_due_campaigns() -> list[int]:
 
 
 def _jobs_waiting(message_ids: list[int]) -> list[bool]:
+    """Whether each message's job will run without help. A job a worker took off the queue but died
+    before starting still says `queued`; it sits in RQ's intermediate queue, so it does not count."""
+    queue = get_queue()
+    in_limbo = set(IntermediateQueue(queue.key, queue.connection).get_job_ids())
+    job_ids = [dispatch.message_job_id(m) for m in message_ids]
     with get_redis().pipeline(transaction=False) as pipe:
-        for message_id in message_ids:
-            pipe.hget(Job.key_for(dispatch.message_job_id(message_id)), "status")
+        for job_id in job_ids:
+            pipe.hget(Job.key_for(job_id), "status")
         statuses = pipe.execute()
-    return [bool(s) and s.decode() in _WAITING for s in statuses]
+    return [
+        bool(status) and status.decode() in _WAITING and job_id not in in_limbo
+        for job_id, status in zip(job_ids, statuses, strict=True)
+    ]
 
 
 def requeue_stale_messages(campaign_id: int) -> int:

@@ -67,6 +67,7 @@ def upgrade():
     )
     with op.batch_alter_table('outbound_messages', schema=None) as batch_op:
         batch_op.create_index('ix_outbound_messages_campaign_status', ['campaign_id', 'status', 'id'], unique=False)
+        batch_op.create_index('ix_outbound_messages_campaign_id', ['campaign_id', 'id'], unique=False)
         batch_op.create_index(batch_op.f('ix_outbound_messages_customer_id'), ['customer_id'], unique=False)
 
 
@@ -76,6 +77,7 @@ def downgrade():
     
     with op.batch_alter_table('outbound_messages', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_outbound_messages_customer_id'))
+        batch_op.drop_index('ix_outbound_messages_campaign_id')
         batch_op.drop_index('ix_outbound_messages_campaign_status')
 
     op.drop_table('outbound_messages')

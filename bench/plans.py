@@ -1,0 +1,118 @@
+"""Query plans and timings of campaign stats and the message listing at a million messages.
+
+    python bench/plans.py [--messages 1000000]
+
+Builds three campaigns of that many messages each (mixed statuses) in BENCH_DATABASE_URL (recreated), runs
+the exact SQL the API runs for `GET /campaigns/{id}` stats and `GET /campaigns/{id}/messages`, and
+prints a table: the index each plan uses and the median time of five runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from sqlalchemy.dialects import postgresql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/campaigns_bench")
+
+
+def api_queries(campaign_id: int) -> dict[str, str]:
+    """The SQL the API issues, compiled from the same code paths, with the campaign id inlined."""
+    os.environ.setdefault("DATABASE_URL", DATABASE_URL)
+    from sqlalchemy import func, select
+
+    from app import create_app
+    from app.extensions import db
+    from app.models import MessageStatus, OutboundMessage
+
+    app = create_app(
+        overrides={"SQLALCHEMY_DATABASE_URI": DATABASE_URL.replace("postgresql://", "postgresql+psycopg://")}
+    )
+    with app.app_context():
+        listing = select(OutboundMessage).where(OutboundMessage.campaign_id == campaign_id)
+        queries = {
+            "stats (GROUP BY status)": select(OutboundMessage.status, func.count())
+            .where(OutboundMessage.campaign_id == campaign_id)
+            .group_by(OutboundMessage.status),
+            "messages page 1": listing.order_by(OutboundMessage.id.desc()).limit(20),
+            "messages page 1, status=failed": listing.where(OutboundMessage.status == MessageStatus.FAILED)
+            .order_by(OutboundMessage.id.desc())
+            .limit(20),
+            "messages page 5000 (offset 99,980)": listing.order_by(OutboundMessage.id.desc()).limit(20).offset(99_980),
+            "messages total (pagination count)": select(func.count()).select_from(listing.subquery()),
+            "completion check (pending exists)": select(
+                select(OutboundMessage.id)
+                .where(OutboundMessage.campaign_id == campaign_id, OutboundMessage.status == MessageStatus.PENDING)
+                .exists()
+            ),
+        }
+        db.engine.dispose()
+    return {
+        name: str(q.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+        for name, q in queries.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    args = parser.parse_args()
+    n = args.messages
+    name = DATABASE_URL.rsplit("/", 1)[1]
+    with psycopg.connect(DATABASE_URL.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    env = {**os.environ, "DATABASE_URL": DATABASE_URL}
+    subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        print(f"building {n:,} customers and messages...", file=sys.stderr)
+        conn.execute(
+            "INSERT INTO customers (phone, first_name, created_at, updated_at) "
+            "SELECT '+2547' || lpad(g::text, 8, '0'), 'C' || g, now(), now() FROM generate_series(1, %s) g",
+            (n,),
+        )
+        conn.execute(
+            "INSERT INTO campaigns (name, channel, status, base_template, created_at, updated_at) "
+            "VALUES ('other', 'sms', 'sent', 'Hi', now(), now()), ('big', 'sms', 'sending', 'Hi', now(), now())"
+        )
+        for campaign_id, count in ((1, n // 10), (2, n)):
+            conn.execute(
+                "INSERT INTO outbound_messages (campaign_id, customer_id, status, retry_count, created_at, updated_at) "
+                "SELECT %s, id, CASE WHEN id %% 100 = 0 THEN 'failed' WHEN id %% 10 = 0 THEN 'pending' ELSE 'sent' END,"
+                " 0, now(), now() FROM customers WHERE id <= %s",
+                (campaign_id, count),
+            )
+        conn.execute("VACUUM ANALYZE")
+        rows = []
+        for label, sql in api_queries(2).items():
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql).fetchall())
+            indexes = sorted({w for w in plan.split() if w.startswith("ix_") or w.endswith("_pkey")})
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                conn.execute(sql).fetchall()
+                times.append((time.perf_counter() - start) * 1000)
+            rows.append((label, ", ".join(indexes) or "(none)", "Seq Scan" in plan, statistics.median(times)))
+    print(f"| query ({n:,} messages in the campaign) | index used | seq scan | median ms |")
+    print("| --- | --- | --- | --- |")
+    for label, index, seq, ms in rows:
+        print(f"| {label} | {index} | {'yes' if seq else 'no'} | {ms:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
