@@ -5,7 +5,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from rq import Queue
@@ -230,7 +230,7 @@ def test_worker_killed_mid_campaign_new_worker_completes_it(app, client, spawn_w
 @pytest.mark.real_only
 def test_dispatch_happens_within_seconds_of_scheduled_at_never_before(app, client, spawn_worker, spawn_scheduler):
     ids = make_customers(3)
-    at = (datetime.now(timezone.utc) + timedelta(seconds=4)).replace(microsecond=0)
+    at = (datetime.now(UTC) + timedelta(seconds=4)).replace(microsecond=0)
     body = {"name": "Real time", "channel": "sms", "base_template": "Hi {first_name}", "scheduled_at": at.isoformat()}
     campaign = client.post("/campaigns", json=body).get_json()
     send_to(client, campaign["id"], ids)
@@ -246,7 +246,7 @@ def test_dispatch_happens_within_seconds_of_scheduled_at_never_before(app, clien
 @pytest.mark.real_only
 def test_two_scheduler_processes_dispatch_each_campaign_once(app, client, spawn_worker, spawn_scheduler, send_log):
     ids = make_customers(4)
-    at = (datetime.now(timezone.utc) + timedelta(seconds=3)).replace(microsecond=0)
+    at = (datetime.now(UTC) + timedelta(seconds=3)).replace(microsecond=0)
     body = {"channel": "sms", "base_template": "Hi {first_name}", "scheduled_at": at.isoformat()}
     campaigns = [client.post("/campaigns", json={**body, "name": f"c{i}"}).get_json()["id"] for i in range(5)]
     for campaign_id in campaigns:

@@ -1,6 +1,6 @@
 """Scheduled campaigns: status, triggers in rq-scheduler, and dispatch that is never early and never twice."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from rq import Queue
 from rq_scheduler import Scheduler
@@ -18,7 +18,7 @@ def trigger_time(redis_conn, campaign_id):
     scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
     for job, at in scheduler.get_jobs(with_times=True):
         if job.id == dispatch_job_id(campaign_id):
-            return at.replace(tzinfo=timezone.utc)
+            return at.replace(tzinfo=UTC)
     return None
 
 
@@ -75,7 +75,9 @@ def test_reschedule_moves_the_trigger_and_null_unschedules(client, clock, redis_
 def test_patch_to_past_time_is_422_and_keeps_schedule(client, clock, redis_conn):
     at = clock.now() + timedelta(hours=1)
     campaign = create(client, scheduled_at=iso(at)).get_json()
-    response = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(clock.now() - timedelta(hours=1))})
+    response = client.patch(
+        f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(clock.now() - timedelta(hours=1))}
+    )
     assert response.status_code == 422
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["scheduled_at"] == iso(at)
 
