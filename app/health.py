@@ -7,11 +7,11 @@ import logging
 
 from flask import current_app
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields
 from rq import Queue, Worker
 from sqlalchemy import text
 
+from app.blueprint import Blueprint
 from app.extensions import db, get_redis
 
 log = logging.getLogger(__name__)

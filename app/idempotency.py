@@ -24,7 +24,6 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from flask import Response, current_app, request
-from flask_smorest import Blueprint
 from marshmallow import Schema, validate
 from sqlalchemy import Row, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -32,6 +31,7 @@ from werkzeug.exceptions import HTTPException
 
 from app import clock
 from app.auth import current_owner
+from app.blueprint import Blueprint
 from app.errors import AppError, ConflictError
 from app.extensions import db
 from app.models import IdempotencyKey

@@ -1,6 +1,6 @@
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
+from app.blueprint import Blueprint
 from app.campaigns import service
 from app.campaigns.schemas import (
     CampaignDetailSchema,

@@ -1,6 +1,6 @@
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
+from app.blueprint import Blueprint
 from app.customers import service
 from app.customers.schemas import CustomerQuerySchema, CustomerSchema
 from app.idempotency import idempotent
