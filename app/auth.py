@@ -13,7 +13,7 @@ import hmac
 import secrets
 
 import click
-from flask import Flask, current_app, g, request
+from flask import Flask, current_app, request
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -27,6 +27,7 @@ PUBLIC_ENDPOINTS = frozenset(
     {"health.health", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "docs_assets.static"}
 )
 KEY_PREFIX = "cd_"
+_OWNER = "app.api_key_owner"
 
 
 def hash_key(key: str) -> str:
@@ -56,10 +57,11 @@ def owner_of(key: str) -> str | None:
 
 def current_owner() -> str | None:
     """The owner of the request's API key (None without a valid key); looked up once per request."""
-    if "api_key_owner" not in g:
+    # Kept on the request, not on `g`: an app context can outlive a request (tests, CLI).
+    if _OWNER not in request.environ:
         token = _bearer_token()
-        g.api_key_owner = owner_of(token) if token else None
-    return g.api_key_owner
+        request.environ[_OWNER] = owner_of(token) if token else None
+    return request.environ[_OWNER]
 
 
 def _require_api_key():
