@@ -5,8 +5,10 @@ import logging
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from app import create_app
 from app.customers import service as customer_service
-from tests.conftest import TEST_API_KEY
+from app.extensions import db
+from tests.conftest import TEST_API_KEY, TEST_OVERRIDES
 from tests.factories import make_campaign
 
 
@@ -62,6 +64,18 @@ def test_requests_with_a_wrong_key_are_limited_by_address(app, anonymous_client)
         anonymous_client.get("/campaigns", headers={"Authorization": "Bearer guess"}).status_code for _ in range(3)
     ]
     assert codes == [401, 401, 429]
+
+
+def test_rate_limit_storage_down_serves_requests_unlimited(app, redis_conn):
+    settings = {**TEST_OVERRIDES, "SQLALCHEMY_DATABASE_URI": app.config["SQLALCHEMY_DATABASE_URI"]}
+    unlimited = create_app("config.Config", {**settings, "RATELIMIT_STORAGE_URI": "redis://127.0.0.1:1/0"})
+    unlimited.extensions["redis"] = redis_conn
+    try:
+        response = unlimited.test_client().get("/campaigns", headers={"Authorization": f"Bearer {TEST_API_KEY}"})
+    finally:
+        with unlimited.app_context():
+            db.engine.dispose()
+    assert response.status_code == 200
 
 
 def test_health_and_docs_are_not_rate_limited(app, anonymous_client):
