@@ -103,7 +103,7 @@ class Config:
     # Swagger UI at /docs, its assets served by the app (see app/openapi.py): it works offline.
     OPENAPI_SWAGGER_UI_PATH = "docs"
     OPENAPI_SWAGGER_UI_URL = "/docs/assets/"
-    OPENAPI_SWAGGER_UI_CONFIG = {"validatorUrl": None, "persistAuthorization": True}
+    OPENAPI_SWAGGER_UI_CONFIG = {"validatorUrl": None}
 
 
 class ProductionConfig(Config):
