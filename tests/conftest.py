@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -258,29 +259,38 @@ def worker_env(app, send_log) -> dict:
 
 
 @pytest.fixture
-def spawn(worker_env):
+def spawn(worker_env, tmp_path):
     """Start a process of the service (`python worker.py`, `flask scheduler`) against the real
-    backend with extra settings; killed at the end of the test."""
+    backend with extra settings; killed at the end of the test, with any process it forked.
+
+    Its stderr goes to a file, read back through `proc.stderr`: a pipe nobody drains until the
+    process exits would block a chatty process once the pipe's 64 KB buffer is full."""
     started: list[subprocess.Popen] = []
 
     def start(args: list[str], **env) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=ROOT,
-            env={**worker_env, **{k: str(v) for k, v in env.items()}},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        log = tmp_path / f"stderr-{len(started)}.log"
+        with open(log, "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env={**worker_env, **{k: str(v) for k, v in env.items()}},
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # its own process group, RQ's forked scheduler included
+            )
+        proc.stderr = open(log, "rb")  # closed at teardown
         started.append(proc)
         return proc
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.kill()
+        try:
+            # The group: a worker killed by a test leaves its forked scheduler process behind.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        proc.stderr.close()
 
 
 @pytest.fixture
