@@ -21,7 +21,7 @@ from rq.job import Job, JobStatus
 from sqlalchemy import exists, select, update
 
 from app import clock
-from app.extensions import db, get_redis
+from app.extensions import db, get_queue, get_redis
 from app.idempotency import purge_expired
 from app.messaging import dispatch
 from app.models import Campaign, CampaignStatus, MessageStatus, OutboundMessage
@@ -55,11 +55,20 @@ def dispatch_due_campaigns() -> list[int]:
 
 
 def _jobs_waiting(message_ids: list[int]) -> list[bool]:
-    with get_redis().pipeline(transaction=False) as pipe:
-        for message_id in message_ids:
-            pipe.hget(Job.key_for(dispatch.message_job_id(message_id)), "status")
+    redis = get_redis()
+    # A worker killed between taking a job off the queue and starting it leaves the job in the queue's
+    # intermediate list, still "queued", where nothing runs it. A live worker moves a job out of that
+    # list within milliseconds, so the job of a stale message found there is lost.
+    stranded = {job_id.decode() for job_id in redis.lrange(get_queue().intermediate_queue_key, 0, -1)}
+    job_ids = [dispatch.message_job_id(message_id) for message_id in message_ids]
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(Job.key_for(job_id), "status")
         statuses = pipe.execute()
-    return [bool(s) and s.decode() in _WAITING for s in statuses]
+    return [
+        bool(status) and status.decode() in _WAITING and job_id not in stranded
+        for job_id, status in zip(job_ids, statuses, strict=True)
+    ]
 
 
 def requeue_stale_messages(campaign_id: int) -> int:
