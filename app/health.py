@@ -4,6 +4,7 @@ and operators. Needs no API key; 503 when the database or Redis is down."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from flask import current_app
 from flask.views import MethodView
@@ -34,7 +35,7 @@ class HealthSchema(Schema):
     workers = fields.Integer(required=True, allow_none=True, metadata={"description": "Live RQ workers."})
 
 
-def _check(name: str, probe) -> dict:
+def _check(name: str, probe: Callable[[], object]) -> dict:
     try:
         probe()
     except Exception:  # noqa: BLE001 - any failure means down; the log has the details, the client does not

@@ -119,7 +119,7 @@ def _replay(row: Row) -> Response:
     return response
 
 
-def _run(row_id: int, view: Callable, args, kwargs) -> Response:
+def _run(row_id: int, view: Callable, args: tuple, kwargs: dict) -> Response:
     """Run the view as the key's first request and keep its answer, unless it is a 5xx."""
     try:
         response = current_app.make_response(view(*args, **kwargs))
@@ -135,7 +135,7 @@ def _run(row_id: int, view: Callable, args, kwargs) -> Response:
     return response
 
 
-def run_once(key: str, view: Callable, args, kwargs) -> Response:
+def run_once(key: str, view: Callable, args: tuple, kwargs: dict) -> Response:
     """Answer a request carrying `key`: run the view once per key and body, replay it afterwards."""
     owner = current_owner() or "anonymous"
     request_hash = request_fingerprint()
