@@ -31,6 +31,16 @@ def int_list(raw: str) -> list[int]:
     return [int(part) for part in raw.split(",") if part.strip()]
 
 
+def str_list(raw: str) -> list[str]:
+    """`"a, b,"` -> `["a", "b"]`."""
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def limits_storage_uri(redis_url: str) -> str:
+    """Flask-Limiter's name for the same Redis (it spells a unix socket `redis+unix://`)."""
+    return "redis+" + redis_url if redis_url.startswith("unix://") else redis_url
+
+
 def _float(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
@@ -77,9 +87,33 @@ class Config:
 
     LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
 
+    # API keys (README, "Authentication and API keys"): these, and the hashed keys in the database.
+    API_KEYS = str_list(os.environ.get("API_KEYS", ""))
+    REQUIRE_API_KEYS = False  # ProductionConfig refuses to start without a key
+    # One budget per API key for the whole API (Flask-Limiter notation), counted in Redis.
+    API_RATE_LIMIT = os.environ.get("API_RATE_LIMIT", "6000 per minute")
+    RATELIMIT_STORAGE_URI = limits_storage_uri(REDIS_URL)
+    # Larger bodies are answered 413 before they are read.
+    MAX_CONTENT_LENGTH = _int("MAX_CONTENT_LENGTH", 5 * 1024 * 1024)
+    # Idempotency keys (README, "Idempotency keys").
+    IDEMPOTENCY_TTL = _int("IDEMPOTENCY_TTL", 24 * 3600)
+    IDEMPOTENCY_WAIT = _float("IDEMPOTENCY_WAIT", 5)
+    IDEMPOTENCY_ABANDON_AFTER = _int("IDEMPOTENCY_ABANDON_AFTER", 300)
+
     # flask-smorest / OpenAPI
     API_TITLE = "Campaign dispatch API"
     API_VERSION = "1.0"
     OPENAPI_VERSION = "3.0.3"
     OPENAPI_URL_PREFIX = "/"
     OPENAPI_JSON_PATH = "openapi.json"
+    API_SPEC_OPTIONS = {"security": [{"bearerAuth": []}]}
+    # Swagger UI at /docs, its assets served by the app (see app/openapi.py): it works offline.
+    OPENAPI_SWAGGER_UI_PATH = "docs"
+    OPENAPI_SWAGGER_UI_URL = "/docs/assets/"
+    OPENAPI_SWAGGER_UI_CONFIG = {"validatorUrl": None}
+
+
+class ProductionConfig(Config):
+    """What `wsgi.py` (gunicorn, the `web` process) runs with: it refuses to start without an API key."""
+
+    REQUIRE_API_KEYS = True

@@ -8,9 +8,11 @@ from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from app import auth, ratelimit
 from app.errors import register_errorhandlers
 from app.extensions import api, db, init_redis, migrate
 from app.logs import configure_logging
+from app.openapi import docs_assets, register_components
 
 
 def create_app(config: object | str = "config.Config", overrides: dict | None = None) -> Flask:
@@ -22,6 +24,7 @@ def create_app(config: object | str = "config.Config", overrides: dict | None = 
     app.json.sort_keys = False
     configure_logging(app)
     register_extensions(app)
+    auth.init_app(app)
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
@@ -32,16 +35,20 @@ def register_extensions(app: Flask) -> None:
     db.init_app(app)
     migrate.init_app(app, db, directory=str(app.config.get("MIGRATIONS_DIR", "migrations")))
     api.init_app(app)
+    register_components(api.spec)
+    ratelimit.init_app(app)
     init_redis(app)
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         os.makedirs(app.instance_path, exist_ok=True)
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import campaigns, customers
+    from app import campaigns, customers, health
 
     api.register_blueprint(customers.bp)
     api.register_blueprint(campaigns.bp)
+    api.register_blueprint(health.bp)
+    app.register_blueprint(docs_assets)
 
 
 def register_commands(app: Flask) -> None:

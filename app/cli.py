@@ -1,4 +1,4 @@
-"""Operator commands: `flask seed`, `flask scheduler`, `flask up`."""
+"""Operator commands: `flask seed`, `flask scheduler`, `flask up`, `flask api-keys`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from pathlib import Path
 
 import click
 from flask import Flask, current_app
+from flask.cli import AppGroup
 from flask_migrate import upgrade
 from sqlalchemy import func, select
 
-from app import clock
+from app import auth, clock
+from app.errors import AppError
 from app.extensions import db
 from app.models import Campaign, Customer
 
@@ -123,28 +125,73 @@ def _counting_lines(binary, on_bytes):
         yield line
 
 
+customers = AppGroup("customers", help="Customer operations.")
+
+
+@customers.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def import_customers_command(path: str) -> None:
+    """Create or update customers from a CSV file (phone,first_name,last_name,location,preferred_product)."""
+    from app.customers.importer import import_customers
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as binary, click.progressbar(length=size, label="importing", show_pos=False) as bar:
+        try:
+            report = import_customers(_counting_lines(binary, bar.update))
+        except AppError as exc:
+            raise click.ClickException(exc.message) from None
+    click.echo(f"created {report.created}, updated {report.updated}, invalid {report.invalid}")
+    for error in report.errors:
+        click.echo(f"  line {error['line']}: {error['reason']}", err=True)
+    if report.errors_truncated:
+        click.echo(f"  ... and {report.invalid - len(report.errors)} more", err=True)
+
+
+LOCAL_KEY_NAME = "local"
+
+api_keys = AppGroup("api-keys", help="Create, list and revoke API keys.")
+
+
+@api_keys.command("create")
+@click.argument("name")
+def create_api_key(name: str) -> None:
+    """Create a key named NAME and print it (shown this once; only its hash is stored)."""
+    try:
+        key = auth.create_key(name)
+    except AppError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(key)
+
+
+@api_keys.command("list")
+def list_api_keys() -> None:
+    """List the stored keys (names and dates, never the keys)."""
+    for api_key in auth.list_keys():
+        state = f"revoked {api_key.revoked_at.isoformat()}" if api_key.revoked_at else "active"
+        click.echo(f"{api_key.name}\tcreated {api_key.created_at.isoformat()}\t{state}")
+
+
+@api_keys.command("revoke")
+@click.argument("name")
+def revoke_api_key(name: str) -> None:
+    """Revoke the key named NAME; requests with it get 401 at once."""
+    try:
+        auth.revoke_key(name)
+    except AppError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"revoked {name}")
+
+
+def local_api_key() -> str:
+    """A key for `flask up`: the first of API_KEYS, else a new `local` key (replacing the last one,
+    whose plain text is not kept)."""
+    configured = current_app.config["API_KEYS"]
+    return configured[0] if configured else auth.create_key(LOCAL_KEY_NAME, replace=True)
+
+
 def register(app: Flask) -> None:
-    customers = click.Group("customers", help="Customer operations.")
+    app.cli.add_command(api_keys)
     app.cli.add_command(customers)
-
-    @customers.command("import")
-    @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-    def import_command(path: str) -> None:
-        """Create or update customers from a CSV file (phone,first_name,last_name,location,preferred_product)."""
-        from app.customers.importer import import_customers
-        from app.errors import AppError
-
-        size = os.path.getsize(path)
-        with open(path, "rb") as binary, click.progressbar(length=size, label="importing", show_pos=False) as bar:
-            try:
-                report = import_customers(_counting_lines(binary, bar.update))
-            except AppError as exc:
-                raise click.ClickException(exc.message) from None
-        click.echo(f"created {report.created}, updated {report.updated}, invalid {report.invalid}")
-        for error in report.errors:
-            click.echo(f"  line {error['line']}: {error['reason']}", err=True)
-        if report.errors_truncated:
-            click.echo(f"  ... and {report.invalid - len(report.errors)} more", err=True)
 
     @app.cli.command("seed")
     def seed() -> None:
@@ -179,6 +226,7 @@ def register(app: Flask) -> None:
         upgrade(directory=str(Path(__file__).resolve().parent.parent / "migrations"))
         customers, campaigns = seed_sample_data()
         click.echo(f"database ready ({env['DATABASE_URL']}); seeded {customers} customers, {campaigns} campaigns")
+        key = local_api_key()
 
         root = Path(__file__).resolve().parent.parent
         python = sys.executable
@@ -200,6 +248,8 @@ def register(app: Flask) -> None:
         }
         children = {name: subprocess.Popen(cmd, cwd=root, env=env) for name, cmd in commands.items()}
         click.echo(f"API on http://{host}:{port} (docs: /docs); worker and scheduler running. Ctrl-C stops all.")
+        click.echo(f"API key: {key}")
+        click.echo(f'  curl -H "Authorization: Bearer {key}" http://{host}:{port}/campaigns')
 
         def stop(*_):
             for child in children.values():

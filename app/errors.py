@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException, InternalServerError
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,12 @@ def handle_http_exception(exc: HTTPException):
     return error_response(exc.code or 500, message, errors if isinstance(errors, dict) else None, headers)
 
 
+def handle_too_large(exc: RequestEntityTooLarge):
+    limit = request.max_content_length
+    message = f"request body is over the limit of {limit} bytes" if limit else exc.description
+    return error_response(413, message)
+
+
 def handle_app_error(exc: AppError):
     return error_response(exc.code, exc.message, exc.errors)
 
@@ -100,5 +106,6 @@ def handle_unexpected(exc: Exception):
 def register_errorhandlers(app: Flask) -> None:
     """Every error, expected or not, answers in the one JSON shape."""
     app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(RequestEntityTooLarge, handle_too_large)
     app.register_error_handler(AppError, handle_app_error)
     app.register_error_handler(Exception, handle_unexpected)

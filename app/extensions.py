@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import current_app
+from flask import current_app, request
+from flask_limiter import ApplicationLimit, Limiter
 from flask_migrate import Migrate
 from flask_smorest import Api
 from flask_sqlalchemy import SQLAlchemy
 from redis import Redis
 from rq import Queue
 from sqlalchemy.orm import DeclarativeBase
+
+from app.openapi import CommonResponsesPlugin
+from app.schemas import ErrorSchema
 
 
 class Base(DeclarativeBase):
@@ -23,9 +27,42 @@ def schema_name(schema) -> str:
     return name + "Update" if getattr(schema, "partial", False) else name
 
 
+class DocumentedApi(Api):
+    """Errors are documented per status code with our error schema; no catch-all `default` response,
+    so that an undocumented status is a visible bug."""
+
+    ERROR_SCHEMA = ErrorSchema
+    DEFAULT_ERROR_RESPONSE_NAME = None
+
+
+def _rate_limit_key() -> str:
+    """The owner of the request's API key; the client's address for a request without a valid key."""
+    from app.auth import current_owner  # app.auth needs `db` from here
+
+    return current_owner() or f"ip:{request.remote_addr}"
+
+
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
-api = Api(spec_kwargs={"marshmallow_plugin": MarshmallowPlugin(schema_name_resolver=schema_name)})
+api = DocumentedApi(
+    spec_kwargs={
+        "marshmallow_plugin": MarshmallowPlugin(schema_name_resolver=schema_name),
+        "extra_plugins": [CommonResponsesPlugin()],
+    }
+)
+# One budget per API key across the whole API, read from the app's config on each request.
+limiter = Limiter(
+    _rate_limit_key,
+    application_limits=[
+        ApplicationLimit(
+            limit_provider=lambda: current_app.config["API_RATE_LIMIT"],
+            error_message="rate limit exceeded for this API key; retry after the Retry-After seconds",
+        )
+    ],
+    headers_enabled=True,
+    swallow_errors=True,  # Redis down: serve unlimited rather than fail every request
+    strategy="fixed-window",
+)
 
 
 def init_redis(app) -> None:

@@ -7,11 +7,16 @@ import json
 import logging
 import sys
 import uuid
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
 from flask import Flask, g, has_request_context, request
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+# The job a worker is handling, set around the whole of its handling, so that RQ's own lines about
+# it (success, failure, retry) carry its id too, not only the lines logged while the job function runs.
+worker_job_id: ContextVar[str | None] = ContextVar("worker_job_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,8 +35,9 @@ class JsonFormatter(logging.Formatter):
             job = get_current_job()
         except Exception:  # noqa: BLE001 - outside a worker
             job = None
-        if job is not None:
-            entry["job_id"] = job.id
+        job_id = job.id if job is not None else worker_job_id.get()
+        if job_id is not None:
+            entry["job_id"] = job_id
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

@@ -1,4 +1,4 @@
-"""The three tables of the design: customers, campaigns and their outbound messages."""
+"""The tables: customers, campaigns and their outbound messages; API keys and idempotency keys."""
 
 from __future__ import annotations
 
@@ -122,3 +122,32 @@ class OutboundMessage(db.Model):
 
     campaign: Mapped[Campaign] = relationship(lazy="raise")
     customer: Mapped[Customer] = relationship(lazy="raise")
+
+
+class ApiKey(db.Model):
+    """A key for the API. Only the SHA-256 of the key is stored; the key itself is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class IdempotencyKey(db.Model):
+    """The first answer to a POST sent with an `Idempotency-Key`, per key owner.
+
+    `status_code` is null while the first request is in progress."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("owner", "key", name="uq_idempotency_keys_owner_key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

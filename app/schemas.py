@@ -12,12 +12,16 @@ MAX_PAGE = 1_000_000
 
 
 class Text(fields.String):
-    """A string PostgreSQL can store: no NUL characters."""
+    """A string PostgreSQL can store: no NUL characters, no lone surrogates (`"\\ud800"` in JSON)."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
         if "\x00" in text:
             raise ValidationError("Must not contain NUL characters.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("Must be valid Unicode (no lone surrogates).") from None
         return text
 
 
@@ -36,6 +40,15 @@ class UTCDateTime(fields.AwareDateTime):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return super()._serialize(value.astimezone(UTC) if value else value, attr, obj, **kwargs)
+
+
+class ErrorSchema(Schema):
+    """Every error the API answers (see `app.errors`)."""
+
+    code = fields.Integer(required=True, metadata={"description": "The HTTP status code."})
+    status = fields.String(required=True, metadata={"description": "The HTTP status phrase."})
+    message = fields.String(required=True, metadata={"description": "What went wrong, for a person."})
+    errors = fields.Dict(metadata={"description": "Per field or parameter, what is wrong with it."})
 
 
 class PageQuerySchema(Schema):

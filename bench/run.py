@@ -72,6 +72,7 @@ class Peak:
 class Bench:
     def __init__(self, drain_cap: int):
         self.drain_cap = drain_cap
+        self.next_phone = 10_000_000  # each size imports its own range of numbers
         self.env = {
             **os.environ,
             "DATABASE_URL": DATABASE_URL,
@@ -154,9 +155,10 @@ class Bench:
     def import_customers(self, size: int, tag: str) -> float:
         with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
             f.write("phone,first_name,last_name,location,preferred_product\n")
-            base = {"10000": 100_000_000, "100000": 200_000_000}.get(str(size), 300_000_000)
+            base = self.next_phone
+            self.next_phone += size
             for n in range(size):
-                f.write(f"+2547{(base + n) % 10**8:08d},First{n},Last{n},{tag},Product{n % 50}\n")
+                f.write(f"+2547{base + n:08d},First{n},Last{n},{tag},Product{n % 50}\n")
             path = f.name
         start = time.perf_counter()
         report = self.request("POST", "/customers/import", content_type="text/csv", stream_from=path)

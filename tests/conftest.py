@@ -5,11 +5,13 @@ A real service that cannot be reached fails the run; it is never skipped."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from flask_migrate import upgrade
 from redis import Redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from werkzeug.serving import make_server
 
 from app import clock as app_clock
 from app import create_app
@@ -57,8 +60,12 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+# The key the test client sends by default (see the `client` fixture).
+TEST_API_KEY = "test-key"
+
 TEST_OVERRIDES = {
     "TESTING": True,
+    "API_KEYS": [TEST_API_KEY],
     "RETRY_INTERVALS": [0, 0, 0],  # retries run at once, inside one burst
     "MOCK_SENDER_FAILURE_RATE": 0.0,
     "MOCK_SENDER_FAIL_ATTEMPTS": 0,
@@ -119,7 +126,11 @@ def database_uri(backend, request, tmp_path) -> str:
     uri = request.getfixturevalue("postgres_uri")
     engine = create_engine(uri)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE outbound_messages, campaigns, customers RESTART IDENTITY CASCADE"))
+        conn.execute(
+            text(
+                "TRUNCATE outbound_messages, campaigns, customers, api_keys, idempotency_keys RESTART IDENTITY CASCADE"
+            )
+        )
     engine.dispose()
     return uri
 
@@ -143,11 +154,22 @@ def send_log(tmp_path) -> Path:
 
 
 @pytest.fixture
-def app(database_uri, redis_conn, send_log):
-    """The app on a clean database and an empty Redis."""
+def rate_limit_storage(backend) -> str:
+    """Where the rate limiter counts: in memory, or in the real test Redis."""
+    return "memory://" if backend == "fast" else TEST_REDIS_URL
+
+
+@pytest.fixture
+def app(database_uri, redis_conn, send_log, rate_limit_storage):
+    """The app on a clean database and an empty Redis, accepting `TEST_API_KEY`."""
     app = create_app(
         "config.Config",
-        {**TEST_OVERRIDES, "SQLALCHEMY_DATABASE_URI": database_uri, "MOCK_SENDER_LOG": str(send_log)},
+        {
+            **TEST_OVERRIDES,
+            "SQLALCHEMY_DATABASE_URI": database_uri,
+            "MOCK_SENDER_LOG": str(send_log),
+            "RATELIMIT_STORAGE_URI": rate_limit_storage,
+        },
     )
     app.extensions["redis"] = redis_conn
     with app.app_context():
@@ -158,8 +180,29 @@ def app(database_uri, redis_conn, send_log):
 
 @pytest.fixture
 def client(app):
-    """A test client for the app."""
+    """A test client for the app that sends `TEST_API_KEY` unless a request says otherwise."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {TEST_API_KEY}"
+    return client
+
+
+@pytest.fixture
+def anonymous_client(app):
+    """A test client that sends no API key."""
     return app.test_client()
+
+
+@pytest.fixture
+def live_server(app):
+    """The app served over HTTP on a free local port (a threaded werkzeug server); yields its base URL."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log line per request
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
+    server.server_close()
 
 
 @pytest.fixture
@@ -211,24 +254,31 @@ def worker_env(app, send_log) -> dict:
         "RETRY_INTERVALS": "0,0,0",
         "MOCK_SENDER_LOG": str(send_log),
         "LOG_LEVEL": "WARNING",
+        "API_KEYS": TEST_API_KEY,
     }
 
 
 @pytest.fixture
-def spawn(worker_env):
+def spawn(worker_env, tmp_path):
     """Start a process of the service (`python worker.py`, `flask scheduler`) against the real
-    backend with extra settings; killed at the end of the test."""
+    backend with extra settings; killed at the end of the test, with any process it forked.
+
+    Its stderr goes to a file, read back through `proc.stderr`: a pipe nobody drains until the
+    process exits would block a chatty process once the pipe's 64 KB buffer is full."""
     started: list[subprocess.Popen] = []
 
     def start(args: list[str], **env) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=ROOT,
-            env={**worker_env, **{k: str(v) for k, v in env.items()}},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group: RQ's scheduler child goes down with it
-        )
+        log = tmp_path / f"stderr-{len(started)}.log"
+        with open(log, "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env={**worker_env, **{k: str(v) for k, v in env.items()}},
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # its own process group, RQ's forked scheduler included
+            )
+        proc.stderr = open(log, "rb")  # closed at teardown
         started.append(proc)
         return proc
 

@@ -1,6 +1,6 @@
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
+from app.blueprint import Blueprint
 from app.campaigns import service
 from app.campaigns.schemas import (
     CampaignDetailSchema,
@@ -13,7 +13,8 @@ from app.campaigns.schemas import (
     SendResultSchema,
     SendSchema,
 )
-from app.schemas import page_of
+from app.idempotency import idempotent
+from app.schemas import ErrorSchema, page_of
 
 bp = Blueprint("campaigns", __name__, url_prefix="/campaigns", description="Campaigns, sending and their messages")
 
@@ -28,6 +29,7 @@ class Campaigns(MethodView):
         """List campaigns, newest first"""
         return service.list_campaigns(**query)
 
+    @idempotent(bp)
     @bp.arguments(CampaignSchema)
     @bp.response(201, CampaignDetailSchema)
     def post(self, data):
@@ -38,24 +40,26 @@ class Campaigns(MethodView):
 @bp.route(CAMPAIGN)
 class CampaignById(MethodView):
     @bp.response(200, CampaignDetailSchema)
-    @bp.alt_response(404, description="Unknown campaign")
+    @bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
     def get(self, campaign_id):
         """Get a campaign with its message stats"""
         return service.with_stats(service.get_campaign(campaign_id))
 
     @bp.arguments(CampaignSchema(partial=True))
     @bp.response(200, CampaignDetailSchema)
-    @bp.alt_response(409, description="Campaign is no longer draft or scheduled")
+    @bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+    @bp.alt_response(409, schema=ErrorSchema, description="Campaign is no longer draft or scheduled")
     def patch(self, data, campaign_id):
         """Change a draft or scheduled campaign; `scheduled_at: null` unschedules it"""
         return service.update_campaign(campaign_id, data)
 
 
 @bp.route(CAMPAIGN + "/send", methods=["POST"])
+@idempotent(bp)
 @bp.arguments(SendSchema)
 @bp.response(202, SendResultSchema)
-@bp.alt_response(404, description="Unknown campaign")
-@bp.alt_response(409, description="Campaign already finished")
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+@bp.alt_response(409, schema=ErrorSchema, description="Campaign already finished, or Idempotency-Key conflict")
 def send(data, campaign_id):
     """Send the campaign to customers (ids, or an audience)"""
     return service.send_campaign(campaign_id, **data)
@@ -64,7 +68,7 @@ def send(data, campaign_id):
 @bp.route(CAMPAIGN + "/personalized-preview", methods=["POST"])
 @bp.arguments(PreviewRequestSchema)
 @bp.response(200, PreviewSchema)
-@bp.alt_response(404, description="Unknown campaign or customer")
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign or customer")
 def personalized_preview(data, campaign_id):
     """Render the campaign for one customer; stores and queues nothing"""
     return service.preview(campaign_id, data["customer_id"])
@@ -73,7 +77,7 @@ def personalized_preview(data, campaign_id):
 @bp.route(CAMPAIGN + "/messages")
 @bp.arguments(MessageQuerySchema, location="query")
 @bp.response(200, page_of(MessageSchema))
-@bp.alt_response(404, description="Unknown campaign")
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
 def messages(query, campaign_id):
     """List the campaign's outbound messages, newest first"""
     return service.list_messages(campaign_id, **query)

@@ -2,13 +2,14 @@ import io
 
 from flask import current_app, request
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
+from app.blueprint import Blueprint
 from app.customers import service
 from app.customers.importer import COLUMNS, import_customers
 from app.customers.schemas import CustomerQuerySchema, CustomerSchema, ImportReportSchema
 from app.errors import ValidationFailed
-from app.schemas import page_of
+from app.idempotency import idempotent
+from app.schemas import ErrorSchema, page_of
 
 bp = Blueprint("customers", __name__, url_prefix="/customers", description="Customers who receive campaigns")
 
@@ -21,9 +22,10 @@ class Customers(MethodView):
         """List customers, newest first"""
         return service.list_customers(**query)
 
+    @idempotent(bp)
     @bp.arguments(CustomerSchema)
     @bp.response(201, CustomerSchema)
-    @bp.alt_response(409, description="Phone already taken")
+    @bp.alt_response(409, schema=ErrorSchema, description="Phone already taken, or Idempotency-Key conflict")
     def post(self, data):
         """Create a customer"""
         return service.create_customer(data)
@@ -32,17 +34,22 @@ class Customers(MethodView):
 @bp.route("/<int(max=2147483647):customer_id>")
 class CustomerById(MethodView):
     @bp.response(200, CustomerSchema)
+    @bp.alt_response(404, schema=ErrorSchema, description="Unknown customer")
     def get(self, customer_id):
         """Get a customer"""
         return service.get_customer(customer_id)
 
     @bp.arguments(CustomerSchema(partial=True))
     @bp.response(200, CustomerSchema)
+    @bp.alt_response(404, schema=ErrorSchema, description="Unknown customer")
+    @bp.alt_response(409, schema=ErrorSchema, description="Phone already taken")
     def patch(self, data, customer_id):
         """Change some fields of a customer"""
         return service.update_customer(customer_id, data)
 
     @bp.response(204)
+    @bp.alt_response(404, schema=ErrorSchema, description="Unknown customer")
+    @bp.alt_response(409, schema=ErrorSchema, description="The customer has messages in campaigns")
     def delete(self, customer_id):
         """Delete a customer who has no messages"""
         service.delete_customer(customer_id)
@@ -69,6 +76,7 @@ CSV_BODY = {
 @bp.route("/import", methods=["POST"])
 @bp.doc(requestBody=CSV_BODY)
 @bp.response(200, ImportReportSchema)
+@bp.alt_response(422, schema=ErrorSchema, description="Not CSV, or a bad header line; nothing imported")
 def import_csv():
     """Create or update customers from CSV (upsert by phone); bad rows are reported, good rows kept"""
     request.max_content_length = current_app.config["IMPORT_MAX_CONTENT_LENGTH"]

@@ -120,7 +120,7 @@ def send_outbound_message(message_id: int) -> str:
         log.info("send attempt failed; RQ will retry", extra={**extra, "error": result.error})
         raise SendAttemptFailed(f"message {message_id}: {result.error}")
     dispatch.finalize_campaign(row.campaign_id)
-    log.debug("message recorded", extra=extra)
+    log.info("message %s", status, extra=extra)
     return status
 
 

@@ -4,7 +4,8 @@ It runs every `RECONCILE_INTERVAL` seconds and
 1. dispatches due `scheduled` campaigns that nothing dispatched (scheduler down, Redis flushed);
 2. re-enqueues pending messages of `sending` campaigns untouched for `STALE_AFTER` seconds whose job
    is not waiting in Redis (a crash between commit and enqueue, a flushed Redis, a killed worker);
-3. finalizes `sending` campaigns with nothing pending.
+3. finalizes `sending` campaigns with nothing pending;
+4. deletes idempotency keys older than `IDEMPOTENCY_TTL`.
 It works in batches and is safe beside workers and beside itself: a message a worker is sending holds
 its row lock and is skipped here, and a job that runs twice does not send twice.
 """
@@ -22,6 +23,7 @@ from sqlalchemy import exists, select, update
 
 from app import clock
 from app.extensions import db, get_queue, get_redis
+from app.idempotency import purge_expired
 from app.messaging import dispatch
 from app.models import Campaign, CampaignStatus, MessageStatus, OutboundMessage
 
@@ -36,6 +38,7 @@ class ReconcileReport:
     dispatched: list[int] = field(default_factory=list)
     requeued: int = 0
     finalized: dict[int, str] = field(default_factory=dict)
+    expired_idempotency_keys: int = 0
 
 
 def dispatch_due_campaigns() -> list[int]:
@@ -105,7 +108,7 @@ def requeue_stale_messages(campaign_id: int) -> int:
 
 
 def reconcile() -> ReconcileReport:
-    """One pass of the three steps above."""
+    """One pass of the four steps above."""
     report = ReconcileReport(dispatched=dispatch_due_campaigns())
     sending = db.session.scalars(select(Campaign.id).where(Campaign.status == CampaignStatus.SENDING)).all()
     db.session.commit()
@@ -123,9 +126,15 @@ def reconcile() -> ReconcileReport:
             status = dispatch.finalize_campaign(campaign_id)
             if status:
                 report.finalized[campaign_id] = status
-    if report.dispatched or report.requeued or report.finalized:
+    report.expired_idempotency_keys = purge_expired()
+    if report.dispatched or report.requeued or report.finalized or report.expired_idempotency_keys:
         log.info(
             "reconciled",
-            extra={"dispatched": report.dispatched, "requeued": report.requeued, "finalized": report.finalized},
+            extra={
+                "dispatched": report.dispatched,
+                "requeued": report.requeued,
+                "finalized": report.finalized,
+                "expired_idempotency_keys": report.expired_idempotency_keys,
+            },
         )
     return report

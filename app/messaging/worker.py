@@ -12,6 +12,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from app.extensions import db
+from app.logs import worker_job_id
 
 
 class AppWorker(SimpleWorker):
@@ -21,11 +22,13 @@ class AppWorker(SimpleWorker):
     app: Flask
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        token = worker_job_id.set(job.id)
         with self.app.app_context():
             try:
                 super().execute_job(job, queue)
             finally:
                 db.session.remove()
+                worker_job_id.reset(token)
 
 
 def build_worker(app: Flask, queue_names: list[str] | None = None, **kwargs) -> AppWorker:

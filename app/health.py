@@ -1,0 +1,75 @@
+"""`GET /health`: the state of the database, Redis, the queues and the workers, for load balancers
+and operators. Needs no API key; 503 when the database or Redis is down."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flask import current_app
+from flask.views import MethodView
+from marshmallow import Schema, fields
+from rq import Queue, Worker
+from sqlalchemy import text
+
+from app.blueprint import Blueprint
+from app.extensions import db, get_redis
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("health", __name__, description="Service health")
+
+
+class DependencySchema(Schema):
+    ok = fields.Boolean(required=True)
+    error = fields.String(metadata={"description": "Why it is not ok (no internals)."})
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, metadata={"enum": ["ok", "unavailable"]})
+    database = fields.Nested(DependencySchema, required=True)
+    redis = fields.Nested(DependencySchema, required=True)
+    queue_depth = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "Jobs waiting in the worker's queues."}
+    )
+    workers = fields.Integer(required=True, allow_none=True, metadata={"description": "Live RQ workers."})
+
+
+def _check(name: str, probe: Callable[[], object]) -> dict:
+    try:
+        probe()
+    except Exception:  # noqa: BLE001 - any failure means down; the log has the details, the client does not
+        log.warning("health check failed", extra={"dependency": name}, exc_info=True)
+        return {"ok": False, "error": f"{name} unreachable"}
+    return {"ok": True}
+
+
+def _ping_database() -> None:
+    with db.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def service_health() -> dict:
+    """The state of each dependency; `status` is `ok` only when the database and Redis both answer."""
+    redis = get_redis()
+    state = {"database": _check("database", _ping_database), "redis": _check("redis", redis.ping)}
+    queue_depth = workers = None
+    if state["redis"]["ok"]:
+        try:
+            queue_depth = sum(Queue(name, connection=redis).count for name in current_app.config["QUEUES"])
+            workers = Worker.count(connection=redis)
+        except Exception:  # noqa: BLE001 - Redis went away between the ping and the counts
+            log.warning("health: could not count queues or workers", exc_info=True)
+    ok = state["database"]["ok"] and state["redis"]["ok"]
+    return {"status": "ok" if ok else "unavailable", **state, "queue_depth": queue_depth, "workers": workers}
+
+
+@bp.route("/health", endpoint="health")
+class Health(MethodView):
+    @bp.doc(security=[])
+    @bp.response(200, HealthSchema)
+    @bp.alt_response(503, schema=HealthSchema, description="The database or Redis is down")
+    def get(self):
+        """Health of the service and its dependencies (no API key needed)"""
+        health = service_health()
+        return health, 200 if health["status"] == "ok" else 503

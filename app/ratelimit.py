@@ -1,0 +1,31 @@
+"""Per-API-key rate limiting of the whole API (Flask-Limiter, counted in Redis).
+
+One budget of `API_RATE_LIMIT` per API key across all endpoints; a request without a valid key
+counts against its client address. Over the budget: 429 in the one error shape, with `Retry-After`.
+The public endpoints (health, OpenAPI document, docs) are not limited.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, Response, request
+
+from app.auth import PUBLIC_ENDPOINTS
+from app.extensions import limiter
+
+
+@limiter.request_filter
+def _is_public() -> bool:
+    return request.endpoint in PUBLIC_ENDPOINTS
+
+
+def _retry_after_only_when_limited(response: Response) -> Response:
+    # Flask-Limiter adds Retry-After to every response; it means something only on a 429.
+    if response.status_code != 429:
+        response.headers.pop("Retry-After", None)
+    return response
+
+
+def init_app(app: Flask) -> None:
+    # Flask runs after_request hooks in reverse order: registered first, this runs after the limiter's.
+    app.after_request(_retry_after_only_when_limited)
+    limiter.init_app(app)

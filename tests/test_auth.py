@@ -1,0 +1,144 @@
+"""API keys: who gets in, the `flask api-keys` commands, and the production start-up check."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app.auth import hash_key
+from app.extensions import db
+from app.models import ApiKey
+from tests.conftest import ROOT, TEST_API_KEY, TEST_DATABASE_URL
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("get", "/customers"),
+        ("post", "/customers"),
+        ("get", "/customers/1"),
+        ("delete", "/customers/1"),
+        ("get", "/campaigns"),
+        ("post", "/campaigns/1/send"),
+        ("get", "/campaigns/1/messages"),
+        ("get", "/no-such-page"),
+    ],
+)
+def test_every_endpoint_needs_a_key(anonymous_client, method, path):
+    response = getattr(anonymous_client, method)(path, json={})
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    body = response.get_json()
+    assert body["code"] == 401 and body["status"] == "Unauthorized"
+    assert "Bearer" in body["message"]
+
+
+@pytest.mark.parametrize("header", ["Bearer wrong", "Bearer", f"Basic {TEST_API_KEY}", TEST_API_KEY, "Bearer  "])
+def test_wrong_key_or_scheme_is_401(anonymous_client, header):
+    assert anonymous_client.get("/customers", headers={"Authorization": header}).status_code == 401
+
+
+def test_bearer_scheme_is_case_insensitive(anonymous_client):
+    assert anonymous_client.get("/customers", headers={"Authorization": f"bearer {TEST_API_KEY}"}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/health", "/openapi.json", "/docs", "/docs/assets/swagger-ui-bundle.js"])
+def test_health_and_docs_need_no_key(anonymous_client, path):
+    assert anonymous_client.get(path).status_code == 200
+
+
+def test_created_key_works_until_revoked(runner, anonymous_client):
+    result = runner.invoke(args=["api-keys", "create", "billing"])
+    assert result.exit_code == 0, result.output
+    key = result.output.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    assert anonymous_client.get("/customers", headers=headers).status_code == 200
+
+    listed = runner.invoke(args=["api-keys", "list"]).output
+    assert "billing" in listed and "active" in listed and key not in listed
+
+    assert runner.invoke(args=["api-keys", "revoke", "billing"]).exit_code == 0
+    assert anonymous_client.get("/customers", headers=headers).status_code == 401
+    assert "revoked" in runner.invoke(args=["api-keys", "list"]).output
+
+
+def test_only_the_hash_of_a_key_is_stored(runner):
+    key = runner.invoke(args=["api-keys", "create", "ops"]).output.strip()
+    row = db.session.scalar(db.select(ApiKey).where(ApiKey.name == "ops"))
+    assert row.key_hash == hash_key(key) and len(row.key_hash) == 64
+    assert key not in (row.key_hash, row.name)
+
+
+def test_key_names_are_unique_and_revoke_needs_a_known_name(runner):
+    assert runner.invoke(args=["api-keys", "create", "ops"]).exit_code == 0
+    again = runner.invoke(args=["api-keys", "create", "ops"])
+    assert again.exit_code != 0 and "exists" in again.output
+    unknown = runner.invoke(args=["api-keys", "revoke", "nobody"])
+    assert unknown.exit_code != 0 and "nobody" in unknown.output
+
+
+def test_flask_up_key_is_usable_and_replaces_the_previous_one(app, anonymous_client):
+    from app.cli import local_api_key
+
+    app.config["API_KEYS"] = []
+    first = local_api_key()
+    second = local_api_key()
+    assert first != second
+    assert anonymous_client.get("/customers", headers={"Authorization": f"Bearer {second}"}).status_code == 200
+    assert anonymous_client.get("/customers", headers={"Authorization": f"Bearer {first}"}).status_code == 401
+
+
+def test_flask_up_prints_the_configured_key_when_there_is_one(app):
+    from app.cli import local_api_key
+
+    assert local_api_key() == TEST_API_KEY
+    assert db.session.scalar(db.select(db.func.count()).select_from(ApiKey)) == 0
+
+
+def _start_production_app(database_url: str, **env) -> subprocess.CompletedProcess:
+    """Import `wsgi` (what gunicorn loads) in a fresh process with production settings."""
+    environment = {k: v for k, v in os.environ.items() if k != "API_KEYS"}
+    environment.update(DATABASE_URL=database_url, REDIS_URL="redis://127.0.0.1:6379/13", **env)
+    return subprocess.run(
+        [sys.executable, "-c", "import wsgi"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
+    )
+
+
+def _database_url(app) -> str:
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    return TEST_DATABASE_URL if uri.startswith("postgresql") else uri
+
+
+def test_production_refuses_to_start_without_a_key(app):
+    result = _start_production_app(_database_url(app))
+    assert result.returncode != 0
+    assert "no API key configured" in result.stderr
+
+
+def test_production_starts_with_a_key_from_the_environment(app):
+    result = _start_production_app(_database_url(app), API_KEYS="k1,k2")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_production_starts_with_a_key_in_the_database(app, runner):
+    assert runner.invoke(args=["api-keys", "create", "web"]).exit_code == 0
+    result = _start_production_app(_database_url(app))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_production_settings_let_cli_commands_run_without_a_key(app):
+    """An operator migrates and creates the first key with the same settings as the web process."""
+    environment = {k: v for k, v in os.environ.items() if k != "API_KEYS"}
+    environment.update(DATABASE_URL=_database_url(app), REDIS_URL="redis://127.0.0.1:6379/13")
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "api-keys", "create", "first"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    key = result.stdout.strip()
+    assert db.session.scalar(db.select(ApiKey.key_hash).where(ApiKey.name == "first")) == hash_key(key)
