@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     BigInteger,
     DateTime,
-    ForeignKey,
     Index,
     Integer,
     String,
@@ -15,7 +14,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column
 
 from app import clock
 from app.extensions import db
@@ -111,17 +110,17 @@ class OutboundMessage(db.Model):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
-    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="RESTRICT"), index=True)
+    # No foreign keys, on purpose: their per-row checks doubled the cost of a 100k-row send. Rows are
+    # only created by INSERT ... SELECT FROM customers under the campaign's row lock, a customer with
+    # messages cannot be deleted through the API, and the send job fails a message whose customer is gone.
+    campaign_id: Mapped[int] = mapped_column(Integer)
+    customer_id: Mapped[int] = mapped_column(Integer, index=True)
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING)
     rendered_content: Mapped[str | None] = mapped_column(Text)
     last_error: Mapped[str | None] = mapped_column(Text)
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
-
-    campaign: Mapped[Campaign] = relationship(lazy="raise")
-    customer: Mapped[Customer] = relationship(lazy="raise")
 
 
 class ApiKey(db.Model):

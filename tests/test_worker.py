@@ -226,3 +226,19 @@ def test_two_finalizers_at_once_end_the_campaign_once(client, app):
     for t in threads:
         t.join()
     assert sorted(results, key=str) == [None, "sent"]
+
+
+def test_message_whose_customer_is_gone_fails_and_the_campaign_ends(client, app, work, send_log):
+    ids = make_customers(2)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    # Deleted behind the API's back (the API refuses while messages exist).
+    db.session.execute(text("DELETE FROM customers WHERE id = :id"), {"id": ids[0]})
+    db.session.commit()
+    work()
+    rows = {m["customer_id"]: m for m in messages(client, campaign.id)}
+    assert rows[ids[0]]["status"] == "failed"
+    assert rows[ids[0]]["last_error"] == "the customer no longer exists"
+    assert rows[ids[1]]["status"] == "sent"
+    assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent"
+    assert len(read_send_log(send_log)) == 1

@@ -42,7 +42,7 @@ _LOAD_FOR_SEND = (
         Customer.preferred_product,
     )
     .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
-    .join(Customer, Customer.id == OutboundMessage.customer_id)
+    .outerjoin(Customer, Customer.id == OutboundMessage.customer_id)
     .where(OutboundMessage.id == bindparam("message_id"))
     # Two workers never send one message at once: the second skips the row the first holds.
     .with_for_update(of=OutboundMessage, skip_locked=True)
@@ -80,6 +80,9 @@ def send_outbound_message(message_id: int) -> str:
         # The run that recorded it may have died before the completion step.
         dispatch.finalize_campaign(row.campaign_id)
         return f"skipped: already {row.status}"
+
+    if row.phone is None:
+        return _record_final(message_id, row.campaign_id, row.retry_count, "the customer no longer exists")
 
     body = render(row.base_template, row._mapping)
     outgoing = OutgoingMessage(
@@ -122,6 +125,25 @@ def send_outbound_message(message_id: int) -> str:
     dispatch.finalize_campaign(row.campaign_id)
     log.info("message %s", status, extra=extra)
     return status
+
+
+def _record_final(message_id: int, campaign_id: int, retry_count: int, error: str) -> str:
+    """Fail a message that can never be sent, without an attempt, and complete its campaign."""
+    db.session.connection().execute(
+        _RECORD_ATTEMPT,
+        {
+            "message_id": message_id,
+            "new_status": MessageStatus.FAILED,
+            "body": None,
+            "error": error,
+            "retries_used": retry_count,
+            "now": clock.now(),
+        },
+    )
+    db.session.commit()
+    dispatch.finalize_campaign(campaign_id)
+    log.warning("message failed: %s", error, extra={"campaign_id": campaign_id, "message_id": message_id})
+    return MessageStatus.FAILED
 
 
 def enqueue_campaign_range(campaign_id: int, first_id: int, last_id: int) -> str:
