@@ -242,3 +242,24 @@ def test_message_whose_customer_is_gone_fails_and_the_campaign_ends(client, app,
     assert rows[ids[1]]["status"] == "sent"
     assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent"
     assert len(read_send_log(send_log)) == 1
+
+
+def test_a_job_that_crashes_does_not_stop_the_worker(client, app, work, monkeypatch, send_log):
+    from app.messaging import jobs
+
+    ids = make_customers(3)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    real_render, calls = jobs.render, {"n": 0}
+
+    def crash_once(template, fields):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the job")  # escapes the job: RQ records it and retries
+        return real_render(template, fields)
+
+    monkeypatch.setattr(jobs, "render", crash_once)
+    work()
+    detail = client.get(f"/campaigns/{campaign.id}").get_json()
+    assert (detail["status"], detail["stats"]["sent"]) == ("sent", 3)
+    assert len(read_send_log(send_log)) == 3

@@ -195,12 +195,8 @@ _PENDING_EXISTS = select(
 
 def _pending_exists_now(campaign_id: int) -> bool:
     """Whether the campaign has a pending message, read outside any transaction (one round trip)."""
-    db.session.commit()
-    conn = db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    try:
+    with db.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
         return bool(conn.scalar(_PENDING_EXISTS, {"campaign_id": campaign_id}))
-    finally:
-        db.session.commit()  # hands the connection back with its isolation level restored
 
 
 def finalize_campaign(campaign_id: int) -> str | None:
