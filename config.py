@@ -63,6 +63,7 @@ class Config:
     MAX_RETRIES = 3
     RETRY_INTERVALS = int_list(os.environ.get("RETRY_INTERVALS", "10,30,60"))
     JOB_TIMEOUT = _int("JOB_TIMEOUT", 60)
+    JOB_RESULT_TTL = _int("JOB_RESULT_TTL", 10)
     ENQUEUE_BATCH_SIZE = _int("ENQUEUE_BATCH_SIZE", 1000)
     # A /send that creates more rows than this enqueues them from a background fan-out job.
     ENQUEUE_INLINE_LIMIT = _int("ENQUEUE_INLINE_LIMIT", 1000)

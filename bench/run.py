@@ -8,7 +8,8 @@ with an audience (`POST /campaigns/{id}/send`), waits until every job is in Redi
 queue with 1 and with 2 `python worker.py` processes. Beside each figure it measures the floor on the
 same machine in the same run: PostgreSQL `INSERT ... SELECT` of as many rows, RQ `enqueue_many` of as
 many no-op jobs, and the drain rate of RQ's own `SimpleWorker` (and of its forking `Worker`) on no-op
-jobs. Drain rates are measured over at most `--drain-cap` messages per run (steady state).
+jobs, enqueued with the same RQ options as send jobs (so the floor differs from ours only in the job body).
+Drain rates are measured over at most `--drain-cap` messages per run (steady state), counted in Redis.
 
 Settings: BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/campaigns_bench; dropped
 and recreated) and BENCH_REDIS_URL (default redis://127.0.0.1:6379/12; flushed).
@@ -30,7 +31,7 @@ from pathlib import Path
 import psutil
 import psycopg
 from redis import Redis
-from rq import Queue
+from rq import Queue, Retry
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/campaigns_bench")
@@ -38,6 +39,13 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 QUEUE = "campaign_sends"
 CONTROL_QUEUE = "campaign_control"
 NOOP_QUEUE = "bench_noop"
+
+
+def noop_job():
+    """A no-op job enqueued with the same options as a send job: the floor differs only in the job body."""
+    return Queue.prepare_data(
+        "builtins.len", args=("",), result_ttl=10, timeout=60, retry=Retry(max=3, interval=[10, 30, 60])
+    )
 
 
 def log(message: str) -> None:
@@ -247,9 +255,7 @@ class Bench:
         queue = Queue(NOOP_QUEUE, connection=self.redis)
         start = time.perf_counter()
         for offset in range(0, size, 1000):
-            batch = [
-                Queue.prepare_data("builtins.len", args=("",), result_ttl=0) for _ in range(min(1000, size - offset))
-            ]
+            batch = [noop_job() for _ in range(min(1000, size - offset))]
             with self.redis.pipeline() as pipe:
                 queue.enqueue_many(batch, pipeline=pipe)
                 pipe.execute()
