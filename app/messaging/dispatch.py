@@ -252,10 +252,13 @@ def start_due_campaign(campaign_id: int, now: datetime | None = None) -> bool:
     return result.rowcount == 1
 
 
-def dispatch_campaign(campaign_id: int) -> str:
-    """Start a due scheduled campaign and enqueue all its pending messages. Idempotent."""
-    if not start_due_campaign(campaign_id):
-        return "not due, or already dispatched"
+def dispatch_campaign(campaign_id: int, now: datetime | None = None) -> int | None:
+    """Start a due scheduled campaign and enqueue all its pending messages; one with none ends
+    `failed` at once. Idempotent: returns how many were queued, or None when it was not due or was
+    already dispatched."""
+    if not start_due_campaign(campaign_id, now):
+        return None
     queued = enqueue_messages(pending_messages(campaign_id))
-    finalized = finalize_campaign(campaign_id) if not queued else None
-    return f"dispatched: {queued} queued" + (f", ended {finalized}" if finalized else "")
+    if not queued:
+        finalize_campaign(campaign_id)
+    return queued

@@ -11,6 +11,7 @@ from sqlalchemy import bindparam, func, select, update
 from app import clock
 from app.extensions import db
 from app.messaging import dispatch
+from app.messaging.reconcile import reconcile as reconcile_pass
 from app.messaging.senders import OutgoingMessage, SendResult, get_sender
 from app.messaging.templates import render
 from app.models import Campaign, Customer, MessageStatus, OutboundMessage
@@ -156,12 +157,11 @@ def enqueue_campaign_range(campaign_id: int, first_id: int, last_id: int) -> str
 
 def dispatch_campaign(campaign_id: int) -> str:
     """The scheduler's trigger at a campaign's `scheduled_at`: start it and enqueue its messages."""
-    return dispatch.dispatch_campaign(campaign_id)
+    queued = dispatch.dispatch_campaign(campaign_id)
+    return "not due, or already dispatched" if queued is None else f"dispatched: {queued} queued"
 
 
 def reconcile() -> str:
     """The periodic self-healing pass (see `app.messaging.reconcile`)."""
-    from app.messaging.reconcile import reconcile as run
-
-    report = run()
+    report = reconcile_pass()
     return f"dispatched {report.dispatched}, requeued {report.requeued}, finalized {report.finalized}"

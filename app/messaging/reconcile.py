@@ -47,12 +47,7 @@ def dispatch_due_campaigns() -> list[int]:
         select(Campaign.id).where(Campaign.status == CampaignStatus.SCHEDULED, Campaign.scheduled_at <= now)
     ).all()
     db.session.commit()
-    dispatched = []
-    for campaign_id in due:
-        if dispatch.start_due_campaign(campaign_id, now):
-            dispatch.enqueue_messages(dispatch.pending_messages(campaign_id))
-            dispatched.append(campaign_id)
-    return dispatched
+    return [campaign_id for campaign_id in due if dispatch.dispatch_campaign(campaign_id, now) is not None]
 
 
 def _jobs_waiting(message_ids: list[int]) -> list[bool]:
