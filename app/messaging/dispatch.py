@@ -15,11 +15,12 @@ from datetime import datetime
 
 from flask import current_app
 from rq import Queue, Retry
-from sqlalchemy import ColumnElement, and_, bindparam, exists, func, literal, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app import clock
 from app.extensions import db, get_control_queue, get_queue, get_redis
+from app.messaging.message_store import pending_exists_now
 from app.models import Campaign, CampaignStatus, Customer, MessageStatus, OutboundMessage
 
 SEND_JOB = "app.messaging.jobs.send_outbound_message"
@@ -188,28 +189,16 @@ def _has_messages(campaign_id: int, status: str | None = None) -> bool:
     return bool(db.session.scalar(select(exists().where(and_(*cond)))))
 
 
-_PENDING_EXISTS = select(
-    exists().where(
-        OutboundMessage.campaign_id == bindparam("campaign_id"), OutboundMessage.status == MessageStatus.PENDING
-    )
-)
-
-
-def _pending_exists_now(campaign_id: int) -> bool:
-    """Whether the campaign has a pending message, read outside any transaction (one round trip)."""
-    with db.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
-        return bool(conn.scalar(_PENDING_EXISTS, {"campaign_id": campaign_id}))
-
-
-def finalize_campaign(campaign_id: int) -> str | None:
+def finalize_campaign(campaign_id: int, pending_checked: bool = False) -> str | None:
     """If the `sending` campaign has no pending message left, end it: `sent` when at least one message
     was sent, else `failed` with the reason. Returns the new status, or None when nothing changed.
 
-    Call after the commit of the message that may have been the last. Safe when several workers
+    Call after the commit of the message that may have been the last (`pending_checked` when the
+    caller has just seen, after that commit, that nothing is pending). Safe when several workers
     finish the last messages at once: the campaign row is locked before the final count, so the count
     sees every commit that came before, and only one caller moves it out of `sending`.
     """
-    if _pending_exists_now(campaign_id):
+    if not pending_checked and pending_exists_now(campaign_id):
         return None  # the common case: one indexed lookup, no lock, no transaction
     locked = db.session.scalar(
         select(Campaign.id)

@@ -6,15 +6,14 @@ import logging
 
 from flask import current_app
 from rq import get_current_job
-from sqlalchemy import bindparam, func, select, update
 
 from app import clock
-from app.extensions import db
 from app.messaging import dispatch
+from app.messaging.message_store import open_store
 from app.messaging.reconcile import reconcile as reconcile_pass
 from app.messaging.senders import OutgoingMessage, SendResult, get_sender
 from app.messaging.templates import render
-from app.models import Campaign, Customer, MessageStatus, OutboundMessage
+from app.models import MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -28,123 +27,79 @@ def _rq_will_retry() -> bool:
     return bool(job is not None and job.retries_left)
 
 
-# Built once: the hot path only binds parameters (SQLAlchemy's compiled cache does the rest).
-_LOAD_FOR_SEND = (
-    select(
-        OutboundMessage.status,
-        OutboundMessage.retry_count,
-        OutboundMessage.campaign_id,
-        Campaign.channel,
-        Campaign.base_template,
-        Customer.phone,
-        Customer.first_name,
-        Customer.last_name,
-        Customer.location,
-        Customer.preferred_product,
-    )
-    .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
-    .outerjoin(Customer, Customer.id == OutboundMessage.customer_id)
-    .where(OutboundMessage.id == bindparam("message_id"))
-    # Two workers never send one message at once: the second skips the row the first holds.
-    .with_for_update(of=OutboundMessage, skip_locked=True)
-)
-_RECORD_ATTEMPT = (
-    update(OutboundMessage)
-    .where(OutboundMessage.id == bindparam("message_id"))
-    .values(
-        status=bindparam("new_status"),
-        rendered_content=bindparam("body"),
-        last_error=func.coalesce(bindparam("error"), OutboundMessage.last_error),  # a success keeps the history
-        retry_count=bindparam("retries_used"),
-        updated_at=bindparam("now"),
-    )
-)
-
-
 def send_outbound_message(message_id: int) -> str:
     """Render and send one pending message, record the result and commit.
 
     A message that is not pending (already sent, or failed for good) is left alone, and a message whose
     row another worker holds is skipped: a job that runs twice never sends twice. A failed attempt that
     RQ will retry leaves the message pending with `retry_count` + 1, then raises so that RQ retries;
-    the last failed attempt marks it `failed`. Database work: one locked read, one update, one commit,
-    and the completion check.
+    the last failed attempt marks it `failed`. Database work: a locked read, then the update, its
+    commit and the completion check (two round trips on PostgreSQL, see `message_store`).
     """
-    # Core on the session's connection: none of the ORM's bookkeeping on the hot path.
-    conn = db.session.connection()
-    row = conn.execute(_LOAD_FOR_SEND, {"message_id": message_id}).one_or_none()
-    if row is None:
-        db.session.rollback()
-        return "skipped: missing, or being sent by another worker"
-    if row.status != MessageStatus.PENDING:
-        db.session.rollback()
-        # The run that recorded it may have died before the completion step.
-        dispatch.finalize_campaign(row.campaign_id)
-        return f"skipped: already {row.status}"
-
-    if row.phone is None:
-        return _record_final(message_id, row.campaign_id, row.retry_count, "the customer no longer exists")
-
-    body = render(row.base_template, row._mapping)
-    outgoing = OutgoingMessage(
-        message_id=message_id,
-        campaign_id=row.campaign_id,
-        channel=row.channel,
-        phone=row.phone,
-        body=body,
-        attempt=row.retry_count + 1,
-    )
+    store = open_store()
     try:
-        result = get_sender(current_app._get_current_object()).send(outgoing)
-    except Exception as exc:  # noqa: BLE001 - a provider timeout or crash is a failed attempt like any other
-        log.warning("sender raised", extra={"campaign_id": row.campaign_id, "message_id": message_id}, exc_info=True)
-        result = SendResult(False, f"sender error: {type(exc).__name__}: {exc}"[:1000])
-
-    will_retry = not result.ok and _rq_will_retry()
-    if result.ok:
-        status, retries_used = MessageStatus.SENT, row.retry_count
-    elif will_retry:
-        status, retries_used = MessageStatus.PENDING, row.retry_count + 1
-    else:
-        status, retries_used = MessageStatus.FAILED, row.retry_count
-    conn.execute(
-        _RECORD_ATTEMPT,
-        {
-            "message_id": message_id,
-            "new_status": status,
-            "body": body,
-            "error": None if result.ok else result.error,
-            "retries_used": retries_used,
-            "now": clock.now(),
-        },
-    )
-    db.session.commit()
-    extra = {"campaign_id": row.campaign_id, "message_id": message_id, "status": status}
+        row = store.load(message_id)
+        if row is None:
+            return "skipped: missing, or being sent by another worker"
+        campaign_id = row["campaign_id"]
+        if row["status"] != MessageStatus.PENDING:
+            store.close()
+            # The run that recorded it may have died before the completion step.
+            dispatch.finalize_campaign(campaign_id)
+            return f"skipped: already {row['status']}"
+        status, retries_used, body, error, will_retry = _attempt_and_decide(message_id, row)
+        pending_left = store.record(
+            {
+                "message_id": message_id,
+                "campaign_id": campaign_id,
+                "new_status": status,
+                "body": body,
+                "error": error,
+                "retries_used": retries_used,
+                "now": clock.now(),
+            }
+        )
+    finally:
+        store.close()
+    extra = {"campaign_id": campaign_id, "message_id": message_id, "status": status}
     if will_retry:
-        log.info("send attempt failed; RQ will retry", extra={**extra, "error": result.error})
-        raise SendAttemptFailed(f"message {message_id}: {result.error}")
-    dispatch.finalize_campaign(row.campaign_id)
+        log.info("send attempt failed; RQ will retry", extra={**extra, "error": error})
+        raise SendAttemptFailed(f"message {message_id}: {error}")
+    if not pending_left:
+        dispatch.finalize_campaign(campaign_id, pending_checked=True)
     log.info("message %s", status, extra=extra)
     return status
 
 
-def _record_final(message_id: int, campaign_id: int, retry_count: int, error: str) -> str:
-    """Fail a message that can never be sent, without an attempt, and complete its campaign."""
-    db.session.connection().execute(
-        _RECORD_ATTEMPT,
-        {
-            "message_id": message_id,
-            "new_status": MessageStatus.FAILED,
-            "body": None,
-            "error": error,
-            "retries_used": retry_count,
-            "now": clock.now(),
-        },
+def _attempt_and_decide(message_id: int, row: dict) -> tuple[str, int, str | None, str | None, bool]:
+    """Send the message (unless its customer is gone) and decide what to record:
+    `(status, retries used, body, error, whether RQ retries)`."""
+    if row["phone"] is None:
+        return MessageStatus.FAILED, row["retry_count"], None, "the customer no longer exists", False
+    body = render(row["base_template"], row)
+    result = _attempt(message_id, row, body)
+    if result.ok:
+        return MessageStatus.SENT, row["retry_count"], body, None, False
+    if _rq_will_retry():
+        return MessageStatus.PENDING, row["retry_count"] + 1, body, result.error, True
+    return MessageStatus.FAILED, row["retry_count"], body, result.error, False
+
+
+def _attempt(message_id: int, row: dict, body: str) -> SendResult:
+    """One call to the sender; an exception from it (a provider timeout) is a failed attempt."""
+    outgoing = OutgoingMessage(
+        message_id=message_id,
+        campaign_id=row["campaign_id"],
+        channel=row["channel"],
+        phone=row["phone"],
+        body=body,
+        attempt=row["retry_count"] + 1,
     )
-    db.session.commit()
-    dispatch.finalize_campaign(campaign_id)
-    log.warning("message failed: %s", error, extra={"campaign_id": campaign_id, "message_id": message_id})
-    return MessageStatus.FAILED
+    try:
+        return get_sender(current_app._get_current_object()).send(outgoing)
+    except Exception as exc:  # noqa: BLE001 - a provider timeout or crash is a failed attempt like any other
+        log.warning("sender raised", extra={"campaign_id": row["campaign_id"], "message_id": message_id}, exc_info=True)
+        return SendResult(False, f"sender error: {type(exc).__name__}: {exc}"[:1000])
 
 
 def enqueue_campaign_range(campaign_id: int, first_id: int, last_id: int) -> str:

@@ -1,0 +1,139 @@
+"""The send job's reads and writes, in as few round trips as the database allows.
+
+A send does three things around the provider call: load the message locked (with its campaign and
+customer), record the attempt and commit, then check whether the campaign has pending messages left
+(after the commit, so that the check sees every commit before it). On PostgreSQL the store runs them
+in psycopg's pipeline mode, two round trips in all; elsewhere (SQLite) through the session. Both run
+the same statements, defined once here.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from psycopg.rows import dict_row
+from sqlalchemy import bindparam, exists, func, select, update
+from sqlalchemy.engine import Compiled
+
+from app.extensions import db
+from app.models import Campaign, Customer, MessageStatus, OutboundMessage
+
+LOAD_FOR_SEND = (
+    select(
+        OutboundMessage.status,
+        OutboundMessage.retry_count,
+        OutboundMessage.campaign_id,
+        Campaign.channel,
+        Campaign.base_template,
+        Customer.phone,
+        Customer.first_name,
+        Customer.last_name,
+        Customer.location,
+        Customer.preferred_product,
+    )
+    .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
+    .outerjoin(Customer, Customer.id == OutboundMessage.customer_id)
+    .where(OutboundMessage.id == bindparam("message_id"))
+    # Two workers never send one message at once: the second skips the row the first holds.
+    .with_for_update(of=OutboundMessage, skip_locked=True)
+)
+RECORD_ATTEMPT = (
+    update(OutboundMessage)
+    .where(OutboundMessage.id == bindparam("message_id"))
+    .values(
+        status=bindparam("new_status"),
+        rendered_content=bindparam("body"),
+        last_error=func.coalesce(bindparam("error"), OutboundMessage.last_error),  # a success keeps the history
+        retry_count=bindparam("retries_used"),
+        updated_at=bindparam("now"),
+    )
+)
+PENDING_EXISTS = select(
+    exists().where(
+        OutboundMessage.campaign_id == bindparam("campaign_id"), OutboundMessage.status == MessageStatus.PENDING
+    )
+)
+
+
+def pending_exists_now(campaign_id: int) -> bool:
+    """Whether the campaign has a pending message, read outside any transaction (one round trip)."""
+    with db.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+        return bool(conn.scalar(PENDING_EXISTS, {"campaign_id": campaign_id}))
+
+
+class MessageStore(Protocol):
+    def load(self, message_id: int) -> dict | None:
+        """The message's fields locked for this send, or None (missing, or another worker holds it)."""
+
+    def record(self, params: dict) -> bool:
+        """Write the attempt, commit, and say whether the campaign still has pending messages."""
+
+    def close(self) -> None:
+        """End the transaction if one is open (rolled back) and give the connection back; idempotent."""
+
+
+class SessionStore:
+    """Through the session: for SQLite, where locks and round trips cost nothing."""
+
+    def load(self, message_id: int) -> dict | None:
+        row = db.session.connection().execute(LOAD_FOR_SEND, {"message_id": message_id}).one_or_none()
+        return row._asdict() if row is not None else None
+
+    def record(self, params: dict) -> bool:
+        db.session.connection().execute(RECORD_ATTEMPT, params)
+        db.session.commit()
+        return pending_exists_now(params["campaign_id"])
+
+    def close(self) -> None:
+        db.session.rollback()
+
+
+_compiled: dict[str, Compiled] = {}
+
+
+def _sql(name: str, statement, params: dict) -> tuple[str, dict]:
+    """`statement` as psycopg SQL with named parameters (compiled once per process), and `params`
+    completed with the statement's own constants."""
+    if name not in _compiled:
+        _compiled[name] = statement.compile(dialect=db.engine.dialect)
+    compiled = _compiled[name]
+    return compiled.string, {**compiled.params, **params}
+
+
+class PipelineStore:
+    """Raw psycopg in pipeline mode: BEGIN and the locked read in one round trip; the update, its
+    commit, the pending check and its commit in another."""
+
+    def __init__(self) -> None:
+        self._pooled = db.engine.raw_connection()
+        self._conn = self._pooled.driver_connection
+        self._cursor = self._conn.cursor(row_factory=dict_row)
+
+    def load(self, message_id: int) -> dict | None:
+        with self._conn.pipeline():
+            self._cursor.execute(*_sql("load", LOAD_FOR_SEND, {"message_id": message_id}), prepare=True)
+        return self._cursor.fetchone()
+
+    def record(self, params: dict) -> bool:
+        with self._conn.pipeline():
+            self._cursor.execute(*_sql("record", RECORD_ATTEMPT, params), prepare=True)
+            self._conn.commit()
+            # Runs after the commit above, on the server, in order: it sees every commit before it.
+            self._cursor.execute(*_sql("pending", PENDING_EXISTS, params), prepare=True)
+            self._conn.commit()
+        (pending,) = self._cursor.fetchone().values()
+        return bool(pending)
+
+    def close(self) -> None:
+        if self._pooled is None:
+            return  # closed already
+        try:
+            self._conn.rollback()
+        finally:
+            self._cursor.close()
+            self._pooled.close()  # back to the pool
+            self._pooled = None
+
+
+def open_store() -> MessageStore:
+    return PipelineStore() if db.engine.dialect.driver == "psycopg" else SessionStore()
