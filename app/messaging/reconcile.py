@@ -19,7 +19,7 @@ from datetime import timedelta
 from flask import current_app
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
-from sqlalchemy import exists, select, update
+from sqlalchemy import select, update
 
 from app import clock
 from app.extensions import db, get_queue, get_redis
@@ -109,18 +109,10 @@ def reconcile() -> ReconcileReport:
     db.session.commit()
     for campaign_id in sending:
         report.requeued += requeue_stale_messages(campaign_id)
-        pending = db.session.scalar(
-            select(
-                exists().where(
-                    OutboundMessage.campaign_id == campaign_id, OutboundMessage.status == MessageStatus.PENDING
-                )
-            )
-        )
-        db.session.commit()
-        if not pending:
-            status = dispatch.finalize_campaign(campaign_id)
-            if status:
-                report.finalized[campaign_id] = status
+        # finalize_campaign checks for pending messages itself, and does nothing when there are some.
+        status = dispatch.finalize_campaign(campaign_id)
+        if status:
+            report.finalized[campaign_id] = status
     report.expired_idempotency_keys = purge_expired()
     if report.dispatched or report.requeued or report.finalized or report.expired_idempotency_keys:
         log.info(
