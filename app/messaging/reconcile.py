@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from flask import current_app
-from rq.intermediate_queue import IntermediateQueue
+from rq import Queue
 from rq.job import Job, JobStatus
 from sqlalchemy import select, update
 
@@ -51,19 +51,49 @@ def dispatch_due_campaigns() -> list[int]:
 
 
 def _jobs_waiting(message_ids: list[int]) -> list[bool]:
-    """Whether each message's job will run without help. A job a worker took off the queue but died
-    before starting still says `queued`; it sits in RQ's intermediate queue, so it does not count."""
+    """Whether each message's job will run without help.
+
+    A job's status alone does not say: a worker that pops a job and dies before starting it (BLPOP for
+    a worker on several queues, LMOVE into RQ's intermediate list for one on a single queue) leaves the
+    job saying `queued` in no queue at all. The queue is FIFO and jobs only join at its tail, so a
+    `queued` job enqueued before the job now at the head has left the list. The statuses are read
+    before the head: a job still in the list at that later read is at or behind the head.
+    """
     queue = get_queue()
-    in_limbo = set(IntermediateQueue(queue.key, queue.connection).get_job_ids())
     job_ids = [dispatch.message_job_id(m) for m in message_ids]
     with get_redis().pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.hget(Job.key_for(job_id), "status")
-        statuses = pipe.execute()
-    return [
-        bool(status) and status.decode() in _WAITING and job_id not in in_limbo
-        for job_id, status in zip(job_ids, statuses, strict=True)
-    ]
+            pipe.hmget(Job.key_for(job_id), "status", "enqueued_at")
+        jobs = pipe.execute()
+    left_before = _left_queue_before(queue)
+    return [_will_run(status, enqueued_at, left_before) for status, enqueued_at in jobs]
+
+
+def _will_run(status: bytes | None, enqueued_at: bytes | None, left_before: str | None) -> bool:
+    if status is None:
+        return False
+    if status.decode() == JobStatus.QUEUED.value and left_before is not None:
+        # RQ's timestamps are fixed-width UTC, so they compare as strings; a tie counts as waiting.
+        return enqueued_at is not None and enqueued_at.decode() >= left_before
+    return status.decode() in _WAITING
+
+
+# Later than any enqueue time: an empty queue holds no job.
+_END_OF_TIME = "9999-12-31T23:59:59.999999Z"
+
+
+def _left_queue_before(queue: Queue) -> str | None:
+    """A time such that every job enqueued before it has left the queue: when the head job was
+    enqueued (a few ids are read, as a head whose job hash is gone says nothing, and RQ skips it), or
+    the end of time when the queue is empty. None when it cannot be told this pass."""
+    head_ids = queue.connection.lrange(queue.key, 0, 9)
+    if not head_ids:
+        return _END_OF_TIME
+    with queue.connection.pipeline(transaction=False) as pipe:
+        for job_id in head_ids:
+            pipe.hget(Job.key_for(job_id.decode()), "enqueued_at")
+        enqueued = [t.decode() for t in pipe.execute() if t]
+    return enqueued[0] if enqueued else None
 
 
 def requeue_stale_messages(campaign_id: int) -> int:
