@@ -4,14 +4,16 @@ import threading
 import time
 
 import pytest
-from rq import Queue
+from rq import Queue, Worker
 from rq.registry import ScheduledJobRegistry
+from rq.suspension import resume, suspend
 from sqlalchemy import create_engine, text
 
 from app.extensions import db
 from app.messaging.dispatch import SEND_JOB, message_job_id
+from app.messaging.worker import build_worker
 from app.models import OutboundMessage
-from tests.conftest import read_send_log
+from tests.conftest import kill_group, read_send_log
 from tests.factories import make_campaign, make_customer, make_customers
 
 
@@ -263,3 +265,64 @@ def test_a_job_that_crashes_does_not_stop_the_worker(client, app, work, monkeypa
     detail = client.get(f"/campaigns/{campaign.id}").get_json()
     assert (detail["status"], detail["stats"]["sent"]) == ("sent", 3)
     assert len(read_send_log(send_log)) == 3
+
+
+def test_worker_key_outlives_the_wait_for_the_next_job(app, redis_conn):
+    """RQ blocks on an empty queue for `worker_ttl` - 15 s; the worker key must live longer than that
+    after any heartbeat, including right after a job whose own heartbeat gave it a shorter TTL."""
+    worker = build_worker(app)
+    worker.register_birth()
+    worker.heartbeat()
+    assert redis_conn.ttl(worker.key) == worker.worker_ttl + 60
+    with redis_conn.pipeline() as pipe:  # what RQ does as a job starts, with the job's own TTL
+        worker.heartbeat(20, pipeline=pipe)
+        pipe.execute()
+    assert redis_conn.ttl(worker.key) == 20
+    worker.heartbeat()  # the one after the job
+    assert redis_conn.ttl(worker.key) > worker.dequeue_timeout
+
+
+def test_heartbeat_that_would_not_extend_the_worker_key_is_skipped(app, redis_conn):
+    worker = build_worker(app)
+    worker.register_birth()
+    worker.heartbeat()
+    redis_conn.hset(worker.key, "last_heartbeat", "marker")
+    worker.heartbeat()  # within a second of the last one: nothing to extend
+    assert redis_conn.hget(worker.key, "last_heartbeat") == b"marker"
+    worker._key_expires_at -= 5  # five seconds later
+    worker.heartbeat()
+    assert redis_conn.hget(worker.key, "last_heartbeat") != b"marker"
+
+
+def test_suspended_workers_take_no_job(app, client, redis_conn, work, send_log):
+    """`rq suspend` still stops the worker, though it looks for it once a second, not before every job."""
+    ids = make_customers(2)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    suspend(redis_conn)
+    work()
+    assert read_send_log(send_log) == []
+    resume(redis_conn)
+    work()
+    assert len(read_send_log(send_log)) == 2
+
+
+@pytest.mark.real_only
+def test_worker_is_listed_with_its_state_while_it_works(app, client, redis_conn, spawn_worker):
+    """The worker's bookkeeping is lighter than RQ's, but `rq info` and /health see the same worker."""
+    ids = make_customers(5)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    proc = spawn_worker(burst=False)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and client.get(f"/campaigns/{campaign.id}").get_json()["status"] != "sent":
+            db.session.rollback()
+            time.sleep(0.1)
+        workers = Worker.all(connection=redis_conn)
+        assert len(workers) == 1
+        assert workers[0].get_state() == "idle"
+        assert workers[0].successful_job_count == 5
+        assert redis_conn.ttl(workers[0].key) > build_worker(app).dequeue_timeout  # alive while it waits
+    finally:
+        kill_group(proc)

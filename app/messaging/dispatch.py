@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from app import clock
 from app.extensions import db, get_control_queue, get_queue, get_redis
-from app.messaging.message_store import pending_exists_now
+from app.messaging.message_store import pending_exists, pending_exists_now
 from app.models import Campaign, CampaignStatus, Customer, MessageStatus, OutboundMessage
 
 SEND_JOB = "app.messaging.jobs.send_outbound_message"
@@ -183,6 +183,8 @@ def campaign_stats(campaign_id: int) -> dict[str, int]:
 
 
 def _has_messages(campaign_id: int, status: str | None = None) -> bool:
+    if status == MessageStatus.PENDING:
+        return pending_exists(db.session, campaign_id)
     cond = [OutboundMessage.campaign_id == campaign_id]
     if status:
         cond.append(OutboundMessage.status == status)

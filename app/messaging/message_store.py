@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from psycopg.rows import dict_row
-from sqlalchemy import bindparam, exists, func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Compiled
 
 from app.extensions import db
@@ -48,17 +48,28 @@ RECORD_ATTEMPT = (
         updated_at=bindparam("now"),
     )
 )
-PENDING_EXISTS = select(
-    exists().where(
-        OutboundMessage.campaign_id == bindparam("campaign_id"), OutboundMessage.status == MessageStatus.PENDING
-    )
+# The campaign's pending message with the highest id, if any. Sends go out roughly in id order, and the
+# index range of its pending messages fills from the bottom with entries of messages already sent
+# (dead until vacuum), so the check reads the range from the top. `EXISTS` would read it from the
+# bottom (PostgreSQL drops an ORDER BY inside EXISTS): it grew to 9 ms a check at 90% of a 100k
+# campaign, where this stays under 0.1 ms.
+LAST_PENDING = (
+    select(OutboundMessage.id)
+    .where(OutboundMessage.campaign_id == bindparam("campaign_id"), OutboundMessage.status == MessageStatus.PENDING)
+    .order_by(OutboundMessage.id.desc())
+    .limit(1)
 )
+
+
+def pending_exists(connection, campaign_id: int) -> bool:
+    """Whether the campaign has a pending message, as `connection` sees it."""
+    return connection.scalar(LAST_PENDING, {"campaign_id": campaign_id}) is not None
 
 
 def pending_exists_now(campaign_id: int) -> bool:
     """Whether the campaign has a pending message, read outside any transaction (one round trip)."""
     with db.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
-        return bool(conn.scalar(PENDING_EXISTS, {"campaign_id": campaign_id}))
+        return pending_exists(conn, campaign_id)
 
 
 class MessageStore(Protocol):
@@ -119,10 +130,9 @@ class PipelineStore:
             self._cursor.execute(*_sql("record", RECORD_ATTEMPT, params), prepare=True)
             self._conn.commit()
             # Runs after the commit above, on the server, in order: it sees every commit before it.
-            self._cursor.execute(*_sql("pending", PENDING_EXISTS, params), prepare=True)
+            self._cursor.execute(*_sql("pending", LAST_PENDING, params), prepare=True)
             self._conn.commit()
-        (pending,) = self._cursor.fetchone().values()
-        return bool(pending)
+        return self._cursor.fetchone() is not None
 
     def close(self) -> None:
         if self._pooled is None:
