@@ -5,11 +5,13 @@
 
 For each size it imports the customers through `POST /customers/import`, sends a campaign to them
 with an audience (`POST /campaigns/{id}/send`), waits until every job is in Redis, then drains the
-queue with 1 and with 2 `python worker.py` processes. Beside each figure it measures the floor on the
-same machine in the same run: PostgreSQL `INSERT ... SELECT` of as many rows, RQ `enqueue_many` of as
-many no-op jobs, and the drain rate of RQ's own `SimpleWorker` (and of its forking `Worker`) on no-op
-jobs, enqueued with the same RQ options as send jobs (so the floor differs from ours only in the job body).
-Drain rates are measured over at most `--drain-cap` messages per run (steady state), counted in Redis.
+queue with 1 and with 2 `python worker.py` processes; a third campaign is taken to its last tenth and
+drained to the end by one worker. Beside each figure it measures the floor on the same machine in the
+same run: PostgreSQL `INSERT ... SELECT` of as many rows, RQ `enqueue_many` of as many no-op jobs, and
+the drain rate of RQ's own `SimpleWorker` (and of its forking `Worker`, and of this service's worker)
+on no-op jobs, enqueued with the same RQ options as send jobs. Send timings are the best of the three
+sends. Drain rates are measured over at most `--drain-cap` messages per run (steady state), counted
+in Redis.
 
 Settings: BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/campaigns_bench; dropped
 and recreated) and BENCH_REDIS_URL (default redis://127.0.0.1:6379/12; flushed).
@@ -200,21 +202,22 @@ class Bench:
         fan_out.wait()
         return campaign["id"], answered, in_redis
 
-    def drain(self, workers: int, total: int) -> tuple[float, float]:
-        """Start `workers` worker processes; returns (messages/s over the measured window, peak MB)."""
+    def drain(self, workers: int, total: int, env: dict | None = None, then=None) -> tuple[float, float]:
+        """Start `workers` worker processes; returns (messages/s over the measured window, peak MB).
+        `then`, if given, is called once the jobs are taken, before the workers are stopped."""
         target = min(total, self.drain_cap)
         procs = [
             subprocess.Popen(
                 [sys.executable, "worker.py"],
                 cwd=ROOT,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
             for _ in range(workers)
         ]
         peaks = [Peak(p.pid) for p in procs]
-        queue = Queue(QUEUE, connection=self.redis)
+        queue = Queue((env or {}).get("QUEUES", QUEUE), connection=self.redis)
         before = queue.count
         first = None
         # Counted in Redis, as for RQ's own worker below: polling PostgreSQL would load the database
@@ -230,12 +233,42 @@ class Bench:
                 break
             time.sleep(0.05)
         rate = (done - first[1]) / (now - first[0])
+        if then:
+            then()
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait()
-        Queue(QUEUE, connection=self.redis).empty()
+        queue.empty()
         return rate, max(p.mb for p in peaks)
+
+    def drain_tail(self, tag: str, size: int) -> tuple[float, float, float, float]:
+        """The last tenth of a campaign. Sends a campaign to the tag, marks all but its last tenth sent in
+        one UPDATE (leaving behind the index entries a campaign's progress leaves) and drops their jobs,
+        then one worker drains the rest. Returns (messages/s, seconds from the last job taken to the
+        campaign being `sent`, and the send's answer and all-jobs-in-Redis seconds)."""
+        campaign_id, answered, in_redis = self.send(tag)
+        tail = min(size // 10, self.drain_cap)
+        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE outbound_messages SET status = 'sent', rendered_content = 'x', updated_at = now() "
+                "WHERE campaign_id = %s AND id <= (SELECT max(id) FROM outbound_messages WHERE campaign_id = %s) - %s",
+                (campaign_id, campaign_id, tail),
+            )
+        queue = Queue(QUEUE, connection=self.redis)
+        self.redis.ltrim(queue.key, -tail, -1)  # jobs are queued in id order
+        finished = {}
+
+        def wait_for_sent() -> None:
+            start = time.perf_counter()
+            with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+                query = "SELECT status FROM campaigns WHERE id = %s"
+                while conn.execute(query, (campaign_id,)).fetchone()[0] != "sent":
+                    time.sleep(0.01)
+            finished["after"] = time.perf_counter() - start
+
+        rate, _ = self.drain(1, tail, then=wait_for_sent)
+        return rate, finished["after"], answered, in_redis
 
     # -- floors ----------------------------------------------------------------------------------
     def floor_insert(self, tag: str) -> float:
@@ -309,19 +342,26 @@ class Bench:
         log(f"{size}: send (drain with 2 workers)")
         _, answer2, in_redis2 = self.send(tag)
         drain2, worker_mb2 = self.drain(2, size)
+        log(f"{size}: send (drain the last tenth with 1 worker)")
+        drain_tail, tail_to_sent, answer3, in_redis3 = self.drain_tail(tag, size)
         log(f"{size}: RQ no-op floors")
         noop_simple = self.floor_drain("rq.worker.SimpleWorker", min(size, self.drain_cap))
         noop_fork = self.floor_drain("rq.worker.Worker", min(size, self.drain_cap) // 10)
+        self.floor_enqueue(min(size, self.drain_cap))
+        noop_ours, _ = self.drain(1, min(size, self.drain_cap), env={"QUEUES": NOOP_QUEUE})
         self.web_peak.sample()
         return {
             "size": size,
             "import_s": imported,
-            "send_answer_s": min(answer, answer2),
-            "all_jobs_in_redis_s": min(in_redis, in_redis2),
+            "send_answer_s": min(answer, answer2, answer3),  # the best of three sends
+            "all_jobs_in_redis_s": min(in_redis, in_redis2, in_redis3),
             "floor_insert_s": floor_insert,
             "floor_enqueue_s": floor_enqueue,
             "drain_1_worker": drain1,
             "drain_2_workers": drain2,
+            "drain_tail": drain_tail,
+            "tail_to_sent_s": tail_to_sent,
+            "noop_ours": noop_ours,
             "noop_simpleworker": noop_simple,
             "noop_forking_worker": noop_fork,
             "web_peak_mb": self.web_peak.mb,
@@ -351,7 +391,15 @@ def table(results: list[dict]) -> str:
             "2 x RQ SimpleWorker, no-op",
             lambda r: 2 * r["noop_simpleworker"],
         ),
+        (
+            "drain, last tenth of the campaign, 1 worker (msg/s)",
+            "drain_tail",
+            "RQ SimpleWorker, no-op (jobs/s)",
+            lambda r: r["noop_simpleworker"],
+        ),
+        ("last job taken to campaign `sent` (s)", "tail_to_sent_s", None, None),
         ("RQ forking Worker, no-op (jobs/s)", "noop_forking_worker", None, None),
+        ("this service's worker, no-op (jobs/s)", "noop_ours", None, None),
         ("web peak RSS (MB)", "web_peak_mb", None, None),
         ("worker peak RSS (MB)", "worker_peak_mb", None, None),
     ]

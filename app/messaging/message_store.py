@@ -50,9 +50,9 @@ RECORD_ATTEMPT = (
 )
 # The campaign's pending message with the highest id, if any. Sends go out roughly in id order, and the
 # index range of its pending messages fills from the bottom with entries of messages already sent
-# (dead until vacuum), so the check reads the range from the top. `EXISTS` would read it from the
-# bottom (PostgreSQL drops an ORDER BY inside EXISTS): it grew to 9 ms a check at 90% of a 100k
-# campaign, where this stays under 0.1 ms.
+# (dead until vacuum), so the check reads the range from the top. `EXISTS` reads it from the bottom
+# (PostgreSQL drops an ORDER BY inside EXISTS): at 90% of a 100k campaign it made the send job's
+# second round trip 1.3 ms instead of 0.8, and 9 ms when stale statistics chose a sequential scan.
 LAST_PENDING = (
     select(OutboundMessage.id)
     .where(OutboundMessage.campaign_id == bindparam("campaign_id"), OutboundMessage.status == MessageStatus.PENDING)
