@@ -102,7 +102,9 @@ class Campaign(db.Model):
 class OutboundMessage(db.Model):
     __tablename__ = "outbound_messages"
     __table_args__ = (
-        UniqueConstraint("campaign_id", "customer_id", name="uq_outbound_messages_campaign_customer"),
+        # One message per customer per campaign. Customer first, so that it also finds a customer's
+        # messages (the delete check) and no separate index is kept up to date on every insert and update.
+        UniqueConstraint("customer_id", "campaign_id", name="uq_outbound_messages_customer_campaign"),
         # Stats and the status-filtered listing; also keyset walks over a campaign's pending messages.
         Index("ix_outbound_messages_campaign_status", "campaign_id", "status", "id"),
         # The unfiltered listing, newest first, without sorting a million rows.
@@ -114,7 +116,7 @@ class OutboundMessage(db.Model):
     # only created by INSERT ... SELECT FROM customers under the campaign's row lock, a customer with
     # messages cannot be deleted through the API, and the send job fails a message whose customer is gone.
     campaign_id: Mapped[int] = mapped_column(Integer)
-    customer_id: Mapped[int] = mapped_column(Integer, index=True)
+    customer_id: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING)
     rendered_content: Mapped[str | None] = mapped_column(Text)
     last_error: Mapped[str | None] = mapped_column(Text)

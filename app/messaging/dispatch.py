@@ -63,7 +63,7 @@ def create_pending_messages(campaign_id: int, audience: ColumnElement[bool]) -> 
     stmt = (
         insert(OutboundMessage)
         .from_select(columns, source)
-        .on_conflict_do_nothing(index_elements=["campaign_id", "customer_id"])
+        .on_conflict_do_nothing(index_elements=["customer_id", "campaign_id"])
         .returning(OutboundMessage.id)
     )
     if dialect == "postgresql":
