@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -316,6 +317,17 @@ def spawn_scheduler(spawn):
         return spawn(["-m", "flask", "--app", "wsgi", "scheduler"], **env)
 
     return start
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2) -> None:
+    """Poll `predicate` until it holds (each poll in a fresh transaction); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        db.session.rollback()
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def read_send_log(path: Path) -> list[dict]:

@@ -3,7 +3,6 @@
 import os
 import signal
 import threading
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +16,7 @@ from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import RECONCILE_JOB_ID, register_periodic_jobs
 from app.messaging.worker import build_worker
 from app.models import Campaign
-from tests.conftest import kill_group, read_send_log
+from tests.conftest import kill_group, read_send_log, wait_for
 from tests.factories import make_campaign, make_customers
 
 
@@ -183,16 +182,6 @@ def test_two_reconcilers_and_a_worker_at_once_send_each_message_once(app, client
     sends = Counter(a["message_id"] for a in read_send_log(send_log))
     assert len(sends) == 200 and set(sends.values()) == {1}
     assert sum(r.requeued for r in reports) >= 200
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        db.session.rollback()
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 @pytest.mark.real_only

@@ -13,7 +13,7 @@ from app.extensions import db
 from app.messaging.dispatch import SEND_JOB, message_job_id
 from app.messaging.worker import build_worker
 from app.models import OutboundMessage
-from tests.conftest import kill_group, read_send_log
+from tests.conftest import kill_group, read_send_log, wait_for
 from tests.factories import make_campaign, make_customer, make_customers
 
 
@@ -315,10 +315,7 @@ def test_worker_is_listed_with_its_state_while_it_works(app, client, redis_conn,
     start(client, campaign.id, ids)
     proc = spawn_worker(burst=False)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and client.get(f"/campaigns/{campaign.id}").get_json()["status"] != "sent":
-            db.session.rollback()
-            time.sleep(0.1)
+        wait_for(lambda: client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent", timeout=20)
         workers = Worker.all(connection=redis_conn)
         assert len(workers) == 1
         assert workers[0].get_state() == "idle"
