@@ -59,7 +59,7 @@ class Config:
     SEND_QUEUE = os.environ.get("SEND_QUEUE", "campaign_sends")
     CONTROL_QUEUE = os.environ.get("CONTROL_QUEUE", "campaign_control")
     # Queues this worker process listens on, in priority order.
-    QUEUES = [q.strip() for q in os.environ.get("QUEUES", f"{CONTROL_QUEUE},{SEND_QUEUE}").split(",") if q.strip()]
+    QUEUES = str_list(os.environ.get("QUEUES", f"{CONTROL_QUEUE},{SEND_QUEUE}"))
     MAX_RETRIES = 3
     RETRY_INTERVALS = int_list(os.environ.get("RETRY_INTERVALS", "10,30,60"))
     JOB_TIMEOUT = _int("JOB_TIMEOUT", 60)

@@ -183,8 +183,6 @@ def campaign_stats(campaign_id: int) -> dict[str, int]:
 
 
 def _has_messages(campaign_id: int, status: str | None = None) -> bool:
-    if status == MessageStatus.PENDING:
-        return pending_exists(db.session, campaign_id)
     cond = [OutboundMessage.campaign_id == campaign_id]
     if status:
         cond.append(OutboundMessage.status == status)
@@ -207,7 +205,7 @@ def finalize_campaign(campaign_id: int, pending_checked: bool = False) -> str | 
         .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.SENDING)
         .with_for_update()
     )
-    if locked is None or _has_messages(campaign_id, MessageStatus.PENDING):
+    if locked is None or pending_exists(db.session, campaign_id):
         db.session.commit()
         return None
     if _has_messages(campaign_id, MessageStatus.SENT):

@@ -70,12 +70,11 @@ def _jobs_waiting(message_ids: list[int]) -> list[bool]:
 
 
 def _will_run(status: bytes | None, enqueued_at: bytes | None, left_before: str | None) -> bool:
-    if status is None:
-        return False
-    if status.decode() == JobStatus.QUEUED.value and left_before is not None:
+    state = status.decode() if status else None
+    if state == JobStatus.QUEUED.value and left_before is not None:
         # RQ's timestamps are fixed-width UTC, so they compare as strings; a tie counts as waiting.
         return enqueued_at is not None and enqueued_at.decode() >= left_before
-    return status.decode() in _WAITING
+    return state in _WAITING
 
 
 # Later than any enqueue time: an empty queue holds no job.
