@@ -113,8 +113,10 @@ class OutboundMessage(db.Model):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     # No foreign keys, on purpose: their per-row checks doubled the cost of a 100k-row send. Rows are
-    # only created by INSERT ... SELECT FROM customers under the campaign's row lock, a customer with
-    # messages cannot be deleted through the API, and the send job fails a message whose customer is gone.
+    # only created by INSERT ... SELECT FROM customers under the campaign's row lock and a key-share lock on
+    # each customer row, a customer with messages cannot be deleted through the API (the delete locks the
+    # customer row first, so it waits for a send in progress), and the send job fails a message whose
+    # customer is gone.
     campaign_id: Mapped[int] = mapped_column(Integer)
     customer_id: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING)

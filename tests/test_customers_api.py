@@ -1,3 +1,13 @@
+import threading
+from unittest.mock import patch
+
+import pytest
+from sqlalchemy import exists, func, select
+
+from app.extensions import db
+from app.messaging import dispatch
+from app.models import Customer, OutboundMessage
+from tests.conftest import TEST_API_KEY
 from tests.factories import make_campaign, make_customer
 
 
@@ -76,3 +86,80 @@ def test_unknown_customer_is_404_json(client):
     response = client.get("/customers/999")
     assert response.status_code == 404
     assert response.get_json()["message"] == "customer 999 not found"
+
+
+def request_in_thread(app, method: str, path: str, answers: dict, name: str, barrier=None, **kwargs):
+    """Start a thread making one API request with its own app context (its own database session);
+    its response lands in `answers[name]`."""
+
+    def run():
+        with app.app_context():
+            test_client = app.test_client()
+            if barrier is not None:
+                barrier.wait()
+            answers[name] = getattr(test_client, method)(
+                path, headers={"Authorization": f"Bearer {TEST_API_KEY}"}, **kwargs
+            )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.real_only
+def test_delete_waits_for_a_send_in_progress_and_refuses(app, client):
+    """A send that has inserted (not yet committed) a message for the customer makes a concurrent
+    delete wait for it, then answer 409: the customer is never deleted under its messages."""
+    customer = make_customer()
+    campaign = make_campaign()
+    inserted, release = threading.Event(), threading.Event()
+    original = dispatch.create_pending_messages
+
+    def insert_then_wait(*args, **kwargs):
+        rows = original(*args, **kwargs)
+        inserted.set()
+        release.wait(10)
+        return rows
+
+    answers = {}
+    with patch.object(dispatch, "create_pending_messages", insert_then_wait):
+        body = {"customer_ids": [customer.id]}
+        sender = request_in_thread(app, "post", f"/campaigns/{campaign.id}/send", answers, "send", json=body)
+        assert inserted.wait(10)
+        deleter = request_in_thread(app, "delete", f"/customers/{customer.id}", answers, "delete")
+        deleter.join(1)
+        waited = deleter.is_alive()
+        release.set()
+        sender.join(10)
+        deleter.join(10)
+    assert waited, "the delete must wait for the send's transaction"
+    assert answers["send"].status_code == 202
+    assert answers["delete"].status_code == 409
+    assert client.get(f"/customers/{customer.id}").status_code == 200
+
+
+@pytest.mark.real_only
+def test_concurrent_sends_and_deletes_never_leave_messages_without_a_customer(app, client):
+    """Races a send and a delete of the same customer many times: never both succeed."""
+    campaign = make_campaign()
+    outcomes = []
+    for _ in range(40):
+        customer = make_customer()
+        barrier = threading.Barrier(2)
+        answers: dict = {}
+        body = {"customer_ids": [customer.id]}
+        threads = [
+            request_in_thread(app, "post", f"/campaigns/{campaign.id}/send", answers, "send", barrier, json=body),
+            request_in_thread(app, "delete", f"/customers/{customer.id}", answers, "delete", barrier),
+        ]
+        for thread in threads:
+            thread.join(10)
+        outcomes.append((answers["send"].status_code, answers["delete"].status_code))
+    db.session.rollback()
+    orphans = db.session.scalar(
+        select(func.count())
+        .select_from(OutboundMessage)
+        .where(~exists().where(Customer.id == OutboundMessage.customer_id))
+    )
+    assert orphans == 0, outcomes
+    assert all(delete in (204, 409) for _, delete in outcomes), outcomes

@@ -68,7 +68,14 @@ def update_customer(customer_id: int, data: Mapping) -> Customer:
 
 
 def delete_customer(customer_id: int) -> None:
-    """Delete a customer who has no messages, in one conditional statement."""
+    """Delete a customer who has no messages, safe against a concurrent send.
+
+    A send's `INSERT ... SELECT` holds a key-share lock on each customer row it reads until it
+    commits (see `create_pending_messages`). Locking the row first makes this wait for such a send,
+    and the conditional DELETE that follows, a new statement, sees its committed messages. A send that
+    comes second waits for this lock and then skips the deleted row.
+    """
+    db.session.execute(select(Customer.id).where(Customer.id == customer_id).with_for_update())
     deleted = db.session.execute(
         delete(Customer).where(Customer.id == customer_id, ~exists().where(OutboundMessage.customer_id == customer_id))
     ).rowcount

@@ -57,6 +57,9 @@ def create_pending_messages(campaign_id: int, audience: ColumnElement[bool]) -> 
         literal(now, OutboundMessage.created_at.type),
         literal(now, OutboundMessage.updated_at.type),
     ).where(audience)
+    # A key-share lock on each customer read, held until the commit: a concurrent delete of one of them
+    # waits for this send and then sees its message (app.customers.service.delete_customer).
+    source = source.with_for_update(read=True, key_share=True)
     columns = ["campaign_id", "customer_id", "status", "retry_count", "created_at", "updated_at"]
     dialect = db.session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
