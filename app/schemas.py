@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 
 from marshmallow import Schema, ValidationError, fields, validate
 
@@ -30,11 +30,27 @@ def Id(**kwargs) -> fields.Integer:  # noqa: N802 - reads as a field type
     return fields.Integer(strict=True, validate=validate.Range(min=1, max=MAX_ID), **kwargs)
 
 
+# A day inside Python's datetime range on each side, so that converting a time to UTC and moving it
+# by less than a day (rounding a trigger to the second) never overflows.
+EARLIEST = datetime.min.replace(tzinfo=UTC) + timedelta(days=1)
+LATEST = datetime.max.replace(tzinfo=UTC) - timedelta(days=1)
+
+
 class UTCDateTime(fields.AwareDateTime):
-    """ISO 8601 in, UTC with offset out; a naive time is UTC."""
+    """ISO 8601 in (a naive time is UTC), converted to UTC; UTC with offset out."""
 
     def __init__(self, **kwargs):
         super().__init__(format="iso", default_timezone=UTC, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            moment = moment.astimezone(UTC)
+        except OverflowError:
+            moment = None
+        if moment is None or not EARLIEST <= moment <= LATEST:
+            raise ValidationError(f"Must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC).")
+        return moment
 
     def _serialize(self, value, attr, obj, **kwargs):
         if value is not None and value.tzinfo is None:

@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from rq import Queue
 from rq_scheduler import Scheduler
 
@@ -188,3 +189,27 @@ def test_dispatch_does_not_wait_behind_queued_sends(client, clock, app, redis_co
     build_worker(app).work(burst=True, max_jobs=1, logging_level="WARNING")  # one job only: the dispatch
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "sending"
     assert Queue("campaign_sends", connection=redis_conn).count == 6
+
+
+@pytest.mark.parametrize(
+    ("scheduled_at", "status"),
+    [
+        ("9999-12-31T23:59:59-12:00", 422),  # after the last representable UTC time
+        ("0001-01-01T00:00:00+14:00", 422),  # before the first
+        ("9999-12-31T23:59:59.999999Z", 422),  # no room left to round the trigger up to a second
+        ("9999-12-29T23:59:59.5+01:00", 201),
+        ("+10000-01-01T00:00:00Z", 422),
+    ],
+)
+def test_extreme_schedule_times_are_201_or_422(client, clock, redis_conn, scheduled_at, status):
+    response = create(client, scheduled_at=scheduled_at)
+    assert response.status_code == status, response.get_json()
+    if status == 422:
+        assert "scheduled_at" in response.get_json()["message"]
+        assert client.get("/campaigns").get_json()["pagination"]["total"] == 0
+    else:
+        campaign = response.get_json()
+        assert campaign["status"] == "scheduled"
+        assert trigger_time(redis_conn, campaign["id"]) is not None
+        patched = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": "9999-12-31T23:59:59-12:00"})
+        assert patched.status_code == 422
