@@ -323,3 +323,21 @@ def test_worker_is_listed_with_its_state_while_it_works(app, client, redis_conn,
         assert redis_conn.ttl(workers[0].key) > build_worker(app).dequeue_timeout  # alive while it waits
     finally:
         kill_group(proc)
+
+
+def test_message_rendered_over_the_channel_limit_fails_without_reaching_the_provider(client, work, send_log):
+    """A template under the limit can render over it (long values): that message fails for good, with
+    the reason, and is never handed to the provider; the others go out."""
+    long_value = make_customer(preferred_product="x" * 200)
+    short_value = make_customer(preferred_product="Shoes")
+    template = "{preferred_product}" * 84  # 1,596 characters, under sms's 1,600
+    campaign = make_campaign(base_template=template)
+    start(client, campaign.id, [long_value.id, short_value.id])
+    work()
+    rows = {m["customer_id"]: m for m in messages(client, campaign.id)}
+    failed = rows[long_value.id]
+    assert (failed["status"], failed["retry_count"]) == ("failed", 0)
+    assert failed["last_error"] == "the rendered message is 16800 characters, over the sms limit of 1600"
+    assert rows[short_value.id]["status"] == "sent"
+    assert [a["phone"] for a in read_send_log(send_log)] == [short_value.phone]
+    assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent"

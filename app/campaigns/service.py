@@ -16,7 +16,7 @@ from app.customers.service import get_customer
 from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
 from app.messaging import dispatch, scheduling
-from app.messaging.templates import CHANNEL_LIMITS, render, unknown_placeholders
+from app.messaging.templates import over_limit, render, unknown_placeholders
 from app.models import Campaign, CampaignStatus, Customer, MessageStatus, OutboundMessage
 from app.pagination import paginate
 
@@ -48,9 +48,9 @@ def check_template(template: str, channel: str) -> None:
             f"unknown placeholder{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
             "use {first_name}, {last_name}, {preferred_product} or {location}"
         )
-    limit = CHANNEL_LIMITS[channel]
-    if len(template) > limit:
-        errors.append(f"{len(template)} characters is over the {channel} limit of {limit}")
+    too_long = over_limit(template, channel)
+    if too_long:
+        errors.append(too_long)
     if errors:
         raise ValidationFailed("base_template: " + "; ".join(errors), {"base_template": errors})
 

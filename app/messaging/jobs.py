@@ -12,7 +12,7 @@ from app.messaging import dispatch
 from app.messaging.message_store import open_store
 from app.messaging.reconcile import reconcile as reconcile_pass
 from app.messaging.senders import OutgoingMessage, SendResult, get_sender
-from app.messaging.templates import render
+from app.messaging.templates import over_limit, render
 from app.models import MessageStatus
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ def _attempt_and_decide(message_id: int, row: dict) -> tuple[str, int, str | Non
     if row["phone"] is None:
         return MessageStatus.FAILED, row["retry_count"], None, "the customer no longer exists", False
     body = render(row["base_template"], row)
+    too_long = over_limit(body, row["channel"])
+    if too_long:  # long values made it so: no provider would take it, now or on a retry
+        return MessageStatus.FAILED, row["retry_count"], body, f"the rendered message is {too_long}", False
     result = _attempt(message_id, row, body)
     if result.ok:
         return MessageStatus.SENT, row["retry_count"], body, None, False

@@ -21,6 +21,12 @@ def unknown_placeholders(template: str) -> list[str]:
     return list(seen)
 
 
+def over_limit(text: str, channel: str) -> str | None:
+    """Why `text` is too long for `channel`, or None when it fits."""
+    limit = CHANNEL_LIMITS[channel]
+    return f"{len(text)} characters, over the {channel} limit of {limit}" if len(text) > limit else None
+
+
 def render(template: str, fields: Mapping[str, object]) -> str:
     """`template` with each known placeholder replaced by its field; a missing, null, empty or
     whitespace-only value renders as `[unknown]`. Values are inserted as they are, never re-parsed."""
