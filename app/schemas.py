@@ -6,22 +6,28 @@ from datetime import UTC, datetime, timedelta
 
 from marshmallow import Schema, ValidationError, fields, validate
 
+from app.text import text_problem
+
 # PostgreSQL INTEGER; anything larger cannot be an id here.
 MAX_ID = 2**31 - 1
 MAX_PAGE = 1_000_000
 
 
 class Text(fields.String):
-    """A string PostgreSQL can store: no NUL characters, no lone surrogates (`"\\ud800"` in JSON)."""
+    """A string the service stores (see `app.text`): no control characters, no bidirectional overrides,
+    no lone surrogates (`"\\ud800"` in JSON). A `multiline` one keeps newlines (CRLF becomes LF)."""
+
+    def __init__(self, *, multiline: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.multiline = multiline
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
-        if "\x00" in text:
-            raise ValidationError("Must not contain NUL characters.")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValidationError("Must be valid Unicode (no lone surrogates).") from None
+        if self.multiline:
+            text = text.replace("\r\n", "\n")
+        problem = text_problem(text, self.multiline)
+        if problem:
+            raise ValidationError(problem)
         return text
 
 

@@ -124,6 +124,42 @@ def test_lone_surrogate_in_a_string_is_422_not_500(client):
     assert "first_name" in assert_error_shape(response, 422)["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/customers", "first_name", "Amina\x1b[31m"),  # an ANSI escape sequence
+        ("/customers", "last_name", "Otieno\u202egnp.exe"),  # a right-to-left override
+        ("/customers", "location", "Nairobi\nWest"),
+        ("/campaigns", "name", "Launch\u2066"),
+        ("/campaigns", "base_template", "Hi {first_name}\x07"),
+        ("/campaigns", "base_template", "Hi\t{first_name}"),
+    ],
+)
+def test_control_and_bidi_override_characters_are_422(client, path, field, value):
+    bodies = {
+        "/customers": {"phone": "0712345678"},
+        "/campaigns": {"name": "Launch", "channel": "sms", "base_template": "Hi {first_name}"},
+    }
+    response = client.post(path, json={**bodies[path], field: value})
+    assert field in assert_error_shape(response, 422)["message"]
+    assert client.get(path).get_json()["pagination"]["total"] == 0
+
+
+def test_templates_keep_newlines_and_names_keep_joiners_and_marks(client):
+    campaign = client.post(
+        "/campaigns",
+        json={
+            "name": "Family \U0001f469\u200d\U0001f467",
+            "channel": "sms",
+            "base_template": "Hi\r\n{first_name}\nBye",
+        },
+    )
+    assert campaign.status_code == 201, campaign.get_json()
+    assert campaign.get_json()["base_template"] == "Hi\n{first_name}\nBye"  # CRLF stored as LF
+    customer = client.post("/customers", json={"phone": "0712345678", "first_name": "\u200fأمينة"})
+    assert customer.status_code == 201, customer.get_json()
+
+
 def test_unexpected_error_shows_no_stack_trace_or_sql(client, monkeypatch, caplog):
     def broken(**query):
         raise OperationalError("SELECT secret_column FROM customers", {}, Exception("connection reset"))

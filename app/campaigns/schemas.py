@@ -17,6 +17,7 @@ class CampaignSchema(Schema):
     channel = fields.String(required=True, validate=validate.OneOf(Channel.ALL))
     base_template = Text(
         required=True,
+        multiline=True,
         validate=validate.Length(min=1),
         metadata={
             "description": "Placeholders: {first_name}, {last_name}, {preferred_product}, {location}. "
