@@ -15,9 +15,18 @@ from app.logs import configure_logging
 from app.openapi import docs_assets, register_components
 
 
+class App(Flask):
+    def make_default_options_response(self):
+        """`OPTIONS`: the allowed methods in `Allow`, and no body (Flask's default is an empty text/html 200)."""
+        response = super().make_default_options_response()
+        response.status_code = 204
+        response.headers.pop("Content-Type", None)
+        return response
+
+
 def create_app(config: object | str = "config.Config", overrides: dict | None = None) -> Flask:
     """Build the app from a config object (or its import path) and optional overrides."""
-    app = Flask(__name__, instance_relative_config=True)
+    app = App(__name__, instance_relative_config=True)
     app.config.from_object(config)
     if overrides:
         app.config.update(overrides)

@@ -16,6 +16,7 @@ import click
 from flask import Flask, current_app, request
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import MethodNotAllowed
 
 from app import clock
 from app.errors import ConflictError, NotFoundError, error_response
@@ -64,8 +65,19 @@ def current_owner() -> str | None:
     return request.environ[_OWNER]
 
 
-def _require_api_key():
+def _public_request() -> bool:
+    """Whether the request is for a public endpoint, with a method it allows or not (a POST to /health
+    is its 405, not a 401)."""
     if request.endpoint in PUBLIC_ENDPOINTS:
+        return True
+    if not isinstance(request.routing_exception, MethodNotAllowed):
+        return False
+    endpoint, _ = current_app.url_map.bind_to_environ(request.environ).match(method="GET")
+    return endpoint in PUBLIC_ENDPOINTS
+
+
+def _require_api_key():
+    if _public_request():
         return None
     if current_owner() is None:
         return error_response(

@@ -48,6 +48,26 @@ def test_health_and_docs_need_no_key(anonymous_client, path):
     assert anonymous_client.get(path).status_code == 200
 
 
+@pytest.mark.parametrize("method", ["post", "put", "delete", "patch"])
+def test_other_methods_on_public_endpoints_are_json_405_without_a_key(anonymous_client, method):
+    response = getattr(anonymous_client, method)("/health")
+    assert response.status_code == 405
+    assert response.mimetype == "application/json"
+    assert response.get_json()["code"] == 405
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+
+
+def test_options_answers_the_allowed_methods_with_no_body(client, anonymous_client):
+    public = anonymous_client.options("/health")
+    assert (public.status_code, public.data) == (204, b"")
+    assert "text/html" not in public.headers.get("Content-Type", "")
+    assert set(public.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+    listed = client.options("/customers")
+    assert (listed.status_code, listed.data) == (204, b"")
+    assert set(listed.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS", "POST"}
+    assert anonymous_client.options("/customers").status_code == 401
+
+
 def test_created_key_works_until_revoked(runner, anonymous_client):
     result = runner.invoke(args=["api-keys", "create", "billing"])
     assert result.exit_code == 0, result.output
