@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import load_dotenv
 
@@ -15,15 +16,29 @@ BASE_DIR = Path(__file__).resolve().parent
 load_dotenv(BASE_DIR / ".env")
 
 
+# Local state: the SQLite file (without DATABASE_URL), and `flask up`'s embedded Redis and API key.
+INSTANCE_PATH = os.path.abspath(os.environ.get("INSTANCE_PATH") or BASE_DIR / "instance")
+
+
 def database_url(raw: str | None) -> str:
     """The SQLAlchemy URL for `raw`: PostgreSQL through psycopg 3 (Heroku's `postgres://` accepted),
-    a SQLite file in `instance/` when unset."""
+    a SQLite file in the instance folder when unset."""
     if not raw:
-        return f"sqlite:///{BASE_DIR / 'instance' / 'campaigns.db'}"
+        return f"sqlite:///{Path(INSTANCE_PATH) / 'campaigns.db'}"
     for prefix in ("postgres://", "postgresql://"):
         if raw.startswith(prefix):
             return "postgresql+psycopg://" + raw[len(prefix) :]
     return raw
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password replaced by `***`, fit for a log line or the terminal."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def int_list(raw: str) -> list[int]:

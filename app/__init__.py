@@ -13,6 +13,7 @@ from app.errors import register_errorhandlers
 from app.extensions import api, db, init_redis, migrate
 from app.logs import configure_logging
 from app.openapi import docs_assets, register_components
+from config import INSTANCE_PATH
 
 
 class App(Flask):
@@ -26,7 +27,7 @@ class App(Flask):
 
 def create_app(config: object | str = "config.Config", overrides: dict | None = None) -> Flask:
     """Build the app from a config object (or its import path) and optional overrides."""
-    app = App(__name__, instance_relative_config=True)
+    app = App(__name__, instance_path=INSTANCE_PATH, instance_relative_config=True)
     app.config.from_object(config)
     if overrides:
         app.config.update(overrides)

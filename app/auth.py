@@ -48,6 +48,12 @@ def owner_of(key: str) -> str | None:
     for env_key in current_app.config["API_KEYS"]:
         if hmac.compare_digest(hash_key(env_key), digest):
             return f"env:{digest[:16]}"
+    return stored_key_owner(key)
+
+
+def stored_key_owner(key: str) -> str | None:
+    """The owner string of `key` if it is an unrevoked key in the database, else None."""
+    digest = hash_key(key)
     row = db.session.execute(
         select(ApiKey.id, ApiKey.key_hash).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
     ).one_or_none()

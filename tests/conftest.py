@@ -74,7 +74,7 @@ TEST_OVERRIDES = {
 }
 
 
-def _ensure_postgres_database(url: str) -> None:
+def ensure_postgres_database(url: str) -> None:
     """Create the test database if it is missing (the server must be up: a connection error fails)."""
     target = make_url(database_url(url))
     admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
@@ -111,7 +111,7 @@ def sqlite_template(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def postgres_uri() -> str:
     """The real test database, migrated from scratch once per run."""
-    _ensure_postgres_database(TEST_DATABASE_URL)
+    ensure_postgres_database(TEST_DATABASE_URL)
     uri = database_url(TEST_DATABASE_URL)
     _migrated(uri)
     return uri

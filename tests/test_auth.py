@@ -98,22 +98,29 @@ def test_key_names_are_unique_and_revoke_needs_a_known_name(runner):
     assert unknown.exit_code != 0 and "nobody" in unknown.output
 
 
-def test_flask_up_key_is_usable_and_replaces_the_previous_one(app, anonymous_client):
-    from app.cli import local_api_key
+def test_flask_up_key_is_kept_in_the_instance_folder_and_reused(app, anonymous_client, runner, tmp_path):
+    from app.up import local_api_key
 
     app.config["API_KEYS"] = []
-    first = local_api_key()
-    second = local_api_key()
-    assert first != second
+    app.instance_path = str(tmp_path)
+    first, where = local_api_key(app)
+    assert where == str(tmp_path / "local-api-key")
+    assert oct((tmp_path / "local-api-key").stat().st_mode & 0o777) == "0o600"
+    assert local_api_key(app)[0] == first  # a restart keeps the key the user saved
+    assert anonymous_client.get("/customers", headers={"Authorization": f"Bearer {first}"}).status_code == 200
+    runner.invoke(args=["api-keys", "revoke", "local"])
+    second, _ = local_api_key(app)  # a revoked (or lost) key is replaced
+    assert second != first and (tmp_path / "local-api-key").read_text().strip() == second
     assert anonymous_client.get("/customers", headers={"Authorization": f"Bearer {second}"}).status_code == 200
-    assert anonymous_client.get("/customers", headers={"Authorization": f"Bearer {first}"}).status_code == 401
 
 
-def test_flask_up_prints_the_configured_key_when_there_is_one(app):
-    from app.cli import local_api_key
+def test_flask_up_uses_the_configured_key_when_there_is_one(app, tmp_path):
+    from app.up import local_api_key
 
-    assert local_api_key() == TEST_API_KEY
+    app.instance_path = str(tmp_path)
+    assert local_api_key(app) == (TEST_API_KEY, "the first key of API_KEYS")
     assert db.session.scalar(db.select(db.func.count()).select_from(ApiKey)) == 0
+    assert not (tmp_path / "local-api-key").exists()
 
 
 def _start_production_app(database_url: str, **env) -> subprocess.CompletedProcess:

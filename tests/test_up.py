@@ -1,0 +1,160 @@
+"""`flask up`, the first command a newcomer runs: it starts, says where the key is (never what it is),
+keeps the key across restarts, refuses a busy port or a second instance, and stops at once on Ctrl-C.
+
+Each test runs `flask up` as a user would, in a process of its own, on a PostgreSQL database of its own
+(with a password in DATABASE_URL, which must never be shown) and an instance folder of its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.conftest import ROOT, TEST_DATABASE_URL, ensure_postgres_database
+
+PASSWORD = "hunter2-not-shown"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def up_database_url() -> str:
+    """A database of its own for `flask up`, named with a password (trust auth ignores it)."""
+    url = make_url(TEST_DATABASE_URL).set(database=make_url(TEST_DATABASE_URL).database + "_up")
+    ensure_postgres_database(url.render_as_string(hide_password=False))
+    return url.set(password=PASSWORD).render_as_string(hide_password=False)
+
+
+class Up:
+    """A `flask up` process, its output collected in a file."""
+
+    def __init__(self, instance: Path, port: int, database_url: str, log: Path):
+        self.log = log
+        env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "REDIS_URL")}
+        env.update(INSTANCE_PATH=str(instance), DATABASE_URL=database_url, LOG_LEVEL="WARNING")
+        with open(log, "wb") as output:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flask", "--app", "wsgi", "up", "--port", str(port)],
+                cwd=ROOT,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert self.proc.poll() is None, f"flask up exited ({self.proc.returncode}):\n{self.output[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.output[-3000:]}"
+            time.sleep(0.2)
+
+    def family(self) -> list[psutil.Process]:
+        try:
+            return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        for process in self.family():
+            process.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def start_up(tmp_path, up_database_url):
+    """Start `flask up` processes; whatever is left of them is killed at the end of the test."""
+    started: list[Up] = []
+
+    def start(instance: Path, port: int) -> Up:
+        up = Up(instance, port, up_database_url, tmp_path / f"up-{len(started)}.log")
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        up.kill()
+
+
+def get(url: str, key: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_up_runs_keeps_its_key_secret_and_stable_and_stops_at_once(tmp_path, start_up):
+    instance, port = tmp_path / "instance", free_port()
+    up = start_up(instance, port)
+    up.wait_for_output("running: API on")
+    key_file = instance / "local-api-key"
+    key = key_file.read_text().strip()
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert str(key_file) in up.output or "local-api-key" in up.output  # says where the key is...
+    assert key not in up.output  # ...never what it is
+    assert PASSWORD not in up.output and "***" in up.output
+    assert get(f"http://127.0.0.1:{port}/campaigns", key) == 200
+
+    children = up.family()[1:]
+    started = time.monotonic()
+    up.proc.send_signal(signal.SIGINT)  # Ctrl-C
+    assert up.proc.wait(timeout=10) == 0
+    stopped_in = time.monotonic() - started
+    assert stopped_in < 5, f"took {stopped_in:.1f} s to stop"
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+    again = start_up(instance, port)
+    again.wait_for_output("running: API on")
+    assert key_file.read_text().strip() == key  # the key the user saved still works
+    assert get(f"http://127.0.0.1:{port}/campaigns", key) == 200
+
+
+def test_second_up_on_a_busy_port_or_instance_fails_and_changes_nothing(tmp_path, start_up):
+    instance, port = tmp_path / "instance", free_port()
+    first = start_up(instance, port)
+    first.wait_for_output("running: API on")
+    key = (instance / "local-api-key").read_text()
+
+    same_instance = start_up(instance, free_port())
+    assert same_instance.proc.wait(timeout=60) != 0
+    assert "another `flask up`" in same_instance.output
+
+    other = tmp_path / "other"
+    busy_port = start_up(other, port)
+    assert busy_port.proc.wait(timeout=60) != 0
+    assert "--port" in busy_port.output and "running" not in busy_port.output
+    assert not (other / "local-api-key").exists()
+
+    assert (instance / "local-api-key").read_text() == key
+    assert get(f"http://127.0.0.1:{port}/campaigns", key.strip()) == 200
+
+
+def test_up_exits_non_zero_when_one_of_its_processes_dies(tmp_path, start_up):
+    instance, port = tmp_path / "instance", free_port()
+    up = start_up(instance, port)
+    up.wait_for_output("running: API on")
+    children = up.family()[1:]
+    next(p for p in children if "worker.py" in " ".join(p.cmdline())).kill()
+    assert up.proc.wait(timeout=30) == 1
+    assert "worker exited" in up.output
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, "flask up left processes running"
