@@ -9,7 +9,7 @@ import pytest
 from app.auth import hash_key
 from app.extensions import db
 from app.models import ApiKey
-from tests.conftest import ROOT, TEST_API_KEY, TEST_DATABASE_URL
+from tests.conftest import ROOT, TEST_API_KEY, TEST_DATABASE_URL, TEST_REDIS_URL
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_flask_up_uses_the_configured_key_when_there_is_one(app, tmp_path):
 def _start_production_app(database_url: str, **env) -> subprocess.CompletedProcess:
     """Import `wsgi` (what gunicorn loads) in a fresh process with production settings."""
     environment = {k: v for k, v in os.environ.items() if k != "API_KEYS"}
-    environment.update(DATABASE_URL=database_url, REDIS_URL="redis://127.0.0.1:6379/13", **env)
+    environment.update(DATABASE_URL=database_url, REDIS_URL=TEST_REDIS_URL, **env)
     return subprocess.run(
         [sys.executable, "-c", "import wsgi"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
     )
@@ -157,7 +157,7 @@ def test_production_starts_with_a_key_in_the_database(app, runner):
 def test_production_settings_let_cli_commands_run_without_a_key(app):
     """An operator migrates and creates the first key with the same settings as the web process."""
     environment = {k: v for k, v in os.environ.items() if k != "API_KEYS"}
-    environment.update(DATABASE_URL=_database_url(app), REDIS_URL="redis://127.0.0.1:6379/13")
+    environment.update(DATABASE_URL=_database_url(app), REDIS_URL=TEST_REDIS_URL)
     result = subprocess.run(
         [sys.executable, "-m", "flask", "--app", "wsgi", "api-keys", "create", "first"],
         cwd=ROOT,

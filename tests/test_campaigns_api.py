@@ -81,12 +81,16 @@ def test_list_is_newest_first_and_paginated(client):
     assert client.get("/campaigns?page=9").get_json()["data"] == []
 
 
-def test_pages_stay_stable_when_campaigns_are_added(client):
+def test_offset_pages_shift_when_campaigns_are_added(client):
+    """What page numbers guarantee: a total order (id DESC), not stability. A campaign created between two
+    page requests moves every later row down one place, so the row at the end of page 1 is also at the
+    start of page 2 (README, "Pagination")."""
     ids = [make_campaign().id for _ in range(4)]
-    page1 = client.get("/campaigns?page_size=2").get_json()["data"]
+    page1 = [c["id"] for c in client.get("/campaigns?page_size=2").get_json()["data"]]
+    assert page1 == [ids[3], ids[2]]
     make_campaign()
-    # New rows go on top; a client walking by id sees no row twice on the way down.
-    assert [c["id"] for c in page1] == [ids[3], ids[2]]
+    page2 = [c["id"] for c in client.get("/campaigns?page_size=2&page=2").get_json()["data"]]
+    assert page2 == [ids[2], ids[1]]
 
 
 def test_list_filters_by_status_and_channel(client):
