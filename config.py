@@ -1,33 +1,176 @@
-"""Configuration from the environment (and a `.env` file), with safe defaults.
+"""Configuration: every setting the service reads from the environment (and a `.env` file), in one table.
 
-Every setting is listed in the README. `Config` is read once, when the module is imported;
-tests build their own subclass or pass overrides to `create_app`.
+Each setting has a parser, a safe default and a line of documentation (docs/configuration.md lists them
+all; a test keeps the two in step). Values are parsed when this module is imported, but a bad value does
+not raise here: it is kept as `Invalid`, and every process checks its configuration at start
+(`check_settings`, called by `create_app`) and refuses to run with one line naming the setting. Only
+values are checked: a process starts while PostgreSQL or Redis is down, and recovers when they return.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import phonenumbers
 from dotenv import load_dotenv
+from limits import parse_many
 
 BASE_DIR = Path(__file__).resolve().parent
 load_dotenv(BASE_DIR / ".env")
 
 
-# Local state: the SQLite file (without DATABASE_URL), and `flask up`'s embedded Redis and API key.
-INSTANCE_PATH = os.path.abspath(os.environ.get("INSTANCE_PATH") or BASE_DIR / "instance")
+class SettingsError(Exception):
+    """A setting with a value the service cannot run with; the message names it."""
 
 
-def database_url(raw: str | None) -> str:
-    """The SQLAlchemy URL for `raw`: PostgreSQL through psycopg 3 (Heroku's `postgres://` accepted),
-    a SQLite file in the instance folder when unset."""
+@dataclass(frozen=True)
+class Invalid:
+    """A setting whose environment value did not parse; `check_settings` reports it."""
+
+    name: str
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its config key (the same name unless given), default (as it would be
+    written in the environment), parser, and what it means. A secret's value never appears in an error."""
+
+    name: str
+    default: str
+    help: str
+    parse: Callable[[str], object] = str
+    key: str | None = None
+    secret: bool = False
+
+    @property
+    def config_key(self) -> str:
+        return self.key or self.name
+
+    def load(self, environ: Mapping[str, str]) -> object:
+        raw = environ.get(self.name, "").strip() or self.default
+        try:
+            return self.parse(raw)
+        except ValueError as exc:
+            shown = "" if self.secret else f" (got {raw!r})"
+            return Invalid(self.name, f"{exc}{shown}")
+
+
+# --- parsers: each turns an environment string into a value, or raises ValueError saying what it wants ---
+
+
+def integer(minimum: int = 0, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"must be between {minimum} and {maximum}" if maximum else f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def number(minimum: float = 0.0, maximum: float | None = None) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not (value >= minimum and (maximum is None or value <= maximum)):  # also refuses nan
+            raise ValueError(f"must be between {minimum} and {maximum}" if maximum else f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError("must be one of " + ", ".join(options))
+        return raw
+
+    return parse
+
+
+def str_list(raw: str) -> list[str]:
+    """`"a, b,"` -> `["a", "b"]`."""
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def queue_name(raw: str) -> str:
+    if not raw.replace("_", "").replace("-", "").replace(".", "").replace(":", "").isalnum():
+        raise ValueError("must be a name of letters, digits, '_', '-', '.' or ':'")
+    return raw
+
+
+def queue_names(raw: str) -> list[str]:
+    """A non-empty comma-separated list of queue names."""
+    values = [queue_name(value) for value in str_list(raw)]
+    if not values:
+        raise ValueError("must name at least one queue")
+    return values
+
+
+def seconds_list(raw: str) -> list[int]:
+    """`"10,30,60"` -> `[10, 30, 60]`: whole numbers of seconds, at least one."""
+    try:
+        values = [int(part) for part in str_list(raw)]
+    except ValueError:
+        raise ValueError("must be whole numbers of seconds, separated by commas") from None
+    if not values or any(v < 0 for v in values):
+        raise ValueError("must be whole numbers of seconds (0 or more), separated by commas")
+    return values
+
+
+def optional(raw: str) -> str | None:
+    return raw or None
+
+
+def log_level(raw: str) -> str:
+    return choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")(raw.upper())
+
+
+def rate_limit(raw: str) -> str:
+    """Flask-Limiter's notation, e.g. `6000 per minute` or `100/second`."""
+    try:
+        parse_many(raw)
+    except ValueError:
+        raise ValueError("must be a rate such as '6000 per minute' or '100/second'") from None
+    return raw
+
+
+def phone_region(raw: str) -> str:
+    region = raw.upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError("must be a two-letter region code such as KE or US")
+    return region
+
+
+def database_url(raw: str) -> str:
+    """The SQLAlchemy URL for `raw`: PostgreSQL through psycopg 3 (Heroku's `postgres://` accepted), or
+    SQLite; empty is a SQLite file in the instance folder."""
     if not raw:
         return f"sqlite:///{Path(INSTANCE_PATH) / 'campaigns.db'}"
-    for prefix in ("postgres://", "postgresql://"):
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg://"):
         if raw.startswith(prefix):
             return "postgresql+psycopg://" + raw[len(prefix) :]
+    if raw.startswith("sqlite://"):
+        return raw
+    raise ValueError("must be a postgresql:// (or postgres://) URL, or sqlite:///path")
+
+
+def redis_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
     return raw
 
 
@@ -41,80 +184,87 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def int_list(raw: str) -> list[int]:
-    """`"10,30,60"` -> `[10, 30, 60]`; blanks are ignored."""
-    return [int(part) for part in raw.split(",") if part.strip()]
-
-
-def str_list(raw: str) -> list[str]:
-    """`"a, b,"` -> `["a", "b"]`."""
-    return [part.strip() for part in raw.split(",") if part.strip()]
-
-
-def limits_storage_uri(redis_url: str) -> str:
+def limits_storage_uri(url: str) -> str:
     """Flask-Limiter's name for the same Redis (it spells a unix socket `redis+unix://`)."""
-    return "redis+" + redis_url if redis_url.startswith("unix://") else redis_url
+    return "redis+" + url if url.startswith("unix://") else url
 
 
-def _float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+# Local state: the SQLite file (without DATABASE_URL), and `flask up`'s embedded Redis and API key.
+INSTANCE_PATH = os.path.abspath(os.environ.get("INSTANCE_PATH") or BASE_DIR / "instance")
 
+MB = 1024 * 1024
 
-def _int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+# Every setting, grouped as docs/configuration.md groups them.
+SETTINGS: tuple[Setting, ...] = (
+    # Where the data lives
+    Setting("DATABASE_URL", "", "PostgreSQL in production (`postgres://` is accepted); empty: a SQLite file in "
+            "the instance folder", database_url, key="SQLALCHEMY_DATABASE_URI", secret=True),
+    Setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for RQ, rq-scheduler and the rate limiter "
+            "(`flask up` without it: an embedded redis-server)", redis_url, secret=True),
+    Setting("INSTANCE_PATH", "instance/ in the project", "local state: the SQLite file without DATABASE_URL; "
+            "`flask up`'s embedded Redis, API key and lock", lambda raw: INSTANCE_PATH),
+    # Queues and the worker
+    Setting("SEND_QUEUE", "campaign_sends", "the queue of send jobs, one per message", queue_name),
+    Setting("CONTROL_QUEUE", "campaign_control", "the queue of fan-out, dispatch and reconcile jobs", queue_name),
+    Setting("QUEUES", "CONTROL_QUEUE,SEND_QUEUE", "queues a worker listens on, in priority order", queue_names),
+    Setting("RETRY_INTERVALS", "10,30,60", "seconds before the 1st, 2nd, 3rd retry of a failed send; the worker "
+            "that runs the failed attempt decides, from its own setting", seconds_list),
+    Setting("JOB_TIMEOUT", "60", "seconds a send job may run; also the worker's RQ `worker_ttl` (at least 60)",
+            integer(1)),
+    Setting("JOB_RESULT_TTL", "10", "seconds a finished send job stays in Redis (the row is the record)",
+            integer(0)),
+    Setting("ENQUEUE_BATCH_SIZE", "1000", "jobs per pipelined `enqueue_many`", integer(1)),
+    Setting("ENQUEUE_INLINE_LIMIT", "1000", "above this many new rows, `/send` hands enqueueing to a fan-out job",
+            integer(0)),
+    # Sending
+    Setting("MAX_SEND_IDS", "10000", "most `customer_ids` in one send; use an audience beyond", integer(1)),
+    Setting("SENDER", "mock", "the sender the worker uses", choice("mock")),
+    Setting("MOCK_SENDER_FAILURE_RATE", "0", "share of attempts the mock sender fails at random",
+            number(0, 1)),
+    Setting("MOCK_SENDER_FAIL_ATTEMPTS", "0", "the mock sender fails the first N attempts of every message",
+            integer(0)),
+    Setting("MOCK_SENDER_LATENCY", "0", "seconds each mock send takes", number(0, 60)),
+    Setting("MOCK_SENDER_LOG", "", "file the mock sender appends one JSON line per attempt to", optional),
+    # Customers
+    Setting("DEFAULT_PHONE_REGION", "KE", "region for numbers written without a country code", phone_region),
+    Setting("IMPORT_BATCH_SIZE", "1000", "rows per upsert statement in CSV imports", integer(1)),
+    Setting("IMPORT_MAX_CONTENT_LENGTH", str(200 * MB), "largest CSV import body, in bytes", integer(1)),
+    # Scheduling and self-healing
+    Setting("SCHEDULER_INTERVAL", "5", "seconds between rq-scheduler's checks", number(0.1)),
+    Setting("RECONCILE_INTERVAL", "60", "seconds between reconciler runs", integer(1)),
+    Setting("STALE_AFTER", "300", "seconds a pending message may go untouched before the reconciler re-enqueues "
+            "it", integer(1)),
+    Setting("RECONCILE_BATCH_SIZE", "5000", "rows per batch in the reconciler and fan-out", integer(1)),
+    # The API
+    Setting("API_KEYS", "", "comma-separated API keys accepted besides the hashed keys in the database",
+            str_list, secret=True),
+    Setting("API_RATE_LIMIT", "6000 per minute", "requests per API key for the whole API (e.g. `100/second`)",
+            rate_limit),
+    Setting("MAX_CONTENT_LENGTH", str(5 * MB), "largest request body in bytes; larger is a `413`", integer(1)),
+    Setting("IDEMPOTENCY_TTL", str(24 * 3600), "seconds an `Idempotency-Key` and its answer are kept",
+            integer(1)),
+    Setting("IDEMPOTENCY_WAIT", "5", "seconds a repeat waits for the first request with its key before a `409`",
+            number(0, 60)),
+    Setting("IDEMPOTENCY_ABANDON_AFTER", "300", "seconds after which an in-progress key is taken to be a dead "
+            "request's and taken over", integer(1)),
+    # Logs
+    Setting("LOG_LEVEL", "INFO", "logs are JSON lines with a request id, and job/campaign/message ids in the "
+            "worker", log_level),
+)  # fmt: skip
+
+# Read by the Procfile and `flask up`, not by the app.
+PROCESS_SETTINGS: tuple[Setting, ...] = (
+    Setting("PORT", "5000", "port of `flask up` and of the Procfile's `web`", integer(1, 65535)),
+    Setting("WEB_CONCURRENCY", "2", "gunicorn worker processes of the Procfile's `web`", integer(1)),
+)
 
 
 class Config:
-    SQLALCHEMY_DATABASE_URI = database_url(os.environ.get("DATABASE_URL"))
+    """The settings above, parsed from the environment, and the fixed options of Flask's extensions."""
+
     SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
-    REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-    # Send jobs, one per message, go to SEND_QUEUE. Campaign-level jobs (fan-out, scheduled dispatch,
-    # reconcile) go to CONTROL_QUEUE, which workers take first, so they never wait behind a million sends.
-    SEND_QUEUE = os.environ.get("SEND_QUEUE", "campaign_sends")
-    CONTROL_QUEUE = os.environ.get("CONTROL_QUEUE", "campaign_control")
-    # Queues this worker process listens on, in priority order.
-    QUEUES = str_list(os.environ.get("QUEUES", f"{CONTROL_QUEUE},{SEND_QUEUE}"))
     MAX_RETRIES = 3
-    RETRY_INTERVALS = int_list(os.environ.get("RETRY_INTERVALS", "10,30,60"))
-    JOB_TIMEOUT = _int("JOB_TIMEOUT", 60)
-    JOB_RESULT_TTL = _int("JOB_RESULT_TTL", 10)
-    ENQUEUE_BATCH_SIZE = _int("ENQUEUE_BATCH_SIZE", 1000)
-    # A /send that creates more rows than this enqueues them from a background fan-out job.
-    ENQUEUE_INLINE_LIMIT = _int("ENQUEUE_INLINE_LIMIT", 1000)
-
-    MAX_SEND_IDS = _int("MAX_SEND_IDS", 10_000)
-    IMPORT_BATCH_SIZE = _int("IMPORT_BATCH_SIZE", 1000)
-    # Imports may be larger than other requests.
-    IMPORT_MAX_CONTENT_LENGTH = _int("IMPORT_MAX_CONTENT_LENGTH", 200 * 1024 * 1024)
-    DEFAULT_PHONE_REGION = os.environ.get("DEFAULT_PHONE_REGION", "KE")
-
-    SENDER = os.environ.get("SENDER", "mock")
-    MOCK_SENDER_FAILURE_RATE = _float("MOCK_SENDER_FAILURE_RATE", 0.0)
-    MOCK_SENDER_FAIL_ATTEMPTS = _int("MOCK_SENDER_FAIL_ATTEMPTS", 0)
-    MOCK_SENDER_LATENCY = _float("MOCK_SENDER_LATENCY", 0.0)
-    MOCK_SENDER_LOG = os.environ.get("MOCK_SENDER_LOG") or None
-
-    # Scheduling and self-healing (see README, "Processes").
-    SCHEDULER_INTERVAL = _float("SCHEDULER_INTERVAL", 5)
-    RECONCILE_INTERVAL = _int("RECONCILE_INTERVAL", 60)
-    STALE_AFTER = _int("STALE_AFTER", 300)
-    RECONCILE_BATCH_SIZE = _int("RECONCILE_BATCH_SIZE", 5000)
-
-    LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
-
-    # API keys (README, "Authentication and API keys"): these, and the hashed keys in the database.
-    API_KEYS = str_list(os.environ.get("API_KEYS", ""))
     REQUIRE_API_KEYS = False  # ProductionConfig refuses to start without a key
-    # One budget per API key for the whole API (Flask-Limiter notation), counted in Redis.
-    API_RATE_LIMIT = os.environ.get("API_RATE_LIMIT", "6000 per minute")
-    RATELIMIT_STORAGE_URI = limits_storage_uri(REDIS_URL)
-    # Larger bodies are answered 413 before they are read.
-    MAX_CONTENT_LENGTH = _int("MAX_CONTENT_LENGTH", 5 * 1024 * 1024)
-    # Idempotency keys (README, "Idempotency keys").
-    IDEMPOTENCY_TTL = _int("IDEMPOTENCY_TTL", 24 * 3600)
-    IDEMPOTENCY_WAIT = _float("IDEMPOTENCY_WAIT", 5)
-    IDEMPOTENCY_ABANDON_AFTER = _int("IDEMPOTENCY_ABANDON_AFTER", 300)
 
     # flask-smorest / OpenAPI
     API_TITLE = "Campaign dispatch API"
@@ -129,7 +279,27 @@ class Config:
     OPENAPI_SWAGGER_UI_CONFIG = {"validatorUrl": None}
 
 
+for _setting in SETTINGS:
+    setattr(Config, _setting.config_key, _setting.load(os.environ))
+if not os.environ.get("QUEUES", "").strip():
+    Config.QUEUES = [Config.CONTROL_QUEUE, Config.SEND_QUEUE]
+# The rate limiter counts in the same Redis.
+Config.RATELIMIT_STORAGE_URI = Config.REDIS_URL and limits_storage_uri(Config.REDIS_URL)
+
+
 class ProductionConfig(Config):
-    """What `wsgi.py` (gunicorn, the `web` process) runs with: it refuses to start without an API key."""
+    """What `wsgi.py` (gunicorn, the `web` process, and `flask --app wsgi` commands) runs with: the web
+    refuses to start without an API key."""
 
     REQUIRE_API_KEYS = True
+
+
+def check_settings(config: Mapping[str, object]) -> None:
+    """Raise `SettingsError` naming the first setting the service cannot run with."""
+    for setting in SETTINGS:
+        value = config.get(setting.config_key)
+        if isinstance(value, Invalid):
+            raise SettingsError(f"{value.name}: {value.reason}")
+    missing = [name for name in config["QUEUES"] if name not in (config["SEND_QUEUE"], config["CONTROL_QUEUE"])]
+    if missing:
+        raise SettingsError(f"QUEUES: {', '.join(missing)} is neither SEND_QUEUE nor CONTROL_QUEUE")

@@ -1,22 +1,56 @@
 """The `worker` process: builds the app once, then runs an RQ worker on the configured queues.
 
 RQ's own scheduler runs inside it (`with_scheduler`): it moves retries waiting out their
-`RETRY_INTERVALS` back onto the queue. `--burst` drains the queues and exits.
+`RETRY_INTERVALS` back onto the queue. `--burst` drains the queues and exits. Redis going away does not
+end the process: RQ waits for it while dequeueing, and a worker that quits on a Redis error anywhere else
+(at start, between jobs) is replaced by a new one once Redis answers again.
 """
 
 import argparse
+import logging
+import sys
+import time
+
+from redis.exceptions import RedisError
 
 from app import create_app
 from app.messaging.worker import build_worker
+from config import SettingsError
+
+log = logging.getLogger("worker")
+
+# Seconds between attempts to start a worker while Redis is unreachable: doubling up to the cap.
+FIRST_RETRY_DELAY = 1.0
+MAX_RETRY_DELAY = 30.0
+
+
+def run(app, burst: bool) -> None:
+    """Work until stopped (SIGTERM, SIGINT) or, with `burst`, until the queues are empty."""
+    delay = FIRST_RETRY_DELAY
+    while True:
+        try:
+            worker = build_worker(app)  # RQ names it in Redis already
+            worker.work(burst=burst, with_scheduler=True, logging_level=app.config["LOG_LEVEL"])
+        except RedisError as exc:
+            log.warning("Redis unavailable (%s: %s); starting a new worker in %.0f s", type(exc).__name__, exc, delay)
+        else:
+            if burst or worker.stop_requested:
+                return
+            log.warning("the worker quit (see above); starting a new worker in %.0f s", delay)
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_RETRY_DELAY)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     args = parser.parse_args()
-    # No pre-ping round trip per job: a dropped connection fails one attempt, and RQ retries it.
-    app = create_app(overrides={"SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": False}})
-    build_worker(app).work(burst=args.burst, with_scheduler=True, logging_level=app.config["LOG_LEVEL"])
+    try:
+        # No pre-ping round trip per job: a dropped connection fails one attempt, and RQ retries it.
+        app = create_app(overrides={"SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": False}})
+    except SettingsError as exc:
+        sys.exit(f"configuration error: {exc}")
+    run(app, args.burst)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from app.errors import register_errorhandlers
 from app.extensions import api, db, init_redis, migrate
 from app.logs import configure_logging
 from app.openapi import docs_assets, register_components
-from config import INSTANCE_PATH
+from config import INSTANCE_PATH, check_settings
 
 
 class App(Flask):
@@ -31,6 +31,7 @@ def create_app(config: object | str = "config.Config", overrides: dict | None = 
     app.config.from_object(config)
     if overrides:
         app.config.update(overrides)
+    check_settings(app.config)  # a bad setting stops every process here, before it does anything
     app.json.sort_keys = False
     configure_logging(app)
     register_extensions(app)

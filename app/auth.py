@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 
 import click
 from flask import Flask, current_app, request
 from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from werkzeug.exceptions import MethodNotAllowed
 
 from app import clock
 from app.errors import ConflictError, NotFoundError, error_response
 from app.extensions import db
 from app.models import ApiKey
+from config import SettingsError
+
+log = logging.getLogger(__name__)
 
 # Health checks, the OpenAPI document and the docs page (with its assets) need no key.
 PUBLIC_ENDPOINTS = frozenset(
@@ -94,18 +98,23 @@ def _require_api_key():
     return None
 
 
-def has_any_key(app: Flask) -> bool:
-    """Whether at least one key is configured: in `API_KEYS`, or unrevoked in the database."""
+def no_key_configured(app: Flask) -> bool:
+    """True when `API_KEYS` is empty and the database says it holds no unrevoked key (a database with no
+    tables yet holds none). A database that cannot be reached proves nothing: the web starts, and keys
+    are checked per request once it is back."""
     if app.config["API_KEYS"]:
-        return True
+        return False
     with app.app_context():
         try:
             count = db.session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None)))
-        except SQLAlchemyError:  # no database yet, or not migrated: no key either
+        except OperationalError:
+            log.warning("cannot count API keys: the database is unreachable; starting anyway")
+            return False
+        except SQLAlchemyError:  # not migrated yet
             count = 0
         finally:
             db.session.remove()
-    return bool(count)
+    return not count
 
 
 def init_app(app: Flask) -> None:
@@ -113,9 +122,9 @@ def init_app(app: Flask) -> None:
     that would answer every request with 401. Flask CLI commands are let through, so that an operator
     can migrate the database and create the first key with the production settings."""
     in_cli = click.get_current_context(silent=True) is not None
-    if app.config["REQUIRE_API_KEYS"] and not in_cli and not has_any_key(app):
-        raise RuntimeError(
-            "no API key configured: set API_KEYS, or run `flask --app wsgi api-keys create NAME` "
+    if app.config["REQUIRE_API_KEYS"] and not in_cli and no_key_configured(app):
+        raise SettingsError(
+            "API_KEYS: no API key configured: set API_KEYS, or run `flask --app wsgi api-keys create NAME` "
             "(after `flask --app wsgi db upgrade`)"
         )
     app.before_request(_require_api_key)

@@ -341,3 +341,18 @@ def test_message_rendered_over_the_channel_limit_fails_without_reaching_the_prov
     assert rows[short_value.id]["status"] == "sent"
     assert [a["phone"] for a in read_send_log(send_log)] == [short_value.phone]
     assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent"
+
+
+def test_the_worker_running_a_failed_attempt_decides_the_retry_delay(client, app, work, redis_conn):
+    """RETRY_INTERVALS has one meaning: the worker's own setting, not that of the process that enqueued."""
+    app.config["RETRY_INTERVALS"] = [3600]  # what the web process enqueuing the job has...
+    app.config["MOCK_SENDER_FAIL_ATTEMPTS"] = 1
+    ids = make_customers(1)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    app.config["RETRY_INTERVALS"] = [20, 40, 80]  # ...and what the worker running it has
+    work()
+    [row] = messages(client, campaign.id)
+    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
+    delay = registry.get_scheduled_time(message_job_id(row["id"])).timestamp() - time.time()
+    assert 15 <= delay <= 21

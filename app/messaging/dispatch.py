@@ -85,11 +85,12 @@ def create_pending_messages(campaign_id: int, audience: ColumnElement[bool]) -> 
 
 
 def _retry_for(retry_count: int) -> Retry | None:
-    """RQ's retry policy for a message that has already used `retry_count` retries."""
+    """RQ's retry policy for a message that has already used `retry_count` retries. The delays are not
+    set here: the worker that runs a failed attempt applies its own `RETRY_INTERVALS` (see `AppWorker`)."""
     left = current_app.config["MAX_RETRIES"] - retry_count
     if left <= 0:
         return None
-    return Retry(max=left, interval=current_app.config["RETRY_INTERVALS"] or 0)
+    return Retry(max=left)
 
 
 def enqueue_messages(messages: Iterable[tuple[int, int]], queue: Queue | None = None) -> int:

@@ -25,6 +25,7 @@ from rq.job import Job
 
 from app.extensions import db
 from app.logs import worker_job_id
+from app.messaging.dispatch import SEND_JOB
 
 # A heartbeat is skipped when the worker key would expire at most this many seconds later than it
 # already does.
@@ -39,10 +40,19 @@ class AppWorker(SimpleWorker):
     trips on its own bookkeeping (see the module's doc)."""
 
     app: Flask
+    stop_requested: bool = False  # a SIGTERM or SIGINT asked this worker to stop
     _key_expires_at: float = 0.0  # monotonic time at which the last heartbeat lets the worker key expire
     _suspension_checked_at: float = float("-inf")
 
+    def request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+        super().request_stop(signum, frame)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if job.func_name == SEND_JOB and job.retries_left:
+            # One meaning for RETRY_INTERVALS: the worker that runs a failed attempt decides the delay
+            # before the next, whichever process enqueued the job.
+            job.retry_intervals = self.app.config["RETRY_INTERVALS"]
         token = worker_job_id.set(job.id)
         with self.app.app_context():
             try:

@@ -1,0 +1,123 @@
+"""Settings: every process checks its settings at start and refuses a bad one with one line naming it;
+only values are checked, so every process starts while PostgreSQL or Redis is down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app import create_app
+from config import SETTINGS, SettingsError, check_settings
+from tests.conftest import ROOT, TEST_DATABASE_URL, TEST_OVERRIDES, TEST_REDIS_URL
+
+CLOSED = "127.0.0.1:1"  # nothing listens there
+
+
+def environment(**settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS",)}
+    env.update(DATABASE_URL=TEST_DATABASE_URL, REDIS_URL=TEST_REDIS_URL, API_KEYS="k", LOG_LEVEL="WARNING")
+    env.update(settings)
+    return env
+
+
+def loaded(**environ) -> dict:
+    return {s.config_key: s.load(environ) for s in SETTINGS} | {"QUEUES": ["campaign_control", "campaign_sends"]}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("SENDER", "twilio", "must be one of mock"),
+        ("RETRY_INTERVALS", "10,x", "whole numbers of seconds"),
+        ("RETRY_INTERVALS", "-5", "whole numbers of seconds"),
+        ("JOB_TIMEOUT", "0", "at least 1"),
+        ("JOB_TIMEOUT", "sixty", "whole number"),
+        ("MOCK_SENDER_FAILURE_RATE", "1.5", "between 0"),
+        ("MOCK_SENDER_FAILURE_RATE", "nan", "between 0"),
+        ("API_RATE_LIMIT", "lots", "a rate such as"),
+        ("LOG_LEVEL", "LOUD", "must be one of"),
+        ("DEFAULT_PHONE_REGION", "XX", "region code"),
+        ("REDIS_URL", "http://127.0.0.1:6379", "redis://"),
+        ("DATABASE_URL", "mysql://127.0.0.1/db", "postgresql://"),
+        ("SEND_QUEUE", "a queue", "letters, digits"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_setting(name, value, says):
+    with pytest.raises(SettingsError) as refused:
+        check_settings(loaded(**{name: value}))
+    assert str(refused.value).startswith(f"{name}: ")
+    assert says in str(refused.value)
+
+
+def test_queues_must_name_the_send_or_control_queue():
+    with pytest.raises(SettingsError, match="QUEUES: sends is neither"):
+        check_settings(loaded() | {"QUEUES": ["campaign_control", "sends"]})
+
+
+def test_secret_values_are_never_shown():
+    with pytest.raises(SettingsError) as refused:
+        check_settings(loaded(DATABASE_URL="mysql://app:s3cret-pw@db.example.com/prod"))
+    assert "s3cret-pw" not in str(refused.value) and "db.example.com" not in str(refused.value)
+
+
+def test_defaults_are_valid_and_an_app_with_an_invalid_override_is_not_built():
+    check_settings(loaded())
+    with pytest.raises(SettingsError, match="RETRY_INTERVALS"):
+        create_app(
+            "config.Config", {**TEST_OVERRIDES, "RETRY_INTERVALS": loaded(RETRY_INTERVALS="x")["RETRY_INTERVALS"]}
+        )
+
+
+PROCESSES = {
+    "worker": [sys.executable, "worker.py"],
+    "scheduler": [sys.executable, "-m", "flask", "--app", "wsgi", "scheduler"],
+    "web": [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0", "wsgi:app"],
+}
+
+
+@pytest.mark.parametrize("process", PROCESSES)
+def test_every_process_refuses_to_start_with_a_bad_setting_in_one_line(process):
+    result = subprocess.run(
+        PROCESSES[process],
+        cwd=ROOT,
+        env=environment(SENDER="twilio"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
+    assert errors and errors[0] == "configuration error: SENDER: must be one of mock (got 'twilio')"
+    assert "Traceback" not in result.stderr
+
+
+def test_web_starts_while_the_database_is_down(tmp_path):
+    """No API_KEYS and no database to count stored keys in: the web starts (and answers 503 until the
+    database is back) instead of refusing as if no key existed."""
+    env = environment(DATABASE_URL=f"postgresql://postgres@{CLOSED}/nowhere")
+    del env["API_KEYS"]
+    result = subprocess.run([sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("process", ["worker"])
+def test_worker_and_scheduler_start_and_keep_running_while_redis_is_down(process, tmp_path):
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            PROCESSES[process], cwd=ROOT, env=environment(REDIS_URL=f"redis://{CLOSED}/0"), stderr=stderr
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while CLOSED not in log.read_text():  # it has tried Redis, and said so
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        time.sleep(2)
+        assert proc.poll() is None, log.read_text()[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
