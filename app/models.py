@@ -75,7 +75,8 @@ class Customer(db.Model):
     __tablename__ = "customers"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    phone: Mapped[str] = mapped_column(String(16), unique=True)
+    # E.164 allows 15 digits, but libphonenumber validates longer numbers (Germany has 17-digit ones).
+    phone: Mapped[str] = mapped_column(String(32), unique=True)
     first_name: Mapped[str | None] = mapped_column(String(100))
     last_name: Mapped[str | None] = mapped_column(String(100))
     location: Mapped[str | None] = mapped_column(String(100), index=True)

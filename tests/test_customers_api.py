@@ -1,3 +1,5 @@
+import pytest
+
 from tests.factories import make_campaign, make_customer
 
 
@@ -76,3 +78,24 @@ def test_unknown_customer_is_404_json(client):
     response = client.get("/customers/999")
     assert response.status_code == 404
     assert response.get_json()["message"] == "customer 999 not found"
+
+
+def test_a_valid_phone_over_15_digits_is_stored_as_given(client):
+    response = client.post("/customers", json={"phone": "+49335199080462505"})
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["phone"] == "+49335199080462505"
+    other = client.post("/customers", json={"phone": "0712345678"}).get_json()
+    response = client.patch(f"/customers/{other['id']}", json={"phone": "+49 3351 99080462506"})
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["phone"] == "+49335199080462506"
+
+
+@pytest.mark.parametrize("phone", ["+254711000352;ext=12", "0711000350x", "0711000350 ext. 12", "0711000350#12"])
+def test_phone_extensions_are_refused(client, phone):
+    response = client.post("/customers", json={"phone": phone})
+    assert response.status_code == 422
+    assert "extension" in response.get_json()["message"]
+    customer = make_customer()
+    response = client.patch(f"/customers/{customer.id}", json={"phone": phone})
+    assert response.status_code == 422
+    assert client.get("/customers").get_json()["pagination"]["total"] == 1
