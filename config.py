@@ -72,6 +72,8 @@ class Config:
     IMPORT_BATCH_SIZE = _int("IMPORT_BATCH_SIZE", 1000)
     # Imports may be larger than other requests.
     IMPORT_MAX_CONTENT_LENGTH = _int("IMPORT_MAX_CONTENT_LENGTH", 200 * 1024 * 1024)
+    # Larger imports run as a job (202 and an import resource) instead of within the request.
+    IMPORT_SYNC_MAX_BYTES = _int("IMPORT_SYNC_MAX_BYTES", 10 * 1024 * 1024)
     DEFAULT_PHONE_REGION = os.environ.get("DEFAULT_PHONE_REGION", "KE")
 
     SENDER = os.environ.get("SENDER", "mock")

@@ -9,6 +9,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from app import auth, ratelimit
+from app.bodies import Request
 from app.errors import register_errorhandlers
 from app.extensions import api, db, init_redis, migrate
 from app.logs import configure_logging
@@ -18,6 +19,7 @@ from app.openapi import docs_assets, register_components
 def create_app(config: object | str = "config.Config", overrides: dict | None = None) -> Flask:
     """Build the app from a config object (or its import path) and optional overrides."""
     app = Flask(__name__, instance_relative_config=True)
+    app.request_class = Request  # a body over its limit is a 413, never cut short (see app.bodies)
     app.config.from_object(config)
     if overrides:
         app.config.update(overrides)
