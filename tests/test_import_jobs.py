@@ -5,6 +5,7 @@ import io
 
 import pytest
 from rq import Queue
+from rq.job import Job
 
 from app.customers import imports
 from app.customers.importer import ImportReport
@@ -69,7 +70,7 @@ def big(app):
     app.config["IMPORT_BATCH_SIZE"] = 50
 
 
-def test_a_big_import_is_202_with_a_location_and_a_job_imports_it(client, big, work):
+def test_a_big_import_is_202_with_a_location_and_a_job_imports_it(app, client, big, work, redis_conn):
     body, expected = make_file(2100)
     response = post(client, body)
     assert response.status_code == 202
@@ -80,6 +81,9 @@ def test_a_big_import_is_202_with_a_location_and_a_job_imports_it(client, big, w
     assert queued["report"] == {"created": 0, "updated": 0, "invalid": 0, "errors": [], "errors_truncated": False}
     assert imported(client, location)["status"] == "queued"
     assert customer_count() == 0
+    job = Job.fetch(imports.import_job_id(queued["id"]), connection=redis_conn)
+    assert job.origin == app.config["CONTROL_QUEUE"]
+    assert job.timeout == imports.IMPORT_JOB_TIMEOUT  # not RQ's default of 180 s
 
     work()
     done = imported(client, location)

@@ -85,7 +85,7 @@ def enqueue_import(import_id: int) -> None:
             IMPORT_JOB,
             args=(import_id,),
             job_id=import_job_id(import_id),
-            timeout=IMPORT_JOB_TIMEOUT,
+            job_timeout=IMPORT_JOB_TIMEOUT,
             result_ttl=600,
             retry=Retry(max=3, interval=[1, 5, 30]),
             description=f"import customers ({import_id})",
