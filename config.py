@@ -227,8 +227,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MOCK_SENDER_LOG", "", "file the mock sender appends one JSON line per attempt to", optional),
     # Customers
     Setting("DEFAULT_PHONE_REGION", "KE", "region for numbers written without a country code", phone_region),
-    Setting("IMPORT_BATCH_SIZE", "1000", "rows per upsert statement in CSV imports", integer(1)),
-    Setting("IMPORT_MAX_CONTENT_LENGTH", str(200 * MB), "largest CSV import body, in bytes", integer(1)),
+    Setting("IMPORT_BATCH_SIZE", "1000", "rows per upsert statement in CSV imports (an import job commits its "
+            "progress with each)", integer(1)),
+    Setting("IMPORT_MAX_CONTENT_LENGTH", str(200 * MB), "largest CSV import body, in bytes, however it is sent; "
+            "larger is a `413`", integer(1)),
+    Setting("IMPORT_SYNC_MAX_BYTES", str(10 * MB), "larger imports run as a job (`202`, `GET "
+            "/customers/imports/{id}`)", integer(0)),
     # Scheduling and self-healing
     Setting("SCHEDULER_INTERVAL", "5", "seconds between rq-scheduler's checks", number(0.1)),
     Setting("RECONCILE_INTERVAL", "60", "seconds between reconciler runs", integer(1)),

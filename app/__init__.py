@@ -9,6 +9,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from app import auth, ratelimit
+from app.bodies import Request
 from app.errors import register_errorhandlers
 from app.extensions import api, db, init_redis, migrate
 from app.logs import configure_logging
@@ -17,6 +18,8 @@ from config import INSTANCE_PATH, check_settings
 
 
 class App(Flask):
+    request_class = Request  # a body over its limit is a 413, never cut short (see app.bodies)
+
     def make_default_options_response(self):
         """`OPTIONS`: the allowed methods in `Allow`, and no body (Flask's default is an empty text/html 200)."""
         response = super().make_default_options_response()

@@ -1,14 +1,19 @@
-"""The tables: customers, campaigns and their outbound messages; API keys and idempotency keys."""
+"""The tables: customers (and their imports), campaigns and their outbound messages; API keys and
+idempotency keys."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -75,13 +80,75 @@ class Customer(db.Model):
     __tablename__ = "customers"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    phone: Mapped[str] = mapped_column(String(16), unique=True)
+    # E.164 allows 15 digits, but libphonenumber validates longer numbers (Germany has 17-digit ones).
+    phone: Mapped[str] = mapped_column(String(32), unique=True)
     first_name: Mapped[str | None] = mapped_column(String(100))
     last_name: Mapped[str | None] = mapped_column(String(100))
     location: Mapped[str | None] = mapped_column(String(100), index=True)
     preferred_product: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class ImportStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    ALL = (QUEUED, RUNNING, DONE, FAILED)
+    ACTIVE = (QUEUED, RUNNING)
+
+
+class CustomerImport(db.Model):
+    """A CSV import too big to answer at once, run by a job: its progress and running report.
+
+    `bytes_done` and `lines_done` say where the last committed batch ended in the upload; the counts
+    and errors are those of everything before it, committed with it."""
+
+    __tablename__ = "customer_imports"
+    # The reconciler looks for active imports left untouched.
+    __table_args__ = (Index("ix_customer_imports_status_updated_at", "status", "updated_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default=ImportStatus.QUEUED)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    bytes_total: Mapped[int] = mapped_column(BigInteger)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    lines_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_count: Mapped[int] = mapped_column(Integer, default=0)
+    updated_count: Mapped[int] = mapped_column(Integer, default=0)
+    invalid_count: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list] = mapped_column(JSON, default=list)
+    errors_truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Runs started since the last progress: an import that keeps failing at the same place is given up.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def report(self) -> dict:
+        """The import's report so far, in the shape of a synchronous import's answer."""
+        return {
+            "created": self.created_count,
+            "updated": self.updated_count,
+            "invalid": self.invalid_count,
+            "errors": self.errors,
+            "errors_truncated": self.errors_truncated,
+        }
+
+
+class CustomerImportChunk(db.Model):
+    """A piece of an import's upload (about 1 MB), kept in the database until the import ends: the
+    worker running it may be on another machine, and Redis may lose data."""
+
+    __tablename__ = "customer_import_chunks"
+
+    import_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("customer_imports.id", ondelete="CASCADE"), primary_key=True
+    )
+    start: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # offset of its first byte in the upload
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Campaign(db.Model):

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from app import create_app
 from app.extensions import db
 from app.messaging.worker import build_worker
 from config import database_url
+from tests.helpers import free_port, procfile_command
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = str(ROOT / "migrations")
@@ -129,7 +131,8 @@ def database_uri(backend, request, tmp_path) -> str:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE outbound_messages, campaigns, customers, api_keys, idempotency_keys RESTART IDENTITY CASCADE"
+                "TRUNCATE outbound_messages, campaigns, customers, api_keys, idempotency_keys, customer_imports, "
+                "customer_import_chunks RESTART IDENTITY CASCADE"
             )
         )
     engine.dispose()
@@ -260,19 +263,19 @@ def worker_env(app, send_log) -> dict:
 
 
 @pytest.fixture
-def spawn(worker_env, tmp_path):
-    """Start a process of the service (`python worker.py`, `flask scheduler`) against the real
-    backend with extra settings; killed at the end of the test, with any process it forked.
+def spawn_command(worker_env, tmp_path):
+    """Start a command (a full argv) against the real backend with extra settings; killed at the
+    end of the test, with any process it forked.
 
     Its stderr goes to a file, read back through `proc.stderr`: a pipe nobody drains until the
     process exits would block a chatty process once the pipe's 64 KB buffer is full."""
     started: list[subprocess.Popen] = []
 
-    def start(args: list[str], **env) -> subprocess.Popen:
+    def start(argv: list[str], **env) -> subprocess.Popen:
         log = tmp_path / f"stderr-{len(started)}.log"
         with open(log, "wb") as stderr:
             proc = subprocess.Popen(
-                [sys.executable, *args],
+                argv,
                 cwd=ROOT,
                 env={**worker_env, **{k: str(v) for k, v in env.items()}},
                 stdout=subprocess.DEVNULL,
@@ -288,6 +291,39 @@ def spawn(worker_env, tmp_path):
         kill_group(proc)
         if proc.stderr:
             proc.stderr.close()
+
+
+@pytest.fixture
+def spawn(spawn_command):
+    """Start a Python process of the service (`worker.py`, `-m flask scheduler`) against the real backend."""
+
+    def start(args: list[str], **env) -> subprocess.Popen:
+        return spawn_command([sys.executable, *args], **env)
+
+    return start
+
+
+@pytest.fixture
+def spawn_web(spawn_command):
+    """Start the Procfile's `web` command, as written there, on a free port; returns its base URL once
+    it answers."""
+
+    def start(**env) -> str:
+        port = free_port()
+        # The Procfile names `gunicorn`: the one installed beside this Python.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        proc = spawn_command(["bash", "-c", "exec " + procfile_command("web")], PORT=port, PATH=path, **env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return f"http://127.0.0.1:{port}"
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("the web process did not start listening within 30 s")
+
+    return start
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

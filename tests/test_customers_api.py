@@ -163,3 +163,24 @@ def test_concurrent_sends_and_deletes_never_leave_messages_without_a_customer(ap
     )
     assert orphans == 0, outcomes
     assert all(delete in (204, 409) for _, delete in outcomes), outcomes
+
+
+def test_a_valid_phone_over_15_digits_is_stored_as_given(client):
+    response = client.post("/customers", json={"phone": "+49335199080462505"})
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["phone"] == "+49335199080462505"
+    other = client.post("/customers", json={"phone": "0712345678"}).get_json()
+    response = client.patch(f"/customers/{other['id']}", json={"phone": "+49 3351 99080462506"})
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["phone"] == "+49335199080462506"
+
+
+@pytest.mark.parametrize("phone", ["+254711000352;ext=12", "0711000350x", "0711000350 ext. 12", "0711000350#12"])
+def test_phone_extensions_are_refused(client, phone):
+    response = client.post("/customers", json={"phone": phone})
+    assert response.status_code == 422
+    assert "extension" in response.get_json()["message"]
+    customer = make_customer()
+    response = client.patch(f"/customers/{customer.id}", json={"phone": phone})
+    assert response.status_code == 422
+    assert client.get("/customers").get_json()["pagination"]["total"] == 1

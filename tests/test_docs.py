@@ -15,6 +15,7 @@ OPERATIONS = [
     ("patch", "/customers/{customer_id}"),
     ("delete", "/customers/{customer_id}"),
     ("post", "/customers/import"),
+    ("get", "/customers/imports/{import_id}"),
     ("get", "/campaigns"),
     ("post", "/campaigns"),
     ("get", "/campaigns/{campaign_id}"),

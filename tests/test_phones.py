@@ -24,3 +24,17 @@ def test_invalid_numbers_are_rejected(raw):
 
 def test_default_region_decides_local_numbers():
     assert normalize_phone("020 7946 0018", "GB") == "+442079460018"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["+254711000352;ext=12", "0711000350x", "0711000350 x12", "0711000350 ext. 12", "0711000350#", "+254711000352,1"],
+)
+def test_extensions_are_refused(raw):
+    with pytest.raises(InvalidPhone, match="extension"):
+        normalize_phone(raw, "KE")
+
+
+def test_valid_numbers_over_15_digits_are_kept_whole():
+    assert normalize_phone("+49335199080462505", "KE") == "+49335199080462505"
+    assert normalize_phone("+49 3351 99080462505", "KE") == "+49335199080462505"

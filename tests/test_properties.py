@@ -77,8 +77,9 @@ def test_phone_parsing_never_crashes(raw, region):
         phone = normalize_phone(raw, region)
     except InvalidPhone:
         return
-    # A number it accepts is E.164, valid, and stable when parsed again.
-    assert re.fullmatch(r"\+[1-9]\d{1,14}", phone)
+    # A number it accepts is E.164 (up to 20 digits: libphonenumber validates some above 15), valid,
+    # and stable when parsed again.
+    assert re.fullmatch(r"\+[1-9]\d{1,19}", phone)
     assert phonenumbers.is_valid_number(phonenumbers.parse(phone, None))
     assert normalize_phone(phone, region) == phone
 
@@ -90,3 +91,44 @@ def test_phone_like_strings_never_crash(raw, region):
         normalize_phone(raw, region)
     except InvalidPhone:
         pass
+
+
+def _full_parse(raw: str, region: str) -> str | None:
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+# Valid numbers of every region and type, written in E.164: Italy's leading zero, national prefixes
+# that look like the start of a number (e.g. Argentina's), shared country codes (+1, +7, +44).
+EXAMPLE_NUMBERS = sorted(
+    {
+        phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+        for region in phonenumbers.SUPPORTED_REGIONS
+        for kind in range(12)
+        if (number := phonenumbers.example_number_for_type(region, kind)) is not None
+    }
+)
+
+
+@given(st.one_of(st.sampled_from(EXAMPLE_NUMBERS), st.from_regex(r"\+[0-9]{2,21}", fullmatch=True)), regions)
+@example("+2540712345678", "KE")  # a national prefix after the country code
+@example("+390612345678", "KE")  # Italy keeps its leading zero
+@example("+49335199080462505", "KE")  # 17 digits, valid
+@settings(max_examples=500)
+def test_e164_input_reads_as_libphonenumber_reads_it(raw, region):
+    try:
+        phone = normalize_phone(raw, region)
+    except InvalidPhone:
+        phone = None
+    assert phone == _full_parse(raw, region)
+
+
+def test_every_region_s_example_numbers_are_kept():
+    assert len(EXAMPLE_NUMBERS) > 900
+    for raw in EXAMPLE_NUMBERS:
+        assert normalize_phone(raw, "KE") == raw

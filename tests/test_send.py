@@ -2,6 +2,7 @@
 
 import pytest
 from rq import Queue
+from rq.job import Job
 
 from app.extensions import db
 from app.messaging.dispatch import message_job_id
@@ -145,6 +146,8 @@ def test_large_send_is_enqueued_by_a_fan_out_job(client, app, redis_conn, work):
     assert queued_job_ids(redis_conn) == []
     control = Queue("campaign_control", connection=redis_conn).job_ids
     assert [j.split("-")[0] for j in control] == ["enqueue_campaign"]
+    # Walking a big campaign takes a while: not RQ's default 180 s (RQ 3 ignores `timeout=` beside `args=`).
+    assert Job.fetch(control[0], connection=redis_conn).timeout == 3600
     work()
     detail = client.get(f"/campaigns/{campaign.id}").get_json()
     assert detail["status"] == "sent"

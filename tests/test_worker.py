@@ -356,3 +356,22 @@ def test_the_worker_running_a_failed_attempt_decides_the_retry_delay(client, app
     registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
     delay = registry.get_scheduled_time(message_job_id(row["id"])).timestamp() - time.time()
     assert 15 <= delay <= 21
+
+
+def slow_statement(seconds: float) -> None:
+    """A job stuck in a database statement (run by the worker below)."""
+    db.session.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
+
+
+@pytest.mark.real_only
+def test_a_job_stopped_by_its_timeout_mid_statement_does_not_stop_the_worker(client, app, redis_conn, send_log):
+    """RQ's job timeout interrupts a statement in flight; the worker discards that connection and goes on."""
+    queue = Queue(app.config["SEND_QUEUE"], connection=redis_conn)
+    queue.enqueue(slow_statement, args=(30,), job_timeout=1)
+    ids = make_customers(2)
+    campaign = make_campaign()
+    start(client, campaign.id, ids)
+    build_worker(app).work(burst=True, logging_level="WARNING")
+    db.session.rollback()
+    detail = client.get(f"/campaigns/{campaign.id}").get_json()
+    assert (detail["status"], detail["stats"]["sent"]) == ("sent", 2)

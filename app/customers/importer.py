@@ -1,28 +1,55 @@
-"""Bulk import of customers from CSV: streamed, validated row by row, upserted by phone in batches.
+"""Bulk import of customers from CSV: read through a capped line source, validated row by row, upserted
+by phone in batches.
 
-Good rows are kept when some are bad; each bad row is reported with its line number and reason.
-Memory stays flat whatever the file size: one batch of rows is held at a time.
+What an import writes:
+- only the columns the header names: a column the file does not have is left as it is;
+- an empty cell keeps the stored value (a new customer gets null); a field is cleared with PATCH;
+- lines for the same phone merge the same way: a later non-empty value wins.
+
+Good rows are kept when some are bad; a bad row is reported with the line its record began on. Memory
+stays flat whatever the file: one batch of rows is held, and no record longer than `MAX_RECORD_BYTES`.
+A batch's rows are written in phone order, so concurrent imports take row locks in the same order and
+cannot deadlock; on PostgreSQL the upsert itself says which rows it inserted, so counts stay exact
+when imports overlap.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterable, Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import IO
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import String, bindparam, func, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, IntegrityError
 
 from app import clock
 from app.customers.phones import InvalidPhone, normalize_phone
 from app.errors import ValidationFailed
 from app.extensions import db
 from app.models import Customer
+from app.text import text_problem
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("phone", "first_name", "last_name", "location", "preferred_product")
 MAX_LENGTHS = {"first_name": 100, "last_name": 100, "location": 100, "preferred_product": 200, "phone": 32}
 MAX_REPORTED_ERRORS = 1000
+# The longest record a valid row needs, with room to spare: every column at its limit in 4-byte UTF-8
+# characters, each doubled by CSV quoting, with its quotes and comma; twice that for padding.
+MAX_RECORD_BYTES = 2 * sum(2 * 4 * n + 3 for n in MAX_LENGTHS.values())
+# A 422 for unknown header columns names this many of them, each cut to MAX_LISTED_NAME characters.
+MAX_LISTED_COLUMNS = 10
+MAX_LISTED_NAME = 40
+UTF8_BOM = b"\xef\xbb\xbf"
+# Reading past an over-long line, this much at a time.
+_SKIP_BYTES = 64 * 1024
+
+_customers = Customer.__table__
 
 
 @dataclass
@@ -41,37 +68,110 @@ class ImportReport:
             self.errors_truncated = True
 
 
-def _header(reader: Iterator[list[str]]) -> list[str]:
+class RecordTooLong(Exception):
+    """A record ran over MAX_RECORD_BYTES; the rest of its physical line has been read and dropped."""
+
+
+class LineSource:
+    """The physical lines of a binary CSV stream, decoded (UTF-8; a byte that is not becomes U+FFFD),
+    for `csv.reader`. It counts the lines and bytes consumed, so a record's first line and the place
+    where a batch ends are known, and caps each record at `limit` bytes: the rest of an over-long line
+    is read and dropped in pieces, never held, and `RecordTooLong` is raised through the reader, which
+    starts afresh on the next line at its next call."""
+
+    def __init__(self, stream: IO[bytes], line: int = 0, offset: int = 0, limit: int = MAX_RECORD_BYTES):
+        self.stream = stream
+        self.line = line  # lines consumed
+        self.offset = offset  # bytes consumed
+        self.limit = limit
+        self._record_bytes = 0
+
+    def start_record(self) -> int:
+        """Mark the start of a record; returns the number of its first line."""
+        self._record_bytes = 0
+        return self.line + 1
+
+    def __iter__(self) -> LineSource:
+        return self
+
+    def __next__(self) -> str:
+        room = self.limit - self._record_bytes
+        raw = self.stream.readline(room + 1)
+        if not raw:
+            raise StopIteration
+        at_start = self.offset == 0
+        self.line += 1
+        self.offset += len(raw)
+        if len(raw) > room:
+            self._skip_rest(raw)
+            raise RecordTooLong(f"row longer than {self.limit} bytes")
+        self._record_bytes += len(raw)
+        if at_start and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM) :]
+        return raw.decode("utf-8", errors="replace")
+
+    def _skip_rest(self, raw: bytes) -> None:
+        while not raw.endswith(b"\n"):
+            raw = self.stream.readline(_SKIP_BYTES)
+            if not raw:
+                return
+            self.offset += len(raw)
+
+
+def _listed(names: list[str]) -> str:
+    shown = [n if len(n) <= MAX_LISTED_NAME else n[:MAX_LISTED_NAME] + "..." for n in names[:MAX_LISTED_COLUMNS]]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {more:,} more" if more else "")
+
+
+def read_header(source: LineSource) -> tuple[str, ...]:
+    """The column names of the header record; `ValidationFailed` (a 422) when it is missing, has no
+    `phone`, an unknown column or a column twice."""
+    expected = ",".join(COLUMNS)
+    source.start_record()
     try:
-        header = [h.strip().lower() for h in next(reader)]
+        header = [h.strip().lower() for h in next(csv.reader(source))]
     except StopIteration:
-        raise ValidationFailed("the CSV file is empty; expected a header line: " + ",".join(COLUMNS)) from None
+        raise ValidationFailed("the CSV file is empty; expected a header line: " + expected) from None
+    except RecordTooLong:
+        raise ValidationFailed(f"CSV header: longer than {source.limit} bytes; expected columns: {expected}") from None
+    except csv.Error as exc:
+        raise ValidationFailed(f"CSV header: not CSV ({exc}); expected columns: {expected}") from None
     unknown = [h for h in header if h not in COLUMNS]
     problems = []
     if "phone" not in header:
         problems.append("no phone column")
     if unknown:
-        problems.append("unknown column(s) " + ", ".join(unknown))
+        problems.append("unknown column(s) " + _listed(unknown))
     if len(set(header)) != len(header):
         problems.append("a column appears twice")
     if problems:
-        raise ValidationFailed(f"CSV header: {'; '.join(problems)}; expected columns: {','.join(COLUMNS)}")
-    return header
+        raise ValidationFailed(f"CSV header: {'; '.join(problems)}; expected columns: {expected}")
+    return tuple(header)
 
 
-def _parse(header: list[str], values: list[str], region: str) -> dict:
-    """One CSV row as customer fields; ValueError with the reason when it is not a valid customer."""
+def _is_blank(values: list[str]) -> bool:
+    """An empty line, or one of nothing but spaces; `,,` is a row (of empty fields)."""
+    return not values or (len(values) == 1 and not values[0].strip())
+
+
+def _parse(header: tuple[str, ...], values: list[str], region: str) -> dict:
+    """One CSV row as customer fields (an empty cell is None); ValueError with the reason when it is not
+    a valid customer."""
     if len(values) != len(header):
         raise ValueError(f"expected {len(header)} fields, found {len(values)}")
     row = {}
     for name, raw in zip(header, values, strict=True):
         value = raw.strip()
-        if "\x00" in value or "\ufffd" in value:
+        if "\ufffd" in value:
             raise ValueError(f"{name}: not valid UTF-8 text")
+        problem = text_problem(value)
+        if problem:
+            raise ValueError(f"{name}: {problem}")
         if len(value) > MAX_LENGTHS[name]:
             raise ValueError(f"{name}: longer than {MAX_LENGTHS[name]} characters")
         row[name] = value or None
-    if not row.get("phone"):
+    if not row["phone"]:
         raise ValueError("phone: missing")
     try:
         row["phone"] = normalize_phone(row["phone"], region)
@@ -80,60 +180,138 @@ def _parse(header: list[str], values: list[str], region: str) -> dict:
     return row
 
 
-def _upsert(batch: dict[str, dict], duplicates: int, report: ImportReport) -> None:
-    """Insert or update `batch` (keyed by phone) in one statement, and count what it did."""
-    existing = set(db.session.scalars(select(Customer.phone).where(Customer.phone.in_(list(batch)))))
-    now = clock.now()
-    rows = [{**{c: None for c in COLUMNS}, **row, "created_at": now, "updated_at": now} for row in batch.values()]
-    dialect = db.session.get_bind().dialect.name
-    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Customer).values(rows)
-    fields = [c for c in COLUMNS if c != "phone"]
-    db.session.execute(
-        insert.on_conflict_do_update(
-            index_elements=["phone"],
-            set_={**{c: insert.excluded[c] for c in fields}, "updated_at": insert.excluded.updated_at},
-        )
-    )
-    db.session.commit()
-    report.created += len(batch) - len(existing)
-    report.updated += len(existing) + duplicates
+@dataclass
+class Batch:
+    """Rows read since the last batch, merged by phone, and where in the file the batch ends."""
+
+    rows: dict[str, dict] = field(default_factory=dict)
+    lines: dict[str, int] = field(default_factory=dict)  # phone -> line of its last record
+    repeats: dict[str, int] = field(default_factory=dict)  # phone -> later lines merged into its row
+    end_offset: int = 0
+    end_line: int = 0
+    last: bool = False
+
+    def add(self, row: dict, line: int) -> None:
+        phone = row["phone"]
+        held = self.rows.get(phone)
+        if held is None:
+            self.rows[phone] = row
+        else:
+            held.update((name, value) for name, value in row.items() if value is not None)
+            self.repeats[phone] = self.repeats.get(phone, 0) + 1
+        self.lines[phone] = line
 
 
-def import_customers(lines: Iterable[str], progress: Callable[[int], None] | None = None) -> ImportReport:
-    """Import customers from CSV text lines (header first). Rows are upserted by phone in batches of
-    `IMPORT_BATCH_SIZE`, each committed; `progress(rows)` is called after each batch."""
+def read_batches(source: LineSource, header: tuple[str, ...], report: ImportReport) -> Iterator[Batch]:
+    """The records after the header, in batches of `IMPORT_BATCH_SIZE` records (good or bad; blank
+    lines do not count). Bad records go to `report` as they are read. The last batch, `last` and
+    perhaps empty, ends at the end of the file."""
     region = current_app.config["DEFAULT_PHONE_REGION"]
     batch_size = current_app.config["IMPORT_BATCH_SIZE"]
-    reader = csv.reader(lines)
-    header = _header(reader)
-    report = ImportReport()
-    batch: dict[str, dict] = {}
-    duplicates = 0
+    reader = csv.reader(source)
+    batch, records = Batch(), 0
     while True:
+        line = source.start_record()
         try:
             values = next(reader)
         except StopIteration:
             break
-        except csv.Error as exc:  # e.g. a field over the csv module's size limit
-            report.reject(reader.line_num, f"not a CSV row: {exc}")
-            continue
-        if not any(v.strip() for v in values):
-            continue  # blank line
-        try:
-            row = _parse(header, values, region)
-        except ValueError as exc:
-            report.reject(reader.line_num, str(exc))
-            continue
-        if row["phone"] in batch:
-            duplicates += 1  # a later line for the same phone wins
-        batch[row["phone"]] = row
-        if len(batch) >= batch_size:
-            _upsert(batch, duplicates, report)
-            if progress:
-                progress(len(batch) + duplicates)
-            batch, duplicates = {}, 0
-    if batch:
-        _upsert(batch, duplicates, report)
+        except RecordTooLong as exc:
+            report.reject(line, str(exc))
+        except csv.Error as exc:
+            report.reject(line, f"not a CSV row: {exc}")
+        else:
+            if _is_blank(values):
+                continue
+            try:
+                batch.add(_parse(header, values, region), line)
+            except ValueError as exc:
+                report.reject(line, str(exc))
+        records += 1
+        if records >= batch_size:
+            batch.end_offset, batch.end_line = source.offset, source.line
+            yield batch
+            batch, records = Batch(), 0
+    batch.end_offset, batch.end_line, batch.last = source.offset, source.line, True
+    yield batch
+
+
+@lru_cache(maxsize=64)
+def _upsert_statement(columns: tuple[str, ...], dialect: str):
+    """Upsert `columns` by phone; a NULL (an empty cell) keeps the stored value.
+
+    On PostgreSQL one INSERT ... SELECT from `unnest` of one array per column, in phone order, which
+    returns per row whether it was inserted (`xmax = 0`): the statement is the same whatever the batch
+    size (the driver parses a VALUES list of 1,000 rows anew for every batch, and that cost more than
+    everything else). On SQLite a plain executemany."""
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_customers)
+    if dialect == "postgresql":
+        rows = (
+            func.unnest(*[bindparam(c, type_=postgresql.ARRAY(String)) for c in columns])
+            .table_valued(*columns)
+            .render_derived(name="rows")
+        )
+        now = bindparam("now", type_=_customers.c.created_at.type)
+        insert = insert.from_select(
+            [*columns, "created_at", "updated_at"],
+            select(*[rows.c[c] for c in columns], now, now).order_by(rows.c.phone),
+        )
+    changes = {c: func.coalesce(insert.excluded[c], _customers.c[c]) for c in columns if c != "phone"}
+    stmt = insert.on_conflict_do_update(
+        index_elements=["phone"], set_={**changes, "updated_at": insert.excluded.updated_at}
+    )
+    return stmt.returning(literal_column("xmax = 0")) if dialect == "postgresql" else stmt
+
+
+def _upsert(rows: list[dict], columns: tuple[str, ...]) -> int:
+    """Upsert `rows` in phone order; returns how many were inserted."""
+    now = clock.now()
+    dialect = db.session.get_bind().dialect.name
+    stmt = _upsert_statement(columns, dialect)
+    if dialect == "postgresql":
+        arrays = {c: [row[c] for row in rows] for c in columns}
+        return sum(db.session.execute(stmt, {**arrays, "now": now}).scalars())
+    # SQLite has one writer at a time: a read before the write counts exactly.
+    existing = db.session.scalar(select(func.count()).where(_customers.c.phone.in_([row["phone"] for row in rows])))
+    db.session.execute(stmt, [{**row, "created_at": now, "updated_at": now} for row in rows])
+    return len(rows) - existing
+
+
+def write_batch(batch: Batch, columns: tuple[str, ...], report: ImportReport) -> None:
+    """Upsert the batch's rows in the caller's transaction, in phone order, and count them in `report`.
+
+    If the database refuses the batch, its rows are written one by one, each in a savepoint, so that a
+    refused row costs only itself; it is reported with its line."""
+    phones = sorted(batch.rows)
+    if not phones:
+        return
+    try:
+        with db.session.begin_nested():
+            created = _upsert([batch.rows[p] for p in phones], columns)
+        written = phones
+    except (DataError, IntegrityError):
+        created, written = 0, []
+        for phone in phones:
+            try:
+                with db.session.begin_nested():
+                    created += _upsert([batch.rows[phone]], columns)
+                written.append(phone)
+            except (DataError, IntegrityError):
+                log.warning("the database refused an imported row", extra={"line": batch.lines[phone]}, exc_info=True)
+                report.reject(batch.lines[phone], "the database refused this row")
+    report.created += created
+    report.updated += len(written) - created + sum(batch.repeats.get(p, 0) for p in written)
+
+
+def import_customers(stream: IO[bytes], progress: Callable[[int], None] | None = None) -> ImportReport:
+    """Import customers from a binary CSV stream (header first), committing each batch;
+    `progress(bytes)` is called after each commit with the bytes read so far."""
+    source = LineSource(stream)
+    header = read_header(source)
+    report = ImportReport()
+    for batch in read_batches(source, header, report):
+        write_batch(batch, header, report)
+        db.session.commit()
         if progress:
-            progress(len(batch) + duplicates)
+            progress(batch.end_offset)
     return report

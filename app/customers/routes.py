@@ -1,14 +1,16 @@
-import io
+from typing import IO
 
-from flask import current_app, request
+from flask import current_app, jsonify, request, url_for
 from flask.views import MethodView
 
 from app.blueprint import Blueprint
-from app.customers import service
-from app.customers.importer import COLUMNS, import_customers
-from app.customers.schemas import CustomerQuerySchema, CustomerSchema, ImportReportSchema
+from app.bodies import spool
+from app.customers import imports, service
+from app.customers.importer import COLUMNS
+from app.customers.schemas import CustomerImportSchema, CustomerQuerySchema, CustomerSchema, ImportReportSchema
 from app.errors import ValidationFailed
 from app.idempotency import idempotent
+from app.models import CustomerImport
 from app.schemas import ErrorSchema, page_of
 
 bp = Blueprint("customers", __name__, url_prefix="/customers", description="Customers who receive campaigns")
@@ -71,23 +73,50 @@ CSV_BODY = {
         },
     },
 }
+IMPORT_LOCATION = {
+    "Location": {"schema": {"type": "string"}, "description": "The import resource: `/customers/imports/{import_id}`."}
+}
+
+
+def _upload() -> IO[bytes]:
+    """The CSV of the request, whole in a temporary file: a body over `IMPORT_MAX_CONTENT_LENGTH` is a
+    413 before anything is imported, whatever its transfer encoding."""
+    request.max_content_length = current_app.config["IMPORT_MAX_CONTENT_LENGTH"]
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")  # parsed into a temporary file, under the same limit
+        if upload is None:
+            raise ValidationFailed("multipart body has no `file` field", {"file": ["Missing data for required field."]})
+        return upload.stream
+    if request.mimetype in ("text/csv", "text/plain", "application/csv"):
+        return spool(request.stream)
+    raise ValidationFailed("send the CSV as a text/csv body or as a multipart/form-data field named `file`")
 
 
 @bp.route("/import", methods=["POST"])
 @bp.doc(requestBody=CSV_BODY)
 @bp.response(200, ImportReportSchema)
+@bp.alt_response(
+    202,
+    schema=CustomerImportSchema,
+    headers=IMPORT_LOCATION,
+    success=True,
+    description="Over IMPORT_SYNC_MAX_BYTES: queued as a job; follow `Location` for its progress and report",
+)
 @bp.alt_response(422, schema=ErrorSchema, description="Not CSV, or a bad header line; nothing imported")
 def import_csv():
     """Create or update customers from CSV (upsert by phone); bad rows are reported, good rows kept"""
-    request.max_content_length = current_app.config["IMPORT_MAX_CONTENT_LENGTH"]
-    if request.mimetype == "multipart/form-data":
-        upload = request.files.get("file")
-        if upload is None:
-            raise ValidationFailed("multipart body has no `file` field", {"file": ["Missing data for required field."]})
-        raw = upload.stream
-    elif request.mimetype in ("text/csv", "text/plain", "application/csv"):
-        raw = request.stream
-    else:
-        raise ValidationFailed("send the CSV as a text/csv body or as a multipart/form-data field named `file`")
-    text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
-    return import_customers(text)
+    with _upload() as upload:
+        result = imports.import_upload(upload)
+    if isinstance(result, CustomerImport):
+        location = url_for("customers.CustomerImportById", import_id=result.id)
+        return jsonify(CustomerImportSchema().dump(result)), 202, {"Location": location}
+    return result
+
+
+@bp.route("/imports/<int(max=2147483647):import_id>")
+class CustomerImportById(MethodView):
+    @bp.response(200, CustomerImportSchema)
+    @bp.alt_response(404, schema=ErrorSchema, description="Unknown import")
+    def get(self, import_id):
+        """Get an import that runs as a job: its status, progress and report"""
+        return imports.get_import(import_id)

@@ -1,5 +1,6 @@
 from marshmallow import Schema, fields, validate
 
+from app.models import ImportStatus
 from app.schemas import PageQuerySchema, Text, UTCDateTime
 
 
@@ -35,3 +36,24 @@ class ImportReportSchema(Schema):
     invalid = fields.Integer(required=True)
     errors = fields.List(fields.Nested(ImportErrorSchema), required=True, metadata={"description": "First 1,000."})
     errors_truncated = fields.Boolean(required=True)
+
+
+class CustomerImportSchema(Schema):
+    id = fields.Integer(required=True)
+    status = fields.String(
+        required=True,
+        validate=validate.OneOf(ImportStatus.ALL),
+        metadata={"description": "queued, running, then done (or failed, with `status_reason`)."},
+    )
+    status_reason = fields.String(allow_none=True, required=True, metadata={"description": "Why it failed."})
+    bytes_total = fields.Integer(required=True, metadata={"description": "Size of the upload."})
+    bytes_done = fields.Integer(required=True, metadata={"description": "Bytes of the upload imported so far."})
+    lines_done = fields.Integer(required=True, metadata={"description": "Lines of the upload imported so far."})
+    report = fields.Nested(
+        ImportReportSchema,
+        required=True,
+        metadata={"description": "Counts and errors so far; the whole report once `done`."},
+    )
+    created_at = UTCDateTime(required=True)
+    updated_at = UTCDateTime(required=True)
+    finished_at = UTCDateTime(allow_none=True, required=True)

@@ -167,7 +167,7 @@ def enqueue_new_rows(campaign_id: int, rows: NewRows) -> None:
         ENQUEUE_RANGE_JOB,
         args=(campaign_id, rows.first_id, rows.last_id),
         job_id=f"enqueue_campaign-{campaign_id}-{rows.first_id}-{rows.last_id}",
-        timeout=LONG_JOB_TIMEOUT,
+        job_timeout=LONG_JOB_TIMEOUT,
         result_ttl=0,
         retry=Retry(max=3, interval=[1, 5, 30]),
     )

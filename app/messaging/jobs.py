@@ -122,4 +122,7 @@ def dispatch_campaign(campaign_id: int) -> str:
 def reconcile() -> str:
     """The periodic self-healing pass (see `app.messaging.reconcile`)."""
     report = reconcile_pass()
-    return f"dispatched {report.dispatched}, requeued {report.requeued}, finalized {report.finalized}"
+    return (
+        f"dispatched {report.dispatched}, requeued {report.requeued}, finalized {report.finalized}, "
+        f"requeued imports {report.requeued_imports}"
+    )

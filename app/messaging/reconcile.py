@@ -5,7 +5,9 @@ It runs every `RECONCILE_INTERVAL` seconds and
 2. re-enqueues pending messages of `sending` campaigns untouched for `STALE_AFTER` seconds whose job
    is not waiting in Redis (a crash between commit and enqueue, a flushed Redis, a killed worker);
 3. finalizes `sending` campaigns with nothing pending;
-4. deletes idempotency keys older than `IDEMPOTENCY_TTL`.
+4. deletes idempotency keys older than `IDEMPOTENCY_TTL`;
+5. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
+   job is not waiting in Redis (a flushed Redis, a killed worker); the job resumes where the import was.
 It works in batches and is safe beside workers and beside itself: a message a worker is sending holds
 its row lock and is skipped here, and a job that runs twice does not send twice.
 """
@@ -22,10 +24,11 @@ from rq.job import Job, JobStatus
 from sqlalchemy import select, update
 
 from app import clock
-from app.extensions import db, get_queue, get_redis
+from app.customers import imports
+from app.extensions import db, get_control_queue, get_queue, get_redis
 from app.idempotency import purge_expired
 from app.messaging import dispatch
-from app.models import Campaign, CampaignStatus, MessageStatus, OutboundMessage
+from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class ReconcileReport:
     requeued: int = 0
     finalized: dict[int, str] = field(default_factory=dict)
     expired_idempotency_keys: int = 0
+    requeued_imports: int = 0
 
 
 def dispatch_due_campaigns() -> list[int]:
@@ -50,8 +54,8 @@ def dispatch_due_campaigns() -> list[int]:
     return [campaign_id for campaign_id in due if dispatch.dispatch_campaign(campaign_id, now) is not None]
 
 
-def _jobs_waiting(message_ids: list[int]) -> list[bool]:
-    """Whether each message's job will run without help.
+def _jobs_waiting(job_ids: list[str], queue: Queue) -> list[bool]:
+    """Whether each job (of `queue`) will run without help.
 
     A job's status alone does not say: a worker that pops a job and dies before starting it (BLPOP for
     a worker on several queues, LMOVE into RQ's intermediate list for one on a single queue) leaves the
@@ -59,8 +63,6 @@ def _jobs_waiting(message_ids: list[int]) -> list[bool]:
     `queued` job enqueued before the job now at the head has left the list. The statuses are read
     before the head: a job still in the list at that later read is at or behind the head.
     """
-    queue = get_queue()
-    job_ids = [dispatch.message_job_id(m) for m in message_ids]
     with get_redis().pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.hmget(Job.key_for(job_id), "status", "enqueued_at")
@@ -118,7 +120,8 @@ def requeue_stale_messages(campaign_id: int) -> int:
             db.session.commit()
             return requeued
         after = rows[-1].id
-        lost = [r for r, waiting in zip(rows, _jobs_waiting([r.id for r in rows]), strict=True) if not waiting]
+        waiting = _jobs_waiting([dispatch.message_job_id(r.id) for r in rows], get_queue())
+        lost = [r for r, will_run in zip(rows, waiting, strict=True) if not will_run]
         if lost:
             # Touching them keeps the next run from re-enqueueing them again before they are stale.
             db.session.execute(
@@ -131,8 +134,37 @@ def requeue_stale_messages(campaign_id: int) -> int:
         requeued += dispatch.enqueue_messages((r.id, r.retry_count) for r in lost)
 
 
+def requeue_stale_imports() -> int:
+    """Re-enqueue the jobs of imports left queued or running, untouched for `STALE_AFTER` seconds,
+    whose job is not waiting in Redis; returns how many."""
+    cutoff = clock.now() - timedelta(seconds=current_app.config["STALE_AFTER"])
+    stale = db.session.scalars(
+        select(CustomerImport.id)
+        .where(CustomerImport.status.in_(ImportStatus.ACTIVE), CustomerImport.updated_at < cutoff)
+        .order_by(CustomerImport.id)
+        .limit(current_app.config["RECONCILE_BATCH_SIZE"])
+    ).all()
+    if not stale:
+        db.session.commit()
+        return 0
+    waiting = _jobs_waiting([imports.import_job_id(i) for i in stale], get_control_queue())
+    lost = [i for i, will_run in zip(stale, waiting, strict=True) if not will_run]
+    if lost:
+        # Touched, so that the next pass leaves them to the job until they are stale again.
+        db.session.execute(
+            update(CustomerImport)
+            .where(CustomerImport.id.in_(lost), CustomerImport.status.in_(ImportStatus.ACTIVE))
+            .values(updated_at=clock.now())
+            .execution_options(synchronize_session=False)
+        )
+    db.session.commit()
+    for import_id in lost:
+        imports.enqueue_import(import_id)
+    return len(lost)
+
+
 def reconcile() -> ReconcileReport:
-    """One pass of the four steps above."""
+    """One pass of the five steps above."""
     report = ReconcileReport(dispatched=dispatch_due_campaigns())
     sending = db.session.scalars(select(Campaign.id).where(Campaign.status == CampaignStatus.SENDING)).all()
     db.session.commit()
@@ -143,7 +175,14 @@ def reconcile() -> ReconcileReport:
         if status:
             report.finalized[campaign_id] = status
     report.expired_idempotency_keys = purge_expired()
-    if report.dispatched or report.requeued or report.finalized or report.expired_idempotency_keys:
+    report.requeued_imports = requeue_stale_imports()
+    if (
+        report.dispatched
+        or report.requeued
+        or report.finalized
+        or report.expired_idempotency_keys
+        or report.requeued_imports
+    ):
         log.info(
             "reconciled",
             extra={
@@ -151,6 +190,7 @@ def reconcile() -> ReconcileReport:
                 "requeued": report.requeued,
                 "finalized": report.finalized,
                 "expired_idempotency_keys": report.expired_idempotency_keys,
+                "requeued_imports": report.requeued_imports,
             },
         )
     return report

@@ -16,6 +16,8 @@ RQ stores it: `rq info` and the dashboards see the same workers, states and jobs
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 
 from flask import Flask
@@ -26,6 +28,8 @@ from rq.job import Job
 from app.extensions import db
 from app.logs import worker_job_id
 from app.messaging.dispatch import SEND_JOB
+
+log = logging.getLogger(__name__)
 
 # A heartbeat is skipped when the worker key would expire at most this many seconds later than it
 # already does.
@@ -58,7 +62,7 @@ class AppWorker(SimpleWorker):
             try:
                 super().execute_job(job, queue)
             finally:
-                db.session.remove()
+                _release_session()
                 worker_job_id.reset(token)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
@@ -85,6 +89,18 @@ class AppWorker(SimpleWorker):
         if pipeline is None and state == self.get_state():
             return
         super().set_state(state, pipeline)
+
+
+def _release_session() -> None:
+    """Give the job's database connection back to the pool; one left mid-statement (RQ's job timeout
+    interrupted it) cannot be rolled back, and is closed instead, so the worker goes on."""
+    try:
+        db.session.remove()
+    except Exception:  # noqa: BLE001 - whatever state the job left, the next job gets a clean session
+        log.warning("discarding a database connection the job left mid-statement", exc_info=True)
+        with contextlib.suppress(Exception):
+            db.session.invalidate()
+        db.session.registry.clear()
 
 
 def build_worker(app: Flask, queue_names: list[str] | None = None, **kwargs) -> AppWorker:

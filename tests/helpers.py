@@ -1,0 +1,71 @@
+"""Helpers for tests: the Procfile, free ports, and raw HTTP requests to a served process."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def procfile_command(name: str) -> str:
+    """The command of the Procfile's process `name` (`web`, `worker`, ...), as written there."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        process, sep, command = line.partition(":")
+        if sep and process.strip() == name:
+            return command.strip()
+    raise AssertionError(f"the Procfile has no {name!r} process")
+
+
+def _chunked(parts: Iterable[bytes]) -> Iterable[bytes]:
+    for part in parts:
+        if part:
+            yield b"%x\r\n%s\r\n" % (len(part), part)
+    yield b"0\r\n\r\n"
+
+
+def raw_request(
+    base_url: str,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    chunked: bool = False,
+    chunk_size: int = 64 * 1024,
+    timeout: float = 120,
+) -> tuple[int, dict[str, str], bytes]:
+    """Send one HTTP/1.1 request over a plain socket, the body with `Content-Length` or, when
+    `chunked`, with `Transfer-Encoding: chunked` in pieces of `chunk_size`; returns (status,
+    headers, body). A server that answers before reading the whole body is still heard."""
+    url = urlsplit(base_url)
+    head = [f"{method} {path} HTTP/1.1", f"Host: {url.netloc}", "Connection: close"]
+    head += [f"{name}: {value}" for name, value in headers.items()]
+    if chunked:
+        head.append("Transfer-Encoding: chunked")
+        pieces = _chunked(body[i : i + chunk_size] for i in range(0, len(body), chunk_size))
+    else:
+        head.append(f"Content-Length: {len(body)}")
+        pieces = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+    sock = socket.create_connection((url.hostname, url.port), timeout=timeout)
+    try:
+        try:
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+            for piece in pieces:
+                sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered (a 413) and stopped reading: its answer is still there to read
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        sock.close()
