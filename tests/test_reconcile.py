@@ -1,6 +1,5 @@
 """Self-healing: PostgreSQL is the truth; Redis may lose everything and every message still goes out once."""
 
-import os
 import signal
 import threading
 from collections import Counter
@@ -11,7 +10,6 @@ from rq import Queue
 from rq_scheduler import Scheduler
 
 from app.extensions import db
-from app.messaging import dispatch
 from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import RECONCILE_JOB_ID, register_periodic_jobs
 from app.messaging.worker import build_worker
@@ -51,18 +49,33 @@ def test_redis_flushed_mid_campaign_every_message_sent_once(app, client, clock, 
     assert len(sends) == 300 and set(sends.values()) == {1}
 
 
-def test_crash_between_commit_and_enqueue_is_healed(app, client, clock, monkeypatch, work, send_log):
+# A web process that commits a send and is killed before it enqueues a single job.
+SEND_THEN_DIE = """
+import os, signal, sys
+from app import create_app
+from app.campaigns import service
+from app.messaging import dispatch
+
+dispatch.enqueue_new_rows = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+with create_app().app_context():
+    service.send_campaign(int(sys.argv[1]), customer_ids=[int(i) for i in sys.argv[2:]])
+"""
+
+
+@pytest.mark.real_only
+def test_crash_between_commit_and_enqueue_is_healed(app, client, clock, spawn, work, send_log, redis_conn):
     ids = make_customers(5)
     campaign = make_campaign()
-    with monkeypatch.context() as patch:
-        patch.setattr(dispatch, "enqueue_new_rows", lambda *a: os.kill(os.getpid(), 0))  # the process "dies" here
-        send_to(client, campaign.id, ids)
+    clock.current = datetime.now(UTC)
+    web = spawn(["-c", SEND_THEN_DIE, str(campaign.id), *map(str, ids)])
+    assert web.wait(timeout=60) == -signal.SIGKILL, web.stderr.read().decode()[-2000:]
+    assert Queue(app.config["SEND_QUEUE"], connection=redis_conn).count == 0
     work()
     assert stats(client, campaign.id)["stats"]["pending"] == 5
 
-    clock.advance(seconds=app.config["STALE_AFTER"] - 1)
+    clock.advance(seconds=app.config["STALE_AFTER"] - 5)
     assert reconcile().requeued == 0  # not stale yet: its jobs might still be on their way
-    clock.advance(seconds=2)
+    clock.advance(seconds=10)
     assert reconcile().requeued == 5
     work()
     assert stats(client, campaign.id)["status"] == "sent"

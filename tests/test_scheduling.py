@@ -3,9 +3,11 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from redis import Redis
 from rq import Queue
 from rq_scheduler import Scheduler
 
+from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import dispatch_job_id
 from tests.factories import make_customers
 
@@ -213,3 +215,25 @@ def test_extreme_schedule_times_are_201_or_422(client, clock, redis_conn, schedu
         assert trigger_time(redis_conn, campaign["id"]) is not None
         patched = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": "9999-12-31T23:59:59-12:00"})
         assert patched.status_code == 422
+
+
+def test_rescheduling_while_redis_is_down_still_dispatches_at_the_new_time(app, client, clock, redis_conn, work):
+    """The trigger cannot be moved while Redis is down: the change is kept (200), and the reconciler
+    dispatches the campaign at its new time, not at the old one."""
+    ids = make_customers(2)
+    campaign = create(client, scheduled_at=iso(clock.now() + timedelta(hours=1))).get_json()
+    client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
+    app.extensions["redis"] = Redis(port=1)  # nothing listens there
+    moved = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(clock.now() + timedelta(hours=2))})
+    app.extensions["redis"] = redis_conn
+    assert moved.status_code == 200
+    assert moved.get_json()["scheduled_at"] == "2030-01-01T14:00:00+00:00"
+
+    clock.advance(hours=1, seconds=1)  # the old time: its trigger, still in Redis, fires
+    fire_trigger(redis_conn, campaign["id"], work)
+    assert reconcile().dispatched == []
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "scheduled"
+    clock.advance(hours=1)
+    assert reconcile().dispatched == [campaign["id"]]
+    work()
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "sent"
