@@ -13,14 +13,17 @@ log = logging.getLogger(__name__)
 
 
 class AppError(Exception):
-    """An error a service raises for the client to see; the blueprint layer needs no try/except."""
+    """An error a service raises for the client to see; the blueprint layer needs no try/except.
+
+    `errors` maps a field to its messages; `details` are machine-readable fields beside them."""
 
     code = 400
 
-    def __init__(self, message: str, errors: dict | None = None):
+    def __init__(self, message: str, errors: dict[str, list[str]] | None = None, **details):
         super().__init__(message)
         self.message = message
         self.errors = errors
+        self.details = details
 
 
 class NotFoundError(AppError):
@@ -35,30 +38,46 @@ class ValidationFailed(AppError):
     code = 422
 
 
-def _flatten(messages, prefix: str = "") -> list[str]:
-    """`{"json": {"customer_ids": {"0": ["Not a valid integer."]}}}` -> `["customer_ids.0: Not a valid integer."]`."""
-    if isinstance(messages, dict):
-        out: list[str] = []
-        for key, value in messages.items():
-            # webargs nests by location; the location is noise to a client.
-            name = "" if key in ("json", "query", "form", "files", "headers", "view_args") and not prefix else str(key)
-            out.extend(_flatten(value, f"{prefix}.{name}" if prefix and name else prefix or name))
-        return out
-    if isinstance(messages, (list, tuple)):
-        if all(isinstance(m, str) for m in messages):
-            return [f"{prefix}: {m}" if prefix else m for m in messages]
-        out = []
-        for m in messages:
-            out.extend(_flatten(m, prefix))
-        return out
-    return [f"{prefix}: {messages}" if prefix else str(messages)]
+# webargs nests messages under the request location; a client only needs the field.
+_LOCATIONS = {"json": "body", "query": "query", "form": "body", "files": "body", "headers": "headers"}
 
 
-def error_response(code: int, message: str, errors: dict | None = None, headers=None):
-    """The JSON response for an error."""
-    body = {"code": code, "status": _status_name(code), "message": message}
-    if errors:
-        body["errors"] = errors
+def field_errors(messages) -> dict[str, list[str]]:
+    """marshmallow/webargs messages as `{field: [message, ...]}`, nested fields dotted and without the
+    request location: `{"json": {"customer_ids": {"0": ["Not a valid integer."]}}}` ->
+    `{"customer_ids.0": ["Not a valid integer."]}`. An error of a whole object (`_schema`) is named by
+    the object, or by the location (`body`, `query`) for the whole request."""
+    out: dict[str, list[str]] = {}
+
+    def walk(node, field: str, location: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not field and not location and key in _LOCATIONS:
+                    walk(value, "", _LOCATIONS[key])
+                elif key == "_schema":
+                    walk(value, field, location)
+                else:
+                    walk(value, f"{field}.{key}" if field else str(key), location)
+        elif isinstance(node, (list, tuple)) and not all(isinstance(item, str) for item in node):
+            for item in node:
+                walk(item, field, location)
+        else:
+            texts = list(node) if isinstance(node, (list, tuple)) else [str(node)]
+            out.setdefault(field or location or "request", []).extend(texts)
+
+    walk(messages, "", "")
+    return out
+
+
+def describe_errors(errors: dict[str, list[str]]) -> str:
+    """One line for the `message`: `channel: Must be one of: sms, whatsapp.; name: ...`."""
+    return "; ".join(f"{name}: {text}" for name, texts in errors.items() for text in texts)
+
+
+def error_response(code: int, message: str, errors: dict | None = None, headers=None, **details):
+    """The JSON response for an error: `code`, `status`, `message`, `errors` (field -> messages, empty
+    when no field is at fault) and any `details` beside them."""
+    body = {"code": code, "status": _status_name(code), "message": message, "errors": errors or {}, **details}
     response = jsonify(body)
     response.status_code = code
     if headers:
@@ -75,16 +94,15 @@ def _status_name(code: int) -> str:
 
 def handle_http_exception(exc: HTTPException):
     data = getattr(exc, "data", None) or {}
-    errors = data.get("messages") or data.get("errors")
-    message = data.get("message")
-    if not message and errors:
-        message = "Invalid request: " + "; ".join(_flatten(errors))
+    raw = data.get("messages") or data.get("errors")
+    errors = field_errors(raw) if raw else {}
+    message = data.get("message") or (f"Invalid request: {describe_errors(errors)}" if errors else None)
     if not message:
         message = exc.description or _status_name(exc.code or 500)
     headers = data.get("headers") or (exc.get_response().headers if exc.code == 405 else None)
     if exc.code == 405 and headers is not None:
         headers = [(k, v) for k, v in headers.items() if k.lower() == "allow"]
-    return error_response(exc.code or 500, message, errors if isinstance(errors, dict) else None, headers)
+    return error_response(exc.code or 500, message, errors, headers)
 
 
 def handle_too_large(exc: RequestEntityTooLarge):
@@ -94,7 +112,7 @@ def handle_too_large(exc: RequestEntityTooLarge):
 
 
 def handle_app_error(exc: AppError):
-    return error_response(exc.code, exc.message, exc.errors)
+    return error_response(exc.code, exc.message, exc.errors, **exc.details)
 
 
 def handle_unexpected(exc: Exception):

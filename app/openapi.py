@@ -19,6 +19,7 @@ UNAUTHORIZED = "Unauthorized"
 RATE_LIMITED = "RateLimited"
 TOO_LARGE = "PayloadTooLarge"
 MALFORMED = "MalformedBody"
+NOT_JSON = "UnsupportedMediaType"
 
 
 def _error(description: str, headers: dict | None = None) -> dict:
@@ -54,11 +55,12 @@ def register_components(spec: APISpec) -> None:
     )
     spec.components.response(TOO_LARGE, _error("Request body over MAX_CONTENT_LENGTH"))
     spec.components.response(MALFORMED, _error("Request body is not valid JSON"))
+    spec.components.response(NOT_JSON, _error("Request body sent without `Content-Type: application/json`"))
 
 
 class CommonResponsesPlugin(BasePlugin):
     """Documents on every operation the answers that do not come from its view: 401 and 429 when it
-    needs a key (its `security` is not `[]`), 400 and 413 when it takes a body."""
+    needs a key (its `security` is not `[]`), 400 and 413 when it takes a body, 415 when that body is JSON."""
 
     def operation_helper(self, path=None, operations=None, **kwargs) -> None:
         for operation in (operations or {}).values():
@@ -69,6 +71,8 @@ class CommonResponsesPlugin(BasePlugin):
             if "requestBody" in operation:
                 _add(responses, 400, MALFORMED)
                 _add(responses, 413, TOO_LARGE)
+                if "application/json" in operation["requestBody"].get("content", {}):
+                    _add(responses, 415, NOT_JSON)
 
 
 def _add(responses: dict, code: int, response: str) -> None:

@@ -70,7 +70,19 @@ class ErrorSchema(Schema):
     code = fields.Integer(required=True, metadata={"description": "The HTTP status code."})
     status = fields.String(required=True, metadata={"description": "The HTTP status phrase."})
     message = fields.String(required=True, metadata={"description": "What went wrong, for a person."})
-    errors = fields.Dict(metadata={"description": "Per field or parameter, what is wrong with it."})
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        required=True,
+        metadata={
+            "description": "Per field or parameter (nested fields dotted: `audience.location`, `customer_ids.0`; "
+            "`body` or `query` for the request as a whole), what is wrong with it; empty when no field is at fault."
+        },
+    )
+    missing_customer_ids = fields.List(
+        fields.Integer(),
+        metadata={"description": "A 422 from a send naming ids of no customer: those ids (the first 1,000)."},
+    )
 
 
 class PageQuerySchema(Schema):

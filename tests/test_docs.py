@@ -69,7 +69,8 @@ def test_every_error_response_has_the_error_schema(spec):
                 schema = resolve(response)["content"]["application/json"]["schema"]
                 assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, code)
     error = spec["components"]["schemas"]["Error"]
-    assert set(error["required"]) == {"code", "status", "message"}
+    assert set(error["required"]) == {"code", "status", "message", "errors"}
+    assert error["properties"]["errors"]["additionalProperties"] == {"type": "array", "items": {"type": "string"}}
 
 
 def test_operations_with_a_body_document_400_and_413_and_paths_with_ids_404(spec):
@@ -77,6 +78,8 @@ def test_operations_with_a_body_document_400_and_413_and_paths_with_ids_404(spec
         responses = spec["paths"][path][method]["responses"]
         if "requestBody" in spec["paths"][path][method]:
             assert {"400", "413", "422"} <= set(responses), (method, path)
+            if "application/json" in spec["paths"][path][method]["requestBody"]["content"]:
+                assert "415" in responses, (method, path)
         if "{" in path:
             assert "404" in responses, (method, path)
 

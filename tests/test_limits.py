@@ -20,6 +20,32 @@ def assert_error_shape(response, code: int) -> dict:
     return body
 
 
+def test_every_error_names_fields_the_same_way_with_no_request_location(client):
+    """`errors` is field -> readable messages whether the field came from the body or the query."""
+    body = client.post("/campaigns", json={"name": "x", "channel": "fax", "base_template": "Hi"})
+    assert assert_error_shape(body, 422)["errors"] == {"channel": ["Must be one of: sms, whatsapp."]}
+    query = client.get("/campaigns?channel=fax")
+    assert assert_error_shape(query, 422)["errors"] == {"channel": ["Must be one of: sms, whatsapp."]}
+    service = client.post("/campaigns", json={"name": "x", "channel": "sms", "base_template": "Hi {nickname}"})
+    assert list(assert_error_shape(service, 422)["errors"]) == ["base_template"]
+    campaign = make_campaign()
+    nested = client.post(f"/campaigns/{campaign.id}/send", json={"audience": {"location": "x" * 101}})
+    assert list(assert_error_shape(nested, 422)["errors"]) == ["audience.location"]
+    whole = client.post(f"/campaigns/{campaign.id}/send", json={})
+    assert assert_error_shape(whole, 422)["errors"] == {"body": ["Give exactly one of `customer_ids` or `audience`."]}
+    items = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": [1, "two"]})
+    assert list(assert_error_shape(items, 422)["errors"]) == ["customer_ids.1"]
+    assert assert_error_shape(client.get("/campaigns/999"), 404)["errors"] == {}
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_without_the_json_content_type_is_415_naming_it(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post("/customers", data='{"phone": "0712345678"}', headers=headers)
+    assert "Content-Type: application/json" in assert_error_shape(response, 415)["message"]
+    assert client.get("/customers").get_json()["pagination"]["total"] == 0
+
+
 def test_default_body_limit_is_5_mb(app, client):
     assert app.config["MAX_CONTENT_LENGTH"] == 5 * 1024 * 1024
     body = '{"phone": "' + "1" * (5 * 1024 * 1024) + '"}'

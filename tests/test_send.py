@@ -60,7 +60,9 @@ def test_ids_of_no_customer_are_listed_and_nothing_is_created(client, redis_conn
     response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": [ids[0], 998, 999]})
     assert response.status_code == 422
     assert "998, 999" in response.get_json()["message"]
-    assert response.get_json()["errors"]["customer_ids"]["missing"] == [998, 999]
+    body = response.get_json()
+    assert body["missing_customer_ids"] == [998, 999]
+    assert body["errors"] == {"customer_ids": ["no customer with id 998, 999"]}
     detail = client.get(f"/campaigns/{campaign.id}").get_json()
     assert detail["status"] == "draft" and detail["stats"]["total"] == 0
     assert queued_job_ids(redis_conn) == []

@@ -22,6 +22,9 @@ from app.pagination import paginate
 
 log = logging.getLogger(__name__)
 
+# The most unknown ids a 422 lists in `missing_customer_ids`.
+MAX_LISTED_IDS = 1000
+
 
 def get_campaign(campaign_id: int, lock: bool = False) -> Campaign:
     stmt = select(Campaign).where(Campaign.id == campaign_id)
@@ -132,7 +135,9 @@ def _audience_filter(customer_ids: list[int] | None, audience: Mapping | None) -
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise ValidationFailed(
-            f"customer_ids: no customer with id {shown}", {"customer_ids": {"missing": missing[:1000]}}
+            f"customer_ids: no customer with id {shown}",
+            {"customer_ids": [f"no customer with id {shown}"]},
+            missing_customer_ids=missing[:MAX_LISTED_IDS],
         )
     return Customer.id.in_(ids)
 
