@@ -53,6 +53,11 @@ class Config:
     SQLALCHEMY_DATABASE_URI = database_url(os.environ.get("DATABASE_URL"))
     SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
     REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    # The web's and the scheduler's Redis connections (the rate limiter's too) give up after these
+    # many seconds, so that an outage or a stall fails a request's Redis step fast instead of holding
+    # the request. Workers keep RQ's own socket timeout, which outlasts their blocking wait for a job.
+    REDIS_CONNECT_TIMEOUT = _float("REDIS_CONNECT_TIMEOUT", 0.5)
+    REDIS_SOCKET_TIMEOUT = _float("REDIS_SOCKET_TIMEOUT", 1)
 
     # Send jobs, one per message, go to SEND_QUEUE. Campaign-level jobs (fan-out, scheduled dispatch,
     # reconcile) go to CONTROL_QUEUE, which workers take first, so they never wait behind a million sends.
@@ -85,6 +90,9 @@ class Config:
     RECONCILE_INTERVAL = _int("RECONCILE_INTERVAL", 60)
     STALE_AFTER = _int("STALE_AFTER", 300)
     RECONCILE_BATCH_SIZE = _int("RECONCILE_BATCH_SIZE", 5000)
+    # An idle worker waits this long for a job before it heartbeats again; /health counts a worker
+    # live until its next heartbeat is overdue (README, "Limits and health").
+    WORKER_HEARTBEAT_INTERVAL = _int("WORKER_HEARTBEAT_INTERVAL", 10)
 
     LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
 
