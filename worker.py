@@ -7,7 +7,7 @@ RQ's own scheduler runs inside it (`with_scheduler`): it moves retries waiting o
 import argparse
 
 from app import create_app
-from app.messaging.worker import build_worker, worker_redis
+from app.messaging.worker import build_worker
 
 
 def main() -> None:
@@ -16,7 +16,6 @@ def main() -> None:
     args = parser.parse_args()
     # No pre-ping round trip per job: a dropped connection fails one attempt, and RQ retries it.
     app = create_app(overrides={"SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": False}})
-    app.extensions["redis"] = worker_redis(app)
     build_worker(app).work(burst=args.burst, with_scheduler=True, logging_level=app.config["LOG_LEVEL"])
 
 

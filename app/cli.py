@@ -221,7 +221,9 @@ def register(app: Flask) -> None:
         current_app.config["REDIS_URL"] = env["REDIS_URL"]
         from redis import Redis
 
-        current_app.extensions["redis"] = Redis.from_url(env["REDIS_URL"])
+        from app.extensions import redis_options
+
+        current_app.extensions["redis"] = Redis.from_url(env["REDIS_URL"], **redis_options(current_app.config))
         upgrade(directory=str(Path(__file__).resolve().parent.parent / "migrations"))
         customers, campaigns = seed_sample_data()
         click.echo(f"database ready ({env['DATABASE_URL']}); seeded {customers} customers, {campaigns} campaigns")

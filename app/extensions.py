@@ -89,8 +89,8 @@ def redis_options(config) -> dict:
 
 
 def init_redis(app) -> None:
-    """Open the app's Redis connection, failing fast (`redis_options`), unless one was given (tests
-    pass fakeredis; the worker process its own, see `app.messaging.worker.worker_redis`)."""
+    """Open the app's Redis connection, failing fast (`redis_options`), unless one was given (tests pass
+    fakeredis). In a worker, RQ raises its socket timeout above its blocking wait for a job."""
     if "redis" not in app.extensions:
         app.extensions["redis"] = Redis.from_url(app.config["REDIS_URL"], **redis_options(app.config))
 

@@ -93,7 +93,7 @@ def test_stalled_rate_limit_storage_adds_no_wait_to_every_request(app, redis_con
     private_redis.stall()
     answers, waits = [], []
     try:
-        for _ in range(8):
+        for _ in range(10):
             started = time.monotonic()
             answers.append(client.get("/campaigns", headers={"Authorization": f"Bearer {TEST_API_KEY}"}).status_code)
             waits.append(time.monotonic() - started)
@@ -102,9 +102,9 @@ def test_stalled_rate_limit_storage_adds_no_wait_to_every_request(app, redis_con
         with web.app_context():
             db.engine.dispose()
     # Redis is waited for once, then looked for again only now and then, not on every request...
-    assert len([w for w in waits if w >= socket_timeout]) <= 2, waits
+    assert len([w for w in waits if w >= socket_timeout]) <= 3, waits
     # ...and the budget still holds, counted in memory meanwhile.
-    assert answers == [200] * 5 + [429] * 3
+    assert answers == [200] * 5 + [429] * 5
 
 
 def test_health_and_docs_are_not_rate_limited(app, anonymous_client):

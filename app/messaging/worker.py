@@ -68,6 +68,13 @@ class AppWorker(SimpleWorker):
         """How long an idle worker blocks on its queues before it heartbeats again."""
         return self.heartbeat_interval or super().dequeue_timeout
 
+    @property
+    def connection_timeout(self) -> int:
+        """The socket timeout RQ sets on the worker's connection (above the app's REDIS_SOCKET_TIMEOUT):
+        above the blocking wait for a job, and no shorter than RQ's own, so that a stall stops a worker
+        no sooner than it would without the shorter wait."""
+        return max(self.dequeue_timeout, self.worker_ttl - 15) + 10
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         token = worker_job_id.set(job.id)
         with self.app.app_context():
@@ -127,13 +134,6 @@ def live_worker_count(connection: Redis) -> int:
         pipe.zremrangebyscore(LIVE_WORKERS_KEY, "-inf", time.time())
         pipe.zcard(LIVE_WORKERS_KEY)
         return pipe.execute()[1]
-
-
-def worker_redis(app: Flask) -> Redis:
-    """The worker process's Redis connection. Unlike the web's it keeps redis-py's retries, which ride
-    out a short blip in the middle of RQ's bookkeeping (an error there stops the worker), and RQ sets
-    its socket timeout above its blocking wait for a job; it shares only the connect timeout."""
-    return Redis.from_url(app.config["REDIS_URL"], socket_connect_timeout=app.config["REDIS_CONNECT_TIMEOUT"])
 
 
 def build_worker(app: Flask, queue_names: list[str] | None = None, **kwargs) -> AppWorker:
