@@ -184,6 +184,7 @@ def enqueue_new_rows(campaign_id: int, rows: NewRows) -> int:
 
 
 def _enqueue_fan_out(campaign_id: int, rows: NewRows) -> None:
+    """Queue the job that enqueues the rows' send jobs in batches (one job, on the control queue)."""
     get_control_queue().enqueue(
         ENQUEUE_RANGE_JOB,
         args=(campaign_id, rows.first_id, rows.last_id),
