@@ -201,6 +201,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the instance folder", database_url, key="SQLALCHEMY_DATABASE_URI", secret=True),
     Setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for RQ, rq-scheduler and the rate limiter "
             "(`flask up` without it: an embedded redis-server)", redis_url, secret=True),
+    Setting("REDIS_CONNECT_TIMEOUT", "0.5", "seconds to wait for a connection to Redis (all processes)",
+            number(0.01, 60)),
+    Setting("REDIS_SOCKET_TIMEOUT", "1", "seconds the web, the scheduler and the rate limiter wait for a Redis "
+            "answer (workers use RQ's, longer than their wait for a job)", number(0.01, 60)),
     Setting("INSTANCE_PATH", "instance/ in the project", "local state: the SQLite file without DATABASE_URL; "
             "`flask up`'s embedded Redis, API key and lock", lambda raw: INSTANCE_PATH),
     # Queues and the worker
@@ -238,6 +242,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RECONCILE_INTERVAL", "60", "seconds between reconciler runs", integer(1)),
     Setting("STALE_AFTER", "300", "seconds a pending message may go untouched before the reconciler re-enqueues "
             "it", integer(1)),
+    Setting("WORKER_HEARTBEAT_INTERVAL", "10", "seconds an idle worker waits for a job before it heartbeats "
+            "again; `/health` stops counting a worker whose heartbeat is this (or its job's timeout) plus 5 s "
+            "overdue", integer(1, 300)),
     Setting("RECONCILE_BATCH_SIZE", "5000", "rows per batch in the reconciler and fan-out", integer(1)),
     # The API
     Setting("API_KEYS", "", "comma-separated API keys accepted besides the hashed keys in the database",

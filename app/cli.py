@@ -91,12 +91,11 @@ def seed_sample_data() -> tuple[int, int]:
 
 
 def run_scheduler() -> None:
-    """Register the periodic jobs, then run rq-scheduler, checking every `SCHEDULER_INTERVAL` seconds."""
-    from app.messaging.scheduling import get_scheduler, register_periodic_jobs
+    """Register the periodic jobs, then run rq-scheduler, checking every `SCHEDULER_INTERVAL` seconds
+    and riding out Redis failures (see `app.messaging.scheduler`)."""
+    from app.messaging.scheduler import build_scheduler
 
-    scheduler = get_scheduler()
-    register_periodic_jobs(scheduler)
-    scheduler.run()
+    build_scheduler().run()
 
 
 customers = AppGroup("customers", help="Customer operations.")

@@ -9,6 +9,9 @@ from flask_migrate import Migrate
 from flask_smorest import Api
 from flask_sqlalchemy import SQLAlchemy
 from redis import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 from rq import Queue
 from sqlalchemy.orm import DeclarativeBase
 
@@ -50,25 +53,46 @@ api = DocumentedApi(
         "extra_plugins": [CommonResponsesPlugin()],
     }
 )
-# One budget per API key across the whole API, read from the app's config on each request.
+
+
+def _api_rate_limit() -> ApplicationLimit:
+    """One budget per API key across the whole API, read from the app's config on each request."""
+    return ApplicationLimit(
+        limit_provider=lambda: current_app.config["API_RATE_LIMIT"],
+        key_function=_rate_limit_key,
+        error_message="rate limit exceeded for this API key; retry after the Retry-After seconds",
+    )
+
+
 limiter = Limiter(
     _rate_limit_key,
-    application_limits=[
-        ApplicationLimit(
-            limit_provider=lambda: current_app.config["API_RATE_LIMIT"],
-            error_message="rate limit exceeded for this API key; retry after the Retry-After seconds",
-        )
-    ],
+    application_limits=[_api_rate_limit()],
     headers_enabled=True,
-    swallow_errors=True,  # Redis down: serve unlimited rather than fail every request
+    # Redis down: the same budget, counted in this process's memory; Redis is looked for again only
+    # now and then (1, 2, 4 ... 32 s apart), so that an outage does not add a Redis wait to every request.
+    in_memory_fallback=[_api_rate_limit()],
+    swallow_errors=True,  # and should even that fail: serve unlimited rather than fail every request
     strategy="fixed-window",
 )
 
 
+def redis_options(config) -> dict:
+    """redis-py options for a connection that must fail fast (the web's, the scheduler's, the rate
+    limiter's): `REDIS_CONNECT_TIMEOUT` and `REDIS_SOCKET_TIMEOUT`, and one immediate retry after a
+    connection error (a pooled connection that a restarted Redis dropped), none after a timeout (the
+    command may have run, and a stalled Redis would only be waited for twice)."""
+    return {
+        "socket_connect_timeout": config["REDIS_CONNECT_TIMEOUT"],
+        "socket_timeout": config["REDIS_SOCKET_TIMEOUT"],
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    }
+
+
 def init_redis(app) -> None:
-    """Open the app's Redis connection unless one was given (tests pass fakeredis)."""
+    """Open the app's Redis connection, failing fast (`redis_options`), unless one was given (tests pass
+    fakeredis). In a worker, RQ raises its socket timeout above its blocking wait for a job."""
     if "redis" not in app.extensions:
-        app.extensions["redis"] = Redis.from_url(app.config["REDIS_URL"])
+        app.extensions["redis"] = Redis.from_url(app.config["REDIS_URL"], **redis_options(app.config))
 
 
 def get_redis() -> Redis:

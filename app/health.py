@@ -9,11 +9,12 @@ from collections.abc import Callable
 from flask import current_app
 from flask.views import MethodView
 from marshmallow import Schema, fields
-from rq import Queue, Worker
+from rq import Queue
 from sqlalchemy import text
 
 from app.blueprint import Blueprint
 from app.extensions import db, get_redis
+from app.messaging.worker import live_worker_count
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,11 @@ class HealthSchema(Schema):
     queue_depth = fields.Integer(
         required=True, allow_none=True, metadata={"description": "Jobs waiting in the worker's queues."}
     )
-    workers = fields.Integer(required=True, allow_none=True, metadata={"description": "Live RQ workers."})
+    workers = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Workers whose last heartbeat is recent enough that they are alive."},
+    )
 
 
 def _check(name: str, probe: Callable[[], object]) -> dict:
@@ -57,7 +62,7 @@ def service_health() -> dict:
     if state["redis"]["ok"]:
         try:
             queue_depth = sum(Queue(name, connection=redis).count for name in current_app.config["QUEUES"])
-            workers = Worker.count(connection=redis)
+            workers = live_worker_count(redis)
         except Exception:  # noqa: BLE001 - Redis went away between the ping and the counts
             log.warning("health: could not count queues or workers", exc_info=True)
     ok = state["database"]["ok"] and state["redis"]["ok"]

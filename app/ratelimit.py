@@ -2,7 +2,8 @@
 
 One budget of `API_RATE_LIMIT` per API key across all endpoints; a request without a valid key
 counts against its client address. Over the budget: 429 in the one error shape, with `Retry-After`.
-The public endpoints (health, OpenAPI document, docs) are not limited.
+The public endpoints (health, OpenAPI document, docs) are not limited. With Redis down or stalled,
+the budget is counted in the process's memory (see `app.extensions.limiter`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from flask import Flask, Response, request
 
 from app.auth import PUBLIC_ENDPOINTS
-from app.extensions import limiter
+from app.extensions import limiter, redis_options
 
 
 @limiter.request_filter
@@ -28,4 +29,6 @@ def _retry_after_only_when_limited(response: Response) -> Response:
 def init_app(app: Flask) -> None:
     # Flask runs after_request hooks in reverse order: registered first, this runs after the limiter's.
     app.after_request(_retry_after_only_when_limited)
+    # The limiter's own Redis connection fails as fast as the app's.
+    app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", redis_options(app.config))
     limiter.init_app(app)

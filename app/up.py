@@ -29,6 +29,7 @@ from flask_migrate import upgrade
 from redis import Redis
 
 from app import auth
+from app.extensions import redis_options
 from config import mask_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,7 +228,7 @@ def run(app: Flask, host: str, port: int) -> None:
             env["DATABASE_URL"] = app.config["SQLALCHEMY_DATABASE_URI"]
             # This process applies the migrations and seeds with the same settings as its children.
             app.config["REDIS_URL"] = env["REDIS_URL"]
-            app.extensions["redis"] = Redis.from_url(env["REDIS_URL"])
+            app.extensions["redis"] = Redis.from_url(env["REDIS_URL"], **redis_options(app.config))
             upgrade(directory=str(ROOT / "migrations"))
             from app.cli import seed_sample_data
 

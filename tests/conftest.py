@@ -31,6 +31,7 @@ from app.extensions import db
 from app.messaging.worker import build_worker
 from config import database_url
 from tests.helpers import free_port, procfile_command
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = str(ROOT / "migrations")
@@ -149,6 +150,15 @@ def redis_conn(backend):
         conn.flushdb()
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of the test's own, on its own port, for a test to stop, stall or flush."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -1,12 +1,18 @@
 """GET /health: the database, Redis, queue depth and workers; 503 when a dependency is down."""
 
+import contextlib
+import signal
+import time
+
+import pytest
 from redis import Redis
 
 from app import create_app
-from app.extensions import db
-from app.messaging.worker import build_worker
-from tests.conftest import TEST_OVERRIDES
+from app.extensions import db, redis_options
+from app.messaging.worker import LIVENESS_GRACE, build_worker
+from tests.conftest import TEST_OVERRIDES, kill_group, wait_for
 from tests.factories import make_campaign, make_customers
+from tests.redis_server import unanswering_port
 
 CLOSED_PORT = 1  # nothing listens there: connections are refused at once
 
@@ -28,16 +34,18 @@ def test_reports_queue_depth_and_live_workers(app, client, anonymous_client):
     client.post(f"/campaigns/{make_campaign().id}/send", json={"customer_ids": ids})
     worker = build_worker(app)
     worker.register_birth()
+    worker.heartbeat()  # what a worker does before it waits for a job
     try:
         body = anonymous_client.get("/health").get_json()
     finally:
         worker.register_death()
     assert body["queue_depth"] == 3
     assert body["workers"] == 1
+    assert anonymous_client.get("/health").get_json()["workers"] == 0  # a clean exit leaves at once
 
 
 def test_redis_down_is_503(app, anonymous_client):
-    app.extensions["redis"] = Redis(port=CLOSED_PORT)
+    app.extensions["redis"] = Redis(port=CLOSED_PORT, **redis_options(app.config))
     response = anonymous_client.get("/health")
     assert response.status_code == 503
     body = response.get_json()
@@ -66,3 +74,63 @@ def test_database_down_is_503_and_shows_no_internals(app, redis_conn, tmp_path):
     assert body["redis"] == {"ok": True}
     assert "missing-dir" not in response.get_data(as_text=True)
     assert str(CLOSED_PORT) + "/" not in response.get_data(as_text=True)
+
+
+def health_of(app, redis_url: str, **settings):
+    """/health of an app whose Redis connection is built from `redis_url` as the web builds it; returns
+    the response and how long it took."""
+    web = create_app(
+        "config.Config",
+        {**TEST_OVERRIDES, "SQLALCHEMY_DATABASE_URI": app.config["SQLALCHEMY_DATABASE_URI"], "REDIS_URL": redis_url}
+        | settings,
+    )
+    try:
+        started = time.monotonic()
+        response = web.test_client().get("/health")
+        return response, time.monotonic() - started
+    finally:
+        with web.app_context():
+            db.engine.dispose()
+
+
+@pytest.mark.parametrize("down", ["refused", "host unreachable"])
+def test_redis_down_is_reported_in_under_a_second(app, down):
+    with contextlib.ExitStack() as stack:
+        port = CLOSED_PORT if down == "refused" else stack.enter_context(unanswering_port())
+        response, took = health_of(app, f"redis://127.0.0.1:{port}/0")
+    assert response.status_code == 503
+    assert response.get_json()["redis"] == {"ok": False, "error": "redis unreachable"}
+    assert took < 1.0
+
+
+@pytest.mark.real_only
+def test_stalled_redis_is_reported_within_the_socket_timeout(app, private_redis):
+    private_redis.stall()
+    try:
+        response, took = health_of(app, private_redis.url, REDIS_SOCKET_TIMEOUT=0.5)
+    finally:
+        private_redis.resume()
+    assert response.status_code == 503
+    assert response.get_json()["redis"] == {"ok": False, "error": "redis unreachable"}
+    assert took < 0.5 + 1.5
+
+
+@pytest.mark.real_only
+def test_health_counts_only_live_workers_and_sees_them_again_after_a_flush(
+    app, anonymous_client, redis_conn, spawn_worker
+):
+    interval = 1
+    workers = [spawn_worker(burst=False, WORKER_HEARTBEAT_INTERVAL=interval) for _ in range(3)]
+
+    def live() -> int:
+        return anonymous_client.get("/health").get_json()["workers"]
+
+    wait_for(lambda: live() == 3, timeout=30)
+    for victim in workers[:2]:
+        kill_group(victim, signal.SIGKILL)  # no clean exit: they stay registered in RQ's own set
+    window = interval + LIVENESS_GRACE
+    wait_for(lambda: live() == 1, timeout=window + 3)
+
+    redis_conn.flushdb()
+    wait_for(lambda: live() == 1, timeout=interval + 3)  # the survivor's next heartbeat
+    assert workers[2].poll() is None

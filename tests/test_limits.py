@@ -1,6 +1,7 @@
 """Body size, rate limits, string lengths, and what an error may show a client."""
 
 import logging
+import time
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -102,6 +103,34 @@ def test_rate_limit_storage_down_serves_requests_unlimited(app, redis_conn):
         with unlimited.app_context():
             db.engine.dispose()
     assert response.status_code == 200
+
+
+@pytest.mark.real_only
+def test_stalled_rate_limit_storage_adds_no_wait_to_every_request(app, redis_conn, private_redis):
+    socket_timeout = 0.5
+    settings = {**TEST_OVERRIDES, "SQLALCHEMY_DATABASE_URI": app.config["SQLALCHEMY_DATABASE_URI"]}
+    web = create_app(
+        "config.Config",
+        {**settings, "RATELIMIT_STORAGE_URI": private_redis.url, "REDIS_SOCKET_TIMEOUT": socket_timeout},
+    )
+    web.extensions["redis"] = redis_conn
+    web.config["API_RATE_LIMIT"] = "5 per minute"
+    client = web.test_client()
+    private_redis.stall()
+    answers, waits = [], []
+    try:
+        for _ in range(10):
+            started = time.monotonic()
+            answers.append(client.get("/campaigns", headers={"Authorization": f"Bearer {TEST_API_KEY}"}).status_code)
+            waits.append(time.monotonic() - started)
+    finally:
+        private_redis.resume()
+        with web.app_context():
+            db.engine.dispose()
+    # Redis is waited for once, then looked for again only now and then, not on every request...
+    assert len([w for w in waits if w >= socket_timeout]) <= 3, waits
+    # ...and the budget still holds, counted in memory meanwhile.
+    assert answers == [200] * 5 + [429] * 5
 
 
 def test_health_and_docs_are_not_rate_limited(app, anonymous_client):

@@ -11,7 +11,7 @@ from rq_scheduler import Scheduler
 
 from app.extensions import db
 from app.messaging.reconcile import reconcile
-from app.messaging.scheduling import RECONCILE_JOB_ID, register_periodic_jobs
+from app.messaging.scheduling import PERIODIC_JOBS, register_periodic_jobs, restore_periodic_jobs
 from app.messaging.worker import build_worker
 from app.models import Campaign
 from tests.conftest import kill_group, read_send_log, wait_for
@@ -165,8 +165,31 @@ def test_registering_the_reconciler_twice_keeps_one(app, redis_conn):
     register_periodic_jobs(scheduler)
     register_periodic_jobs(scheduler)
     jobs = list(scheduler.get_jobs())
-    assert [job.id for job in jobs] == [RECONCILE_JOB_ID]
+    assert [job.id for job in jobs] == [PERIODIC_JOBS[0].job_id()]
+    assert jobs[0].func_name == "app.messaging.jobs.reconcile"
     assert jobs[0].meta["interval"] == app.config["RECONCILE_INTERVAL"]
+
+
+def test_a_new_interval_replaces_the_old_periodic_job(app, redis_conn):
+    scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
+    register_periodic_jobs(scheduler)
+    app.config["RECONCILE_INTERVAL"] = 15
+    register_periodic_jobs(scheduler)
+    jobs = list(scheduler.get_jobs())
+    assert [(job.func_name, job.meta["interval"]) for job in jobs] == [("app.messaging.jobs.reconcile", 15)]
+
+
+def test_periodic_jobs_lost_from_redis_are_registered_again_due_at_once(app, clock, redis_conn):
+    scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
+    register_periodic_jobs(scheduler)
+    assert restore_periodic_jobs(scheduler) == []  # nothing lost: nothing touched
+    redis_conn.flushdb()
+    assert restore_periodic_jobs(scheduler) == PERIODIC_JOBS
+    [(job, at)] = list(scheduler.get_jobs(with_times=True))
+    assert job.id == PERIODIC_JOBS[0].job_id()
+    assert at.replace(tzinfo=UTC) <= clock.now()
+    redis_conn.delete(job.key)  # its hash alone expired: rq-scheduler would drop it
+    assert restore_periodic_jobs(scheduler) == PERIODIC_JOBS
 
 
 @pytest.mark.real_only

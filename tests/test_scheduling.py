@@ -94,6 +94,7 @@ def test_send_before_the_time_stores_recipients_and_queues_nothing(client, clock
     assert first.get_json() == {
         "campaign_id": campaign["id"],
         "messages_queued": 0,
+        "messages_left_for_reconciler": 0,
         "messages_scheduled": 2,
         "status": "scheduled",
         "scheduled_at": iso(at),
@@ -170,7 +171,12 @@ def test_send_on_a_due_scheduled_campaign_starts_it_with_stored_recipients(clien
     client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids[:2]})
     clock.advance(minutes=2)  # due, but its trigger has not run yet
     response = client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids[2:]}).get_json()
-    assert response == {"campaign_id": campaign["id"], "messages_queued": 3, "status": "sending"}
+    assert response == {
+        "campaign_id": campaign["id"],
+        "messages_queued": 3,
+        "messages_left_for_reconciler": 0,
+        "status": "sending",
+    }
     assert trigger_time(redis_conn, campaign["id"]) is None
     work()
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["stats"]["sent"] == 3

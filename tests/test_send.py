@@ -1,13 +1,21 @@
 """POST /campaigns/{id}/send: rows, jobs, and every way it refuses."""
 
+from collections import Counter
+
 import pytest
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
 from rq.job import Job
 
-from app.extensions import db
+from app.extensions import db, redis_options
 from app.messaging.dispatch import message_job_id
+from app.messaging.reconcile import reconcile
 from app.models import OutboundMessage
+from tests.conftest import read_send_log
 from tests.factories import make_campaign, make_customers
+
+CLOSED_PORT = 1  # nothing listens there: connections are refused at once
 
 
 def queued_job_ids(redis_conn) -> list[str]:
@@ -19,7 +27,12 @@ def test_send_creates_pending_rows_and_one_job_each(client, redis_conn):
     campaign = make_campaign()
     response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
     assert response.status_code == 202
-    assert response.get_json() == {"campaign_id": campaign.id, "messages_queued": 3, "status": "sending"}
+    assert response.get_json() == {
+        "campaign_id": campaign.id,
+        "messages_queued": 3,
+        "messages_left_for_reconciler": 0,
+        "status": "sending",
+    }
     messages = db.session.scalars(db.select(OutboundMessage).order_by(OutboundMessage.id)).all()
     assert [(m.customer_id, m.status, m.retry_count) for m in messages] == [(i, "pending", 0) for i in ids]
     assert sorted(queued_job_ids(redis_conn)) == sorted(message_job_id(m.id) for m in messages)
@@ -143,7 +156,8 @@ def test_large_send_is_enqueued_by_a_fan_out_job(client, app, redis_conn, work):
     make_customers(12)
     campaign = make_campaign()
     response = client.post(f"/campaigns/{campaign.id}/send", json={"audience": {"all": True}})
-    assert response.get_json()["messages_queued"] == 12
+    assert response.get_json()["messages_queued"] == 12  # once the fan-out job is in Redis
+    assert response.get_json()["messages_left_for_reconciler"] == 0
     # The request queues only the fan-out job, on the control queue.
     assert queued_job_ids(redis_conn) == []
     control = Queue("campaign_control", connection=redis_conn).job_ids
@@ -156,18 +170,83 @@ def test_large_send_is_enqueued_by_a_fan_out_job(client, app, redis_conn, work):
     assert detail["stats"]["sent"] == 12
 
 
-def test_send_survives_redis_being_down_after_commit(client, app, monkeypatch):
-    from redis.exceptions import ConnectionError as RedisConnectionError
+def redis_down(app) -> Redis:
+    """A connection to a Redis that is down, built as the web builds its own."""
+    return Redis(port=CLOSED_PORT, **redis_options(app.config))
 
-    from app.messaging import dispatch
 
-    def refuse(*args, **kwargs):
-        raise RedisConnectionError("redis is down")
+class FailingFrom:
+    """`conn`, except that its pipelines fail from the `n`th execute on: Redis went away mid-send."""
 
-    monkeypatch.setattr(dispatch, "_flush", refuse)
+    def __init__(self, conn, n: int) -> None:
+        self.conn, self.n, self.executed = conn, n, 0
+
+    def pipeline(self, *args, **kwargs):
+        pipe = self.conn.pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def failing_execute(*a, **k):
+            self.executed += 1
+            if self.executed >= self.n:
+                pipe.reset()
+                raise RedisConnectionError("Redis went away")
+            return execute(*a, **k)
+
+        pipe.execute = failing_execute
+        return pipe
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_send_while_redis_is_down_says_nothing_was_queued(client, app, clock, redis_conn, work, send_log):
     ids = make_customers(2)
     campaign = make_campaign()
+    app.extensions["redis"] = redis_down(app)
     response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
-    # The rows are the truth; the reconciler queues them later (see test_reconcile).
+    # The rows are committed: the answer is 202, and says who queues them.
     assert response.status_code == 202
+    assert response.get_json() == {
+        "campaign_id": campaign.id,
+        "messages_queued": 0,
+        "messages_left_for_reconciler": 2,
+        "status": "sending",
+    }
     assert client.get(f"/campaigns/{campaign.id}").get_json()["stats"]["pending"] == 2
+
+    app.extensions["redis"] = redis_conn
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    assert reconcile().requeued == 2
+    work()
+    assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent"
+    assert len(read_send_log(send_log)) == 2
+
+
+def test_send_interrupted_part_way_counts_only_the_jobs_in_redis(client, app, clock, redis_conn, work, send_log):
+    app.config["ENQUEUE_BATCH_SIZE"] = 2
+    ids = make_customers(5)
+    campaign = make_campaign()
+    app.extensions["redis"] = FailingFrom(redis_conn, n=2)  # the first batch of two gets through
+    response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
+    assert response.status_code == 202
+    body = response.get_json()
+    assert (body["messages_queued"], body["messages_left_for_reconciler"]) == (2, 3)
+    assert len(queued_job_ids(redis_conn)) == 2
+
+    app.extensions["redis"] = redis_conn
+    work()
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    assert reconcile().requeued == 3
+    work()
+    assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent"
+    sends = Counter(a["message_id"] for a in read_send_log(send_log))
+    assert len(sends) == 5 and set(sends.values()) == {1}
+
+
+def test_large_send_while_redis_is_down_leaves_all_for_the_reconciler(client, app):
+    app.config["ENQUEUE_INLINE_LIMIT"] = 2
+    make_customers(5)
+    campaign = make_campaign()
+    app.extensions["redis"] = redis_down(app)
+    body = client.post(f"/campaigns/{campaign.id}/send", json={"audience": {"all": True}}).get_json()
+    assert (body["messages_queued"], body["messages_left_for_reconciler"]) == (0, 5)

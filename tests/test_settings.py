@@ -104,7 +104,7 @@ def test_web_starts_while_the_database_is_down(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("process", ["worker"])
+@pytest.mark.parametrize("process", ["worker", "scheduler"])
 def test_worker_and_scheduler_start_and_keep_running_while_redis_is_down(process, tmp_path):
     log = tmp_path / "stderr.log"
     with open(log, "wb") as stderr:

@@ -71,7 +71,20 @@ class SendSchema(Schema):
 
 class SendResultSchema(Schema):
     campaign_id = fields.Integer(required=True)
-    messages_queued = fields.Integer(required=True)
+    messages_queued = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Send jobs this request placed in Redis (a large send's count once its fan-out job is "
+            "there). 0 while Redis is down."
+        },
+    )
+    messages_left_for_reconciler = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Messages stored but not queued because Redis failed: they stay pending and the "
+            "reconciler queues them (within RECONCILE_INTERVAL + STALE_AFTER). 0 normally."
+        },
+    )
     status = fields.String(required=True)
     messages_scheduled = fields.Integer(
         metadata={"description": "Recipients stored for a campaign scheduled in the future."}

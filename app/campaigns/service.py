@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from flask import current_app
-from redis.exceptions import RedisError
 from sqlalchemy import ColumnElement, func, select, true
 
 from app import clock
@@ -162,6 +161,7 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
             return {
                 "campaign_id": campaign.id,
                 "messages_queued": 0,
+                "messages_left_for_reconciler": 0,
                 "messages_scheduled": rows.count,
                 "status": campaign.status,
                 "scheduled_at": campaign.scheduled_at,
@@ -185,12 +185,27 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
         raise
     if starting:
         scheduling.sync_dispatch(campaign.id, None)
+    queued = _enqueue_after_commit(campaign.id, rows)
+    return {
+        "campaign_id": campaign.id,
+        "messages_queued": queued,
+        "messages_left_for_reconciler": max(rows.count - queued, 0),
+        "status": CampaignStatus.SENDING,
+    }
+
+
+def _enqueue_after_commit(campaign_id: int, rows: dispatch.NewRows) -> int:
+    """Queue the committed `rows`; returns how many jobs reached Redis. If Redis fails, the rest are
+    left pending for the reconciler, which queues them once they are `STALE_AFTER` old."""
     try:
-        dispatch.enqueue_new_rows(campaign.id, rows)
-    except RedisError:
-        # The rows are committed: the reconciler enqueues them once they are STALE_AFTER old.
-        log.warning("could not enqueue after commit", extra={"campaign_id": campaign.id}, exc_info=True)
-    return {"campaign_id": campaign.id, "messages_queued": rows.count, "status": CampaignStatus.SENDING}
+        return dispatch.enqueue_new_rows(campaign_id, rows)
+    except dispatch.EnqueueInterrupted as exc:
+        log.warning(
+            "could not enqueue after commit; the reconciler will",
+            extra={"campaign_id": campaign_id, "queued": exc.queued, "left_for_reconciler": rows.count - exc.queued},
+            exc_info=True,
+        )
+        return exc.queued
 
 
 def preview(campaign_id: int, customer_id: int) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from flask import current_app
+from redis.exceptions import RedisError
 from rq import Queue, Retry
 from sqlalchemy import ColumnElement, and_, exists, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -93,8 +94,21 @@ def _retry_for(retry_count: int) -> Retry | None:
     return Retry(max=left)
 
 
+class EnqueueInterrupted(RedisError):
+    """Redis failed part-way through an enqueue: `queued` jobs reached Redis before it did."""
+
+    def __init__(self, queued: int) -> None:
+        super().__init__(f"Redis failed after {queued} jobs were queued")
+        self.queued = queued
+
+
 def enqueue_messages(messages: Iterable[tuple[int, int]], queue: Queue | None = None) -> int:
-    """Enqueue one send job per `(message_id, retry_count)`, pipelined in batches; returns how many."""
+    """Enqueue one send job per `(message_id, retry_count)`, pipelined in batches; returns how many.
+
+    Each batch is one MULTI/EXEC: it is in Redis whole or not at all. If Redis fails, raises
+    `EnqueueInterrupted` with the count of the batches that were; the rest stay pending rows for the
+    reconciler. (A batch whose answer was lost in a stall counts as not queued, though Redis may have
+    run it; the reconciler then finds its jobs waiting and leaves them alone.)"""
     queue = queue or get_queue()
     batch_size = current_app.config["ENQUEUE_BATCH_SIZE"]
     timeout = current_app.config["JOB_TIMEOUT"]
@@ -115,17 +129,20 @@ def enqueue_messages(messages: Iterable[tuple[int, int]], queue: Queue | None = 
             )
         )
         if len(batch) >= batch_size:
-            total += _flush(queue, batch)
+            total += _flush(queue, batch, total)
             batch = []
     if batch:
-        total += _flush(queue, batch)
+        total += _flush(queue, batch, total)
     return total
 
 
-def _flush(queue: Queue, batch: list) -> int:
-    with get_redis().pipeline() as pipe:
-        queue.enqueue_many(batch, pipeline=pipe)
-        pipe.execute()
+def _flush(queue: Queue, batch: list, queued_before: int) -> int:
+    try:
+        with get_redis().pipeline() as pipe:
+            queue.enqueue_many(batch, pipeline=pipe)
+            pipe.execute()
+    except RedisError as exc:
+        raise EnqueueInterrupted(queued_before) from exc
     return len(batch)
 
 
@@ -155,14 +172,23 @@ def pending_messages(
         after = rows[-1].id
 
 
-def enqueue_new_rows(campaign_id: int, rows: NewRows) -> None:
+def enqueue_new_rows(campaign_id: int, rows: NewRows) -> int:
     """After the commit of `rows`: enqueue their jobs, inline when few, else through a fan-out job
-    so the request answers fast whatever the audience size."""
+    so the request answers fast whatever the audience size. Returns how many messages are queued
+    (all of a fan-out's once its job is in Redis); raises `EnqueueInterrupted` if Redis fails."""
     if not rows.count:
-        return
+        return 0
     if rows.count <= current_app.config["ENQUEUE_INLINE_LIMIT"]:
-        enqueue_messages(pending_messages(campaign_id, rows.first_id, rows.last_id))
-        return
+        return enqueue_messages(pending_messages(campaign_id, rows.first_id, rows.last_id))
+    try:
+        _enqueue_fan_out(campaign_id, rows)
+    except RedisError as exc:
+        raise EnqueueInterrupted(0) from exc
+    return rows.count
+
+
+def _enqueue_fan_out(campaign_id: int, rows: NewRows) -> None:
+    """Queue the job that enqueues the rows' send jobs in batches (one job, on the control queue)."""
     get_control_queue().enqueue(
         ENQUEUE_RANGE_JOB,
         args=(campaign_id, rows.first_id, rows.last_id),

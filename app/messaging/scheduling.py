@@ -1,14 +1,18 @@
-"""Triggers kept in rq-scheduler: a campaign's dispatch at its `scheduled_at`, and the periodic jobs.
+"""Triggers kept in rq-scheduler: a campaign's dispatch at its `scheduled_at`, and the periodic jobs,
+declared here as data.
 
-Redis may lose these; the reconciler finds due campaigns in PostgreSQL all the same.
+Redis may lose these: the scheduler process puts the periodic jobs back within one pass of its loop,
+and the reconciler finds due campaigns in PostgreSQL all the same.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app
+from rq.job import Job
 from rq_scheduler import Scheduler
 
 from app.extensions import get_control_queue, get_redis
@@ -55,22 +59,77 @@ def sync_dispatch(campaign_id: int, at: datetime | None) -> None:
         log.warning("could not update the dispatch trigger", extra={"campaign_id": campaign_id}, exc_info=True)
 
 
-RECONCILE_JOB = "app.messaging.jobs.reconcile"
-RECONCILE_JOB_ID = "periodic-reconcile"
+PERIODIC_PREFIX = "periodic-"
 
 
-def register_periodic_jobs(scheduler: Scheduler) -> None:
-    """Register the reconciler to run every `RECONCILE_INTERVAL` seconds. Its id is fixed, so
-    registering again (every scheduler start) replaces it instead of adding a second."""
+@dataclass(frozen=True)
+class PeriodicJob:
+    """A job rq-scheduler runs every `interval_setting` seconds (a setting's name, read from the app's config)."""
+
+    func: str
+    interval_setting: str
+    timeout: int = 3600
+
+    def interval(self) -> int:
+        return int(current_app.config[self.interval_setting])
+
+    def job_id(self) -> str:
+        """Derived from the definition: registering it again replaces it, and a changed interval gets a
+        new id (the old job is removed as obsolete by `register_periodic_jobs`)."""
+        return f"{PERIODIC_PREFIX}{self.func.replace('.', '_')}-every-{self.interval()}s"
+
+
+# Everything periodic. The scheduler process registers these when it starts and puts back any that
+# Redis lost on each pass of its loop (app.messaging.scheduler), so a flush delays them by one
+# SCHEDULER_INTERVAL at most.
+PERIODIC_JOBS = [PeriodicJob("app.messaging.jobs.reconcile", "RECONCILE_INTERVAL")]
+
+
+def _register(scheduler: Scheduler, job: PeriodicJob) -> None:
+    """(Re)place `job`, due at once: a job missing from Redis may be long overdue."""
     from app import clock
 
-    scheduler.cancel(RECONCILE_JOB_ID)
+    scheduler.cancel(job.job_id())
     scheduler.schedule(
         scheduled_time=clock.now(),
-        func=RECONCILE_JOB,
-        interval=current_app.config["RECONCILE_INTERVAL"],
+        func=job.func,
+        interval=job.interval(),
         repeat=None,
-        id=RECONCILE_JOB_ID,
-        result_ttl=600,
-        timeout=3600,
+        id=job.job_id(),
+        # rq-scheduler drops a scheduled job whose hash has expired: keep it from one run to the next.
+        result_ttl=job.interval() + 600,
+        timeout=job.timeout,
     )
+
+
+def register_periodic_jobs(scheduler: Scheduler, jobs: list[PeriodicJob] = PERIODIC_JOBS) -> None:
+    """Register every periodic job, due at once, and remove periodic jobs no longer declared (an old
+    interval). Registering twice keeps one of each: their ids are fixed by their definitions."""
+    wanted = {job.job_id() for job in jobs}
+    for member in scheduler.connection.zscan_iter(scheduler.scheduled_jobs_key, match=PERIODIC_PREFIX + "*"):
+        job_id = member[0].decode()
+        if job_id not in wanted:
+            scheduler.cancel(job_id)
+    for job in jobs:
+        _register(scheduler, job)
+
+
+def missing_periodic_jobs(scheduler: Scheduler, jobs: list[PeriodicJob] = PERIODIC_JOBS) -> list[PeriodicJob]:
+    """The periodic jobs Redis no longer holds (a flush, a restart without persistence): not in the
+    schedule, or in it without their job hash. One round trip."""
+    with scheduler.connection.pipeline(transaction=False) as pipe:
+        for job in jobs:
+            pipe.zscore(scheduler.scheduled_jobs_key, job.job_id())
+            pipe.exists(Job.key_for(job.job_id()))
+        found = pipe.execute()
+    return [
+        job for job, score, exists in zip(jobs, found[::2], found[1::2], strict=True) if score is None or not exists
+    ]
+
+
+def restore_periodic_jobs(scheduler: Scheduler, jobs: list[PeriodicJob] = PERIODIC_JOBS) -> list[PeriodicJob]:
+    """Register again, due at once, the periodic jobs Redis lost; returns them."""
+    missing = missing_periodic_jobs(scheduler, jobs)
+    for job in missing:
+        _register(scheduler, job)
+    return missing

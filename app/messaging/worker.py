@@ -12,6 +12,15 @@ does not write a state the worker is already in, and looks for `rq suspend` once
 before every job. Its key's TTL follows `JOB_TIMEOUT`, so that the TTL a job's own heartbeat gives
 the key is the one the worker's heartbeat would give it back after the job. What RQ stores stays as
 RQ stores it: `rq info` and the dashboards see the same workers, states and jobs.
+
+Liveness: RQ keeps a killed worker registered until its key expires (minutes), and a flushed Redis
+forgets a live one until it restarts. So each heartbeat also records, in the sorted set
+`LIVE_WORKERS_KEY` (member: the worker's name), the time by which the worker's next heartbeat is due:
+`WORKER_HEARTBEAT_INTERVAL` ahead when it waits for a job (it blocks that long on the queues, then
+heartbeats), the job's timeout ahead when it starts one (it heartbeats again when the job ends, or RQ
+stops the job at its timeout), plus `LIVENESS_GRACE`. The ZADD rides in the heartbeat's own round
+trip. `/health` counts the members whose time has not passed (`live_worker_count`); a clean exit
+removes the worker, and after a flush its next heartbeat adds it back.
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ import logging
 import time
 
 from flask import Flask
+from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
+from rq.defaults import DEFAULT_WORKER_TTL
 from rq.job import Job
 
 from app.extensions import db
@@ -36,6 +47,11 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SLACK = 1.0
 # How often the worker looks for `rq suspend`.
 SUSPENSION_CHECK_INTERVAL = 1.0
+# The sorted set of live workers: member the worker's name, score the Unix time its next heartbeat is due by.
+LIVE_WORKERS_KEY = "campaign_dispatch:live_workers"
+# Added to that time: a heartbeat skipped as too soon (HEARTBEAT_SLACK), its round trip, RQ's maintenance
+# between two waits, clock skew between hosts.
+LIVENESS_GRACE = 5.0
 
 
 class AppWorker(SimpleWorker):
@@ -47,6 +63,23 @@ class AppWorker(SimpleWorker):
     stop_requested: bool = False  # a SIGTERM or SIGINT asked this worker to stop
     _key_expires_at: float = 0.0  # monotonic time at which the last heartbeat lets the worker key expire
     _suspension_checked_at: float = float("-inf")
+    _job_timeout: int | None = None  # the timeout of the job being run, None between jobs
+
+    def __init__(self, *args, heartbeat_interval: int | None = None, **kwargs) -> None:
+        self.heartbeat_interval = heartbeat_interval  # before RQ's __init__, which reads dequeue_timeout
+        super().__init__(*args, **kwargs)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """How long an idle worker blocks on its queues before it heartbeats again."""
+        return self.heartbeat_interval or super().dequeue_timeout
+
+    @property
+    def connection_timeout(self) -> int:
+        """The socket timeout RQ sets on the worker's connection (above the app's REDIS_SOCKET_TIMEOUT):
+        above the blocking wait for a job, and no shorter than RQ's own, so that a stall stops a worker
+        no sooner than it would without the shorter wait."""
+        return max(self.dequeue_timeout, self.worker_ttl - 15) + 10
 
     def request_stop(self, signum, frame) -> None:
         self.stop_requested = True
@@ -62,22 +95,39 @@ class AppWorker(SimpleWorker):
             try:
                 super().execute_job(job, queue)
             finally:
+                self._job_timeout = None
                 _release_session()
                 worker_job_id.reset(token)
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        # Its heartbeat promises the next one within the job's timeout, not within an idle wait.
+        self._job_timeout = DEFAULT_WORKER_TTL if job.timeout in (None, -1) else int(job.timeout)
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         ttl = timeout or self.worker_ttl + 60
         expires_at = time.monotonic() + ttl
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)  # part of a round trip RQ makes anyway
+            self._record_liveness(pipeline)
         elif expires_at - self._key_expires_at <= HEARTBEAT_SLACK:
             return
         else:
             with self.connection.pipeline(transaction=False) as batch:
                 super().heartbeat(timeout, batch)
+                self._record_liveness(batch)
                 batch.execute()
         # EXPIRE replaces the key's expiry, even with a shorter one (a job's own heartbeat TTL).
         self._key_expires_at = expires_at
+
+    def _record_liveness(self, pipeline: Pipeline) -> None:
+        """Add to `pipeline` the time by which this worker's next heartbeat is due (see the module's doc)."""
+        within = self._job_timeout if self._job_timeout is not None else self.dequeue_timeout
+        pipeline.zadd(LIVE_WORKERS_KEY, {self.name: time.time() + within + LIVENESS_GRACE})
+
+    def register_death(self) -> None:
+        super().register_death()
+        self.connection.zrem(LIVE_WORKERS_KEY, self.name)
 
     def check_for_suspension(self, burst: bool) -> None:
         if time.monotonic() - self._suspension_checked_at < SUSPENSION_CHECK_INTERVAL:
@@ -103,13 +153,23 @@ def _release_session() -> None:
         db.session.registry.clear()
 
 
+def live_worker_count(connection: Redis) -> int:
+    """How many workers have heartbeated and are not yet overdue for their next heartbeat. Members
+    that are overdue (killed workers) are removed on the way; one round trip."""
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.zremrangebyscore(LIVE_WORKERS_KEY, "-inf", time.time())
+        pipe.zcard(LIVE_WORKERS_KEY)
+        return pipe.execute()[1]
+
+
 def build_worker(app: Flask, queue_names: list[str] | None = None, **kwargs) -> AppWorker:
     """A worker for `app`'s queues (or `queue_names`) on `app`'s Redis."""
     connection = app.extensions["redis"]
     queues = [Queue(name, connection=connection) for name in (queue_names or app.config["QUEUES"])]
-    # RQ gives the key `worker_ttl` + 60 s between jobs and a job's timeout + 60 s during one; RQ
-    # blocks on an empty queue for `worker_ttl` - 15 s, so it stays at a minute at least.
+    # RQ gives the key `worker_ttl` + 60 s between jobs and a job's timeout + 60 s during one: it
+    # stays at a minute at least. An idle worker heartbeats every WORKER_HEARTBEAT_INTERVAL seconds.
     kwargs.setdefault("worker_ttl", max(app.config["JOB_TIMEOUT"], 60))
+    kwargs.setdefault("heartbeat_interval", app.config["WORKER_HEARTBEAT_INTERVAL"])
     worker = AppWorker(queues, connection=connection, **kwargs)
     worker.app = app
     return worker
