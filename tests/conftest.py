@@ -21,6 +21,7 @@ import fakeredis
 import pytest
 from flask_migrate import upgrade
 from redis import Redis
+from rq import Queue
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from werkzeug.serving import make_server
@@ -150,6 +151,18 @@ def redis_conn(backend):
         conn.flushdb()
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def send_queue(app, redis_conn) -> Queue:
+    """The queue of send jobs, named as the app names it (SEND_QUEUE)."""
+    return Queue(app.config["SEND_QUEUE"], connection=redis_conn)
+
+
+@pytest.fixture
+def control_queue(app, redis_conn) -> Queue:
+    """The queue of campaign-level jobs (CONTROL_QUEUE): fan-out, dispatch, reconcile, imports."""
+    return Queue(app.config["CONTROL_QUEUE"], connection=redis_conn)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import time
 from datetime import timedelta
 
 import pytest
-from rq import Queue
 
 from app import clock as app_clock
 from app.auth import hash_key
@@ -83,13 +82,12 @@ def test_requests_without_a_key_are_not_deduplicated(client):
     assert count(IdempotencyKey) == 0
 
 
-def test_repeat_send_replays_and_enqueues_nothing_more(client, redis_conn):
+def test_repeat_send_replays_and_enqueues_nothing_more(client, redis_conn, send_queue):
     ids = make_customers(3)
     campaign_id = make_campaign().id
     first = post(client, f"/campaigns/{campaign_id}/send", {"customer_ids": ids})
-    queue = Queue("campaign_sends", connection=redis_conn)
-    jobs = sorted(queue.job_ids)
-    redis_conn.delete(queue.key)
+    jobs = sorted(send_queue.job_ids)
+    redis_conn.delete(send_queue.key)
     again = post(client, f"/campaigns/{campaign_id}/send", {"customer_ids": ids})
     assert first.status_code == again.status_code == 202
     assert (
@@ -97,7 +95,7 @@ def test_repeat_send_replays_and_enqueues_nothing_more(client, redis_conn):
         == first.get_json()
         == {"campaign_id": campaign_id, "messages_queued": 3, "messages_left_for_reconciler": 0, "status": "sending"}
     )
-    assert len(jobs) == 3 and queue.job_ids == []
+    assert len(jobs) == 3 and send_queue.job_ids == []
     assert count(OutboundMessage) == 3
 
 

@@ -7,11 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from rq import Queue
-from rq_scheduler import Scheduler
 
 from app.extensions import db
 from app.messaging.reconcile import reconcile
-from app.messaging.scheduling import PERIODIC_JOBS, register_periodic_jobs, restore_periodic_jobs
+from app.messaging.scheduling import PERIODIC_JOBS, get_scheduler, register_periodic_jobs, restore_periodic_jobs
 from app.messaging.worker import build_worker
 from app.models import Campaign
 from tests.conftest import kill_group, read_send_log, wait_for
@@ -82,13 +81,13 @@ def test_crash_between_commit_and_enqueue_is_healed(app, client, clock, spawn, w
     assert len(read_send_log(send_log)) == 5
 
 
-def test_jobs_still_waiting_in_redis_are_not_duplicated(app, client, clock, redis_conn):
+def test_jobs_still_waiting_in_redis_are_not_duplicated(app, client, clock, redis_conn, send_queue):
     ids = make_customers(4)
     campaign = make_campaign()
     send_to(client, campaign.id, ids)
     clock.advance(seconds=app.config["STALE_AFTER"] + 1)
     assert reconcile().requeued == 0
-    assert Queue("campaign_sends", connection=redis_conn).count == 4
+    assert send_queue.count == 4
 
 
 def test_requeued_messages_are_not_requeued_again_before_they_are_stale(app, client, clock, redis_conn):
@@ -149,19 +148,19 @@ def test_sending_campaign_with_nothing_pending_is_finalized(app, client, work):
     assert stats(client, campaign.id)["status"] == "sent"
 
 
-def test_reconcile_runs_as_a_job(app, client, clock, redis_conn, work):
+def test_reconcile_runs_as_a_job(app, client, clock, redis_conn, work, control_queue):
     ids = make_customers(2)
     campaign = make_campaign()
     send_to(client, campaign.id, ids)
     redis_conn.flushdb()
     clock.advance(seconds=app.config["STALE_AFTER"] + 1)
-    Queue("campaign_sends", connection=redis_conn).enqueue("app.messaging.jobs.reconcile")
+    control_queue.enqueue("app.messaging.jobs.reconcile")  # where the scheduler puts it
     work()  # the reconcile job, then the two send jobs it queued
     assert stats(client, campaign.id)["status"] == "sent"
 
 
 def test_registering_the_reconciler_twice_keeps_one(app, redis_conn):
-    scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
+    scheduler = get_scheduler()
     register_periodic_jobs(scheduler)
     register_periodic_jobs(scheduler)
     jobs = list(scheduler.get_jobs())
@@ -171,7 +170,7 @@ def test_registering_the_reconciler_twice_keeps_one(app, redis_conn):
 
 
 def test_a_new_interval_replaces_the_old_periodic_job(app, redis_conn):
-    scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
+    scheduler = get_scheduler()
     register_periodic_jobs(scheduler)
     app.config["RECONCILE_INTERVAL"] = 15
     register_periodic_jobs(scheduler)
@@ -180,7 +179,7 @@ def test_a_new_interval_replaces_the_old_periodic_job(app, redis_conn):
 
 
 def test_periodic_jobs_lost_from_redis_are_registered_again_due_at_once(app, clock, redis_conn):
-    scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
+    scheduler = get_scheduler()
     register_periodic_jobs(scheduler)
     assert restore_periodic_jobs(scheduler) == []  # nothing lost: nothing touched
     redis_conn.flushdb()
@@ -284,14 +283,16 @@ def test_two_scheduler_processes_dispatch_each_campaign_once(app, client, spawn_
 
 
 @pytest.mark.parametrize("dequeue", ["blpop", "lmove"])
-def test_job_lost_between_dequeue_and_start_is_requeued(app, client, clock, redis_conn, work, send_log, dequeue):
+def test_job_lost_between_dequeue_and_start_is_requeued(
+    app, client, clock, redis_conn, work, send_log, dequeue, send_queue
+):
     """A worker that dies right after taking a job off the queue leaves it saying `queued` in no queue:
     a worker on several queues (ours) pops it with BLPOP, one on a single queue moves it into RQ's
     intermediate list. The reconciler must not count it as waiting, nor the jobs behind it as lost."""
     ids = make_customers(3)
     campaign = make_campaign()
     send_to(client, campaign.id, ids)
-    queue = Queue("campaign_sends", connection=redis_conn)
+    queue = send_queue
     # What the worker's dequeue does, and then it dies.
     if dequeue == "blpop":
         redis_conn.blpop([queue.key], timeout=1)
@@ -305,11 +306,11 @@ def test_job_lost_between_dequeue_and_start_is_requeued(app, client, clock, redi
     assert len(sends) == 3 and set(sends.values()) == {1}
 
 
-def test_last_job_lost_from_an_emptied_queue_is_requeued(app, client, clock, redis_conn, work, send_log):
+def test_last_job_lost_from_an_emptied_queue_is_requeued(app, client, clock, redis_conn, work, send_log, send_queue):
     ids = make_customers(1)
     campaign = make_campaign()
     send_to(client, campaign.id, ids)
-    redis_conn.lpop(Queue("campaign_sends", connection=redis_conn).key)
+    redis_conn.lpop(send_queue.key)
     clock.advance(seconds=app.config["STALE_AFTER"] + 1)
     assert reconcile().requeued == 1
     work()

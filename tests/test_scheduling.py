@@ -4,11 +4,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from redis import Redis
-from rq import Queue
-from rq_scheduler import Scheduler
 
+from app.extensions import get_control_queue
 from app.messaging.reconcile import reconcile
-from app.messaging.scheduling import dispatch_job_id
+from app.messaging.scheduling import dispatch_job_id, get_scheduler
 from tests.factories import make_customers
 
 
@@ -16,10 +15,9 @@ def iso(dt: datetime) -> str:
     return dt.isoformat()
 
 
-def trigger_time(redis_conn, campaign_id):
+def trigger_time(campaign_id):
     """When rq-scheduler will fire the campaign's dispatch, or None."""
-    scheduler = Scheduler(queue_name="campaign_sends", connection=redis_conn)
-    for job, at in scheduler.get_jobs(with_times=True):
+    for job, at in get_scheduler().get_jobs(with_times=True):
         if job.id == dispatch_job_id(campaign_id):
             return at.replace(tzinfo=UTC)
     return None
@@ -30,9 +28,9 @@ def create(client, **fields):
     return client.post("/campaigns", json=body)
 
 
-def fire_trigger(redis_conn, campaign_id, work):
+def fire_trigger(campaign_id, work):
     """What rq-scheduler does when the trigger's time comes: queue the dispatch job; then run it."""
-    Queue("campaign_sends", connection=redis_conn).enqueue(
+    get_control_queue().enqueue(
         "app.messaging.jobs.dispatch_campaign", campaign_id, job_id=dispatch_job_id(campaign_id)
     )
     work()
@@ -45,7 +43,7 @@ def test_future_schedule_makes_campaign_scheduled_with_a_trigger(client, clock, 
     body = response.get_json()
     assert body["status"] == "scheduled"
     assert body["scheduled_at"] == "2030-01-01T13:00:00+00:00"
-    assert trigger_time(redis_conn, body["id"]) == at
+    assert trigger_time(body["id"]) == at
 
 
 def test_naive_time_is_utc_and_offsets_are_converted(client, clock):
@@ -67,10 +65,10 @@ def test_reschedule_moves_the_trigger_and_null_unschedules(client, clock, redis_
     later = clock.now() + timedelta(hours=5)
     moved = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(later)}).get_json()
     assert moved["status"] == "scheduled"
-    assert trigger_time(redis_conn, campaign["id"]) == later
+    assert trigger_time(campaign["id"]) == later
     draft = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": None}).get_json()
     assert draft["status"] == "draft" and draft["scheduled_at"] is None
-    assert trigger_time(redis_conn, campaign["id"]) is None
+    assert trigger_time(campaign["id"]) is None
     again = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(later)}).get_json()
     assert again["status"] == "scheduled"
 
@@ -85,7 +83,7 @@ def test_patch_to_past_time_is_422_and_keeps_schedule(client, clock, redis_conn)
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["scheduled_at"] == iso(at)
 
 
-def test_send_before_the_time_stores_recipients_and_queues_nothing(client, clock, redis_conn):
+def test_send_before_the_time_stores_recipients_and_queues_nothing(client, clock, redis_conn, send_queue):
     ids = make_customers(3)
     at = clock.now() + timedelta(hours=1)
     campaign = create(client, scheduled_at=iso(at)).get_json()
@@ -101,7 +99,7 @@ def test_send_before_the_time_stores_recipients_and_queues_nothing(client, clock
     }
     second = client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids}).get_json()
     assert second["messages_scheduled"] == 1
-    assert Queue("campaign_sends", connection=redis_conn).count == 0
+    assert send_queue.count == 0
     stats = client.get(f"/campaigns/{campaign['id']}").get_json()["stats"]
     assert stats == {"total": 3, "pending": 3, "sent": 0, "failed": 0}
 
@@ -111,11 +109,11 @@ def test_dispatch_never_runs_before_the_time(client, clock, redis_conn, work, se
     campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=10))).get_json()
     client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
     clock.advance(minutes=9, seconds=59)
-    fire_trigger(redis_conn, campaign["id"], work)  # an early trigger (clock skew, a stale job)
+    fire_trigger(campaign["id"], work)  # an early trigger (clock skew, a stale job)
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "scheduled"
     assert not send_log.exists()
     clock.advance(seconds=1)
-    fire_trigger(redis_conn, campaign["id"], work)
+    fire_trigger(campaign["id"], work)
     detail = client.get(f"/campaigns/{campaign['id']}").get_json()
     assert detail["status"] == "sent"
     assert detail["stats"]["sent"] == 2
@@ -128,7 +126,7 @@ def test_trigger_that_fires_twice_dispatches_once(client, clock, redis_conn, wor
     campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=1))).get_json()
     client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
     clock.advance(minutes=2)
-    queue = Queue("campaign_sends", connection=redis_conn)
+    queue = get_control_queue()
     for n in range(3):  # two scheduler processes and a retry, say
         queue.enqueue("app.messaging.jobs.dispatch_campaign", campaign["id"], job_id=f"trigger-{n}")
     work()
@@ -142,7 +140,7 @@ def test_rescheduled_campaign_is_not_dispatched_at_its_old_time(client, clock, r
     client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
     client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": iso(clock.now() + timedelta(hours=2))})
     clock.advance(minutes=6)
-    fire_trigger(redis_conn, campaign["id"], work)  # an old trigger that was not removed
+    fire_trigger(campaign["id"], work)  # an old trigger that was not removed
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "scheduled"
 
 
@@ -152,14 +150,14 @@ def test_unscheduled_campaign_is_not_dispatched(client, clock, redis_conn, work)
     client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
     client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": None})
     clock.advance(minutes=6)
-    fire_trigger(redis_conn, campaign["id"], work)
+    fire_trigger(campaign["id"], work)
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "draft"
 
 
 def test_scheduled_campaign_without_recipients_fails_and_says_why(client, clock, redis_conn, work):
     campaign = create(client, scheduled_at=iso(clock.now() + timedelta(minutes=1))).get_json()
     clock.advance(minutes=1)
-    fire_trigger(redis_conn, campaign["id"], work)
+    fire_trigger(campaign["id"], work)
     detail = client.get(f"/campaigns/{campaign['id']}").get_json()
     assert detail["status"] == "failed"
     assert "no recipients" in detail["status_reason"]
@@ -177,12 +175,12 @@ def test_send_on_a_due_scheduled_campaign_starts_it_with_stored_recipients(clien
         "messages_left_for_reconciler": 0,
         "status": "sending",
     }
-    assert trigger_time(redis_conn, campaign["id"]) is None
+    assert trigger_time(campaign["id"]) is None
     work()
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["stats"]["sent"] == 3
 
 
-def test_dispatch_does_not_wait_behind_queued_sends(client, clock, app, redis_conn):
+def test_dispatch_does_not_wait_behind_queued_sends(client, clock, app, redis_conn, send_queue):
     from app.messaging.scheduling import schedule_dispatch
     from app.messaging.worker import build_worker
 
@@ -193,10 +191,10 @@ def test_dispatch_does_not_wait_behind_queued_sends(client, clock, app, redis_co
     client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids})
     clock.advance(minutes=1)
     schedule_dispatch(campaign["id"], datetime.now(UTC) - timedelta(seconds=1))  # due for rq-scheduler
-    Scheduler(queue_name="campaign_control", connection=redis_conn).enqueue_jobs()  # rq-scheduler's tick
+    get_scheduler().enqueue_jobs()  # rq-scheduler's tick
     build_worker(app).work(burst=True, max_jobs=1, logging_level="WARNING")  # one job only: the dispatch
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "sending"
-    assert Queue("campaign_sends", connection=redis_conn).count == 6
+    assert send_queue.count == 6
 
 
 @pytest.mark.parametrize(
@@ -218,7 +216,7 @@ def test_extreme_schedule_times_are_201_or_422(client, clock, redis_conn, schedu
     else:
         campaign = response.get_json()
         assert campaign["status"] == "scheduled"
-        assert trigger_time(redis_conn, campaign["id"]) is not None
+        assert trigger_time(campaign["id"]) is not None
         patched = client.patch(f"/campaigns/{campaign['id']}", json={"scheduled_at": "9999-12-31T23:59:59-12:00"})
         assert patched.status_code == 422
 
@@ -236,7 +234,7 @@ def test_rescheduling_while_redis_is_down_still_dispatches_at_the_new_time(app, 
     assert moved.get_json()["scheduled_at"] == "2030-01-01T14:00:00+00:00"
 
     clock.advance(hours=1, seconds=1)  # the old time: its trigger, still in Redis, fires
-    fire_trigger(redis_conn, campaign["id"], work)
+    fire_trigger(campaign["id"], work)
     assert reconcile().dispatched == []
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "scheduled"
     clock.advance(hours=1)

@@ -3,6 +3,7 @@
 from collections import Counter
 
 import pytest
+from flask import current_app
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
@@ -19,7 +20,8 @@ CLOSED_PORT = 1  # nothing listens there: connections are refused at once
 
 
 def queued_job_ids(redis_conn) -> list[str]:
-    return Queue("campaign_sends", connection=redis_conn).job_ids
+    """The send jobs waiting in the app's send queue."""
+    return Queue(current_app.config["SEND_QUEUE"], connection=redis_conn).job_ids
 
 
 def test_send_creates_pending_rows_and_one_job_each(client, redis_conn):
@@ -160,7 +162,7 @@ def test_large_send_is_enqueued_by_a_fan_out_job(client, app, redis_conn, work):
     assert response.get_json()["messages_left_for_reconciler"] == 0
     # The request queues only the fan-out job, on the control queue.
     assert queued_job_ids(redis_conn) == []
-    control = Queue("campaign_control", connection=redis_conn).job_ids
+    control = Queue(app.config["CONTROL_QUEUE"], connection=redis_conn).job_ids
     assert [j.split("-")[0] for j in control] == ["enqueue_campaign"]
     # Walking a big campaign takes a while: not RQ's default 180 s (RQ 3 ignores `timeout=` beside `args=`).
     assert Job.fetch(control[0], connection=redis_conn).timeout == 3600

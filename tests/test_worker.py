@@ -128,7 +128,7 @@ def test_job_that_runs_twice_sends_once(client, app, work, redis_conn, send_log)
     start(client, campaign.id, ids)
     message_id = messages(client, campaign.id)[0]["id"]
     # A duplicate of the same job, as a re-enqueue after a lost acknowledgement would make.
-    Queue("campaign_sends", connection=redis_conn).enqueue(SEND_JOB, message_id, job_id=f"dup-{message_id}")
+    Queue(app.config["SEND_QUEUE"], connection=redis_conn).enqueue(SEND_JOB, message_id, job_id=f"dup-{message_id}")
     work()
     assert len(read_send_log(send_log)) == 1
     assert messages(client, campaign.id)[0]["status"] == "sent"
@@ -143,7 +143,7 @@ def test_retry_waits_out_the_configured_interval(client, app, work, redis_conn, 
     work()
     [row] = messages(client, campaign.id)
     assert (row["status"], row["retry_count"]) == ("pending", 1)
-    registry = ScheduledJobRegistry("campaign_sends", connection=redis_conn)
+    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
     assert registry.get_job_ids() == [message_job_id(row["id"])]
     scheduled_for = registry.get_scheduled_time(message_job_id(row["id"]))
     assert 25 <= (scheduled_for.timestamp() - time.time()) <= 31
