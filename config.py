@@ -52,6 +52,15 @@ def _int(name: str, default: int) -> int:
 class Config:
     SQLALCHEMY_DATABASE_URI = database_url(os.environ.get("DATABASE_URL"))
     SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
+    # Time limits on PostgreSQL (docs/operations.md, "When PostgreSQL is down or hung"), in seconds; 0 turns
+    # one off. The statement timeout, and the client's deadline on each round trip just above it, apply to
+    # the web, worker and scheduler processes; other Flask CLI commands (migrations, imports) run without.
+    DATABASE_CONNECT_TIMEOUT = _int("DATABASE_CONNECT_TIMEOUT", 3)
+    DATABASE_STATEMENT_TIMEOUT = _float("DATABASE_STATEMENT_TIMEOUT", 5)
+    # The audience send's one INSERT ... SELECT (about 9 s per million recipients) gets its own budget.
+    SEND_STATEMENT_TIMEOUT = _float("SEND_STATEMENT_TIMEOUT", 120)
+    # What a 503 for an unavailable database tells the client to wait (Retry-After).
+    DATABASE_RETRY_AFTER = _int("DATABASE_RETRY_AFTER", 5)
     REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
     # Send jobs, one per message, go to SEND_QUEUE. Campaign-level jobs (fan-out, scheduled dispatch,

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from flask import Flask, jsonify, request
+from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
+
+from app.database import describe, is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,21 @@ def handle_app_error(exc: AppError):
     return error_response(exc.code, exc.message, exc.errors)
 
 
+def handle_database_unavailable(exc: Exception):
+    """503 with `Retry-After`: the database is down, unreachable or not answering in time."""
+    # One line without the SQL or its parameters: an outage fails every request, with the same story.
+    log.warning("database unavailable", extra={"error": describe(exc)})
+    seconds = current_app.config["DATABASE_RETRY_AFTER"]
+    return error_response(
+        503,
+        f"the service cannot reach its database right now; retry after {seconds} seconds",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
 def handle_unexpected(exc: Exception):
+    if is_unavailable(exc):
+        return handle_database_unavailable(exc)
     # The client learns nothing of the internals; the log keeps the whole story.
     log.exception("unhandled error")
     return error_response(500, InternalServerError.description)
