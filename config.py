@@ -73,6 +73,9 @@ class Config:
     RETRY_INTERVALS = int_list(os.environ.get("RETRY_INTERVALS", "10,30,60"))
     JOB_TIMEOUT = _int("JOB_TIMEOUT", 60)
     JOB_RESULT_TTL = _int("JOB_RESULT_TTL", 10)
+    # How long a send job keeps trying to record an attempt while the database is unavailable, before it
+    # gives the message up to the reconciler (at most half of JOB_TIMEOUT is used).
+    RECORD_RETRY_WINDOW = _float("RECORD_RETRY_WINDOW", 20)
     ENQUEUE_BATCH_SIZE = _int("ENQUEUE_BATCH_SIZE", 1000)
     # A /send that creates more rows than this enqueues them from a background fan-out job.
     ENQUEUE_INLINE_LIMIT = _int("ENQUEUE_INLINE_LIMIT", 1000)
