@@ -100,6 +100,11 @@ class Config:
 
     LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO")
 
+    # The web process (gunicorn.conf.py): threads per worker process, and how long a client may leave a
+    # thread waiting for the next bytes of its request (or for it to take the answer) before it is dropped.
+    WEB_THREADS = _int("WEB_THREADS", 16)
+    WEB_CLIENT_TIMEOUT = _float("WEB_CLIENT_TIMEOUT", 10)
+
     # API keys (README, "Authentication and API keys"): these, and the hashed keys in the database.
     API_KEYS = str_list(os.environ.get("API_KEYS", ""))
     REQUIRE_API_KEYS = False  # ProductionConfig refuses to start without a key

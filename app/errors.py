@@ -7,7 +7,7 @@ import logging
 from http import HTTPStatus
 
 from flask import Flask, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServerError, RequestEntityTooLarge
 
 from app.database import describe, is_unavailable
 
@@ -95,6 +95,11 @@ def handle_too_large(exc: RequestEntityTooLarge):
     return error_response(413, message)
 
 
+def handle_incomplete_body(exc: ClientDisconnected):
+    # The client closed the connection, or sent nothing for WEB_CLIENT_TIMEOUT seconds, mid-body.
+    return error_response(400, "the request body ended, or stopped arriving, before its Content-Length")
+
+
 def handle_app_error(exc: AppError):
     return error_response(exc.code, exc.message, exc.errors)
 
@@ -123,5 +128,6 @@ def register_errorhandlers(app: Flask) -> None:
     """Every error, expected or not, answers in the one JSON shape."""
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(RequestEntityTooLarge, handle_too_large)
+    app.register_error_handler(ClientDisconnected, handle_incomplete_body)
     app.register_error_handler(AppError, handle_app_error)
     app.register_error_handler(Exception, handle_unexpected)
