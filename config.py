@@ -199,6 +199,17 @@ SETTINGS: tuple[Setting, ...] = (
     # Where the data lives
     Setting("DATABASE_URL", "", "PostgreSQL in production (`postgres://` is accepted); empty: a SQLite file in "
             "the instance folder", database_url, key="SQLALCHEMY_DATABASE_URI", secret=True),
+    Setting("DATABASE_CONNECT_TIMEOUT", "3", "seconds to wait for a new PostgreSQL connection (libpq "
+            "`connect_timeout`, at least 2; 0: psycopg's default, 130); also the longest the pool's pre-ping may "
+            "take", integer(0, 600)),
+    Setting("DATABASE_STATEMENT_TIMEOUT", "5", "seconds a statement may run (PostgreSQL `statement_timeout`) in "
+            "the web, worker and scheduler processes, with a client-side deadline 1 s longer on each round trip "
+            "for a server that stops answering; other Flask CLI commands (migrations, imports) run without; 0 "
+            "turns both off", number(0, 3600)),
+    Setting("SEND_STATEMENT_TIMEOUT", "120", "seconds the audience send's one `INSERT ... SELECT` may run (about "
+            "9 s per million recipients)", number(1, 3600)),
+    Setting("DATABASE_RETRY_AFTER", "5", "the `Retry-After` of a `503` for an unavailable database, in seconds",
+            integer(1, 3600)),
     Setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for RQ, rq-scheduler and the rate limiter "
             "(`flask up` without it: an embedded redis-server)", redis_url, secret=True),
     Setting("REDIS_CONNECT_TIMEOUT", "0.5", "seconds to wait for a connection to Redis (all processes)",
@@ -217,6 +228,9 @@ SETTINGS: tuple[Setting, ...] = (
             integer(1)),
     Setting("JOB_RESULT_TTL", "10", "seconds a finished send job stays in Redis (the row is the record)",
             integer(0)),
+    Setting("RECORD_RETRY_WINDOW", "20", "seconds a send job keeps trying to record an attempt while the database "
+            "is unavailable (at most half of `JOB_TIMEOUT`); a longer outage leaves the message to the reconciler, "
+            "which sends it again", number(0, 3600)),
     Setting("ENQUEUE_BATCH_SIZE", "1000", "jobs per pipelined `enqueue_many`", integer(1)),
     Setting("ENQUEUE_INLINE_LIMIT", "1000", "above this many new rows, `/send` hands enqueueing to a fan-out job",
             integer(0)),
@@ -258,6 +272,11 @@ SETTINGS: tuple[Setting, ...] = (
             number(0, 60)),
     Setting("IDEMPOTENCY_ABANDON_AFTER", "300", "seconds after which an in-progress key is taken to be a dead "
             "request's and taken over", integer(1)),
+    # The web process (gunicorn.conf.py)
+    Setting("WEB_THREADS", "16", "threads per `web` process: how many requests each can serve at once",
+            integer(1, 1000)),
+    Setting("WEB_CLIENT_TIMEOUT", "10", "seconds a client may leave a `web` thread waiting for the next bytes of "
+            "its request (or to take its answer) before it is dropped; 0: no limit", number(0, 3600)),
     # Logs
     Setting("LOG_LEVEL", "INFO", "logs are JSON lines with a request id, and job/campaign/message ids in the "
             "worker", log_level),

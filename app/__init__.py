@@ -8,7 +8,7 @@ from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from app import auth, ratelimit
+from app import auth, database, ratelimit
 from app.bodies import Request
 from app.errors import register_errorhandlers
 from app.extensions import api, db, init_redis, migrate
@@ -47,6 +47,7 @@ def create_app(config: object | str = "config.Config", overrides: dict | None = 
 
 def register_extensions(app: Flask) -> None:
     db.init_app(app)
+    database.init_app(app)
     migrate.init_app(app, db, directory=str(app.config.get("MIGRATIONS_DIR", "migrations")))
     api.init_app(app)
     register_components(api.spec)

@@ -47,7 +47,8 @@ def _bearer_token() -> str | None:
 
 
 def owner_of(key: str) -> str | None:
-    """The owner string of `key`, or None if it is no valid key."""
+    """The owner string of `key`, or None if it is no valid key. Keys from `API_KEYS`, and tokens that
+    cannot be a stored key, are told without the database."""
     digest = hash_key(key)
     for env_key in current_app.config["API_KEYS"]:
         if hmac.compare_digest(hash_key(env_key), digest):
@@ -56,7 +57,10 @@ def owner_of(key: str) -> str | None:
 
 
 def stored_key_owner(key: str) -> str | None:
-    """The owner string of `key` if it is an unrevoked key in the database, else None."""
+    """The owner string of `key` if it is an unrevoked key in the database, else None. A token that
+    cannot be a stored key (no `cd_` prefix) is told without the database."""
+    if not key.startswith(KEY_PREFIX):
+        return None
     digest = hash_key(key)
     row = db.session.execute(
         select(ApiKey.id, ApiKey.key_hash).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
@@ -67,12 +71,21 @@ def stored_key_owner(key: str) -> str | None:
 
 
 def current_owner() -> str | None:
-    """The owner of the request's API key (None without a valid key); looked up once per request."""
+    """The owner of the request's API key (None without a valid key); looked up once per request. Raises
+    the database's error when a stored key cannot be looked up, on every call of the request."""
     # Kept on the request, not on `g`: an app context can outlive a request (tests, CLI).
     if _OWNER not in request.environ:
         token = _bearer_token()
-        request.environ[_OWNER] = owner_of(token) if token else None
-    return request.environ[_OWNER]
+        try:
+            request.environ[_OWNER] = owner_of(token) if token else None
+        except SQLAlchemyError as exc:
+            # The rate limiter asks first, then the key check: one wait for an unavailable database, not two.
+            request.environ[_OWNER] = exc
+            raise
+    owner = request.environ[_OWNER]
+    if isinstance(owner, SQLAlchemyError):
+        raise owner
+    return owner
 
 
 def _public_request() -> bool:

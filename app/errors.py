@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
+from flask import Flask, current_app, jsonify, request
+from werkzeug.exceptions import ClientDisconnected, HTTPException, InternalServerError, RequestEntityTooLarge
+
+from app.database import describe, is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +113,30 @@ def handle_too_large(exc: RequestEntityTooLarge):
     return error_response(413, message)
 
 
+def handle_incomplete_body(exc: ClientDisconnected):
+    # The client closed the connection, or sent nothing for WEB_CLIENT_TIMEOUT seconds, mid-body.
+    return error_response(400, "the request body ended, or stopped arriving, before its Content-Length")
+
+
 def handle_app_error(exc: AppError):
     return error_response(exc.code, exc.message, exc.errors, **exc.details)
 
 
+def handle_database_unavailable(exc: Exception):
+    """503 with `Retry-After`: the database is down, unreachable or not answering in time."""
+    # One line without the SQL or its parameters: an outage fails every request, with the same story.
+    log.warning("database unavailable", extra={"error": describe(exc)})
+    seconds = current_app.config["DATABASE_RETRY_AFTER"]
+    return error_response(
+        503,
+        f"the service cannot reach its database right now; retry after {seconds} seconds",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
 def handle_unexpected(exc: Exception):
+    if is_unavailable(exc):
+        return handle_database_unavailable(exc)
     # The client learns nothing of the internals; the log keeps the whole story.
     log.exception("unhandled error")
     return error_response(500, InternalServerError.description)
@@ -125,5 +146,6 @@ def register_errorhandlers(app: Flask) -> None:
     """Every error, expected or not, answers in the one JSON shape."""
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(RequestEntityTooLarge, handle_too_large)
+    app.register_error_handler(ClientDisconnected, handle_incomplete_body)
     app.register_error_handler(AppError, handle_app_error)
     app.register_error_handler(Exception, handle_unexpected)

@@ -39,10 +39,17 @@ class DocumentedApi(Api):
 
 
 def _rate_limit_key() -> str:
-    """The owner of the request's API key; the client's address for a request without a valid key."""
+    """The owner of the request's API key; the client's address for a request without a valid key, or
+    whose key cannot be looked up (the database is unavailable: the key check answers 503 next)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from app.auth import current_owner  # app.auth needs `db` from here
 
-    return current_owner() or f"ip:{request.remote_addr}"
+    try:
+        owner = current_owner()
+    except SQLAlchemyError:
+        owner = None
+    return owner or f"ip:{request.remote_addr}"
 
 
 db = SQLAlchemy(model_class=Base)

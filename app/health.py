@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as ProbeTimeout
 
-from flask import current_app
+from flask import Flask, current_app
 from flask.views import MethodView
 from marshmallow import Schema, fields
 from rq import Queue
 from sqlalchemy import text
 
 from app.blueprint import Blueprint
+from app.database import round_trip_budget
 from app.extensions import db, get_redis
 from app.messaging.worker import live_worker_count
 
@@ -49,9 +52,27 @@ def _check(name: str, probe: Callable[[], object]) -> dict:
     return {"ok": True}
 
 
+# /health answers within 2 s even when the database hangs: the database probe gets this long.
+DATABASE_PROBE_TIMEOUT = 1.5
+# Probes run here, so that the answer need not wait for a connection attempt (at least 2 s in libpq) to
+# give up. Two threads: a probe stuck on a hung database holds one for a few seconds at most.
+_probes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="health-probe")
+
+
+def _probe_database(app: Flask) -> None:
+    with app.app_context(), round_trip_budget(DATABASE_PROBE_TIMEOUT):
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+
 def _ping_database() -> None:
-    with db.engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
+    """`SELECT 1`, answered within `DATABASE_PROBE_TIMEOUT` seconds or counted as down."""
+    probe = _probes.submit(_probe_database, current_app._get_current_object())
+    try:
+        probe.result(timeout=DATABASE_PROBE_TIMEOUT)
+    except ProbeTimeout:
+        probe.cancel()  # still queued behind a stuck probe: it need not run at all
+        raise TimeoutError(f"no answer from the database within {DATABASE_PROBE_TIMEOUT} s") from None
 
 
 def service_health() -> dict:

@@ -20,6 +20,7 @@ RATE_LIMITED = "RateLimited"
 TOO_LARGE = "PayloadTooLarge"
 MALFORMED = "MalformedBody"
 NOT_JSON = "UnsupportedMediaType"
+UNAVAILABLE = "DatabaseUnavailable"
 
 
 def _error(description: str, headers: dict | None = None) -> dict:
@@ -56,15 +57,24 @@ def register_components(spec: APISpec) -> None:
     spec.components.response(TOO_LARGE, _error("Request body over MAX_CONTENT_LENGTH"))
     spec.components.response(MALFORMED, _error("Request body is not valid JSON"))
     spec.components.response(NOT_JSON, _error("Request body sent without `Content-Type: application/json`"))
+    spec.components.response(
+        UNAVAILABLE,
+        _error(
+            "The database is down, unreachable or not answering in time; retry after Retry-After seconds",
+            {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait before retrying."}},
+        ),
+    )
 
 
 class CommonResponsesPlugin(BasePlugin):
-    """Documents on every operation the answers that do not come from its view: 401 and 429 when it
-    needs a key (its `security` is not `[]`), 400 and 413 when it takes a body, 415 when that body is JSON."""
+    """Documents on every operation the answers that do not come from its view: 503 when the database is
+    unavailable, 401 and 429 when it needs a key (its `security` is not `[]`), 400 and 413 when it takes a
+    body, 415 when that body is JSON."""
 
     def operation_helper(self, path=None, operations=None, **kwargs) -> None:
         for operation in (operations or {}).values():
             responses = operation.setdefault("responses", {})
+            _add(responses, 503, UNAVAILABLE)
             if operation.get("security") != []:
                 _add(responses, 401, UNAUTHORIZED)
                 _add(responses, 429, RATE_LIMITED)

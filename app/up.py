@@ -201,7 +201,8 @@ def _wait_until_answering(url: str, stack: Stack) -> None:
 def _commands(host: str, port: int) -> dict[str, list[str]]:
     python = sys.executable
     return {
-        "web": [python, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", "2", "wsgi:app"],
+        # The Procfile's web, on this host and port (gunicorn.conf.py holds its settings).
+        "web": [python, "-m", "gunicorn", "wsgi:app", "--config", "gunicorn.conf.py", "--bind", f"{host}:{port}"],
         "worker": [python, "worker.py"],
         "scheduler": [python, "-m", "flask", "--app", "wsgi", "scheduler"],
     }

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from app.extensions import db
 from app.messaging.worker import build_worker
 from config import database_url
 from tests.helpers import free_port, procfile_command
+from tests.pg_server import PgServer
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,17 +221,96 @@ def anonymous_client(app):
     return app.test_client()
 
 
-@pytest.fixture
-def live_server(app):
-    """The app served over HTTP on a free local port (a threaded werkzeug server); yields its base URL."""
+@contextmanager
+def serve(app):
+    """Serve `app` over HTTP on a free local port (a threaded werkzeug server); yields its base URL."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log line per request
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+@pytest.fixture
+def live_server(app):
+    """The app served over HTTP on a free local port; yields its base URL."""
+    with serve(app) as url:
+        yield url
+
+
+@pytest.fixture
+def app_with(database_uri, redis_conn, send_log, rate_limit_storage):
+    """Build another app on the test's database and Redis, with settings of its own (read when an app is
+    built, such as the database's time limits); each is disposed of at the end of the test."""
+    built = []
+
+    def build(**overrides):
+        other = create_app(
+            "config.Config",
+            {
+                **TEST_OVERRIDES,
+                "SQLALCHEMY_DATABASE_URI": database_uri,
+                "MOCK_SENDER_LOG": str(send_log),
+                "RATELIMIT_STORAGE_URI": rate_limit_storage,
+                **overrides,
+            },
+        )
+        other.extensions["redis"] = redis_conn
+        built.append(other)
+        return other
+
+    yield build
+    for other in built:
+        with other.app_context():
+            db.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A private PostgreSQL cluster for fault tests (initdb once per run): stop, start, pause it at will."""
+    server = PgServer()
+    server.init()
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def private_database(pg_server) -> str:
+    """A migrated, empty database on the private cluster (its URL); the cluster is up again afterwards."""
+    if not pg_server.running:
+        pg_server.start()
+    url = pg_server.create_database("campaigns")
+    _migrated(database_url(url))
+    yield url
+    if pg_server.running:
+        pg_server.resume()
+    else:
+        pg_server.start()
+
+
+@pytest.fixture
+def private_app(private_database, redis_conn, send_log, rate_limit_storage):
+    """The app on the private cluster's database and the test Redis, accepting `TEST_API_KEY`."""
+    app = create_app(
+        "config.Config",
+        {
+            **TEST_OVERRIDES,
+            "SQLALCHEMY_DATABASE_URI": database_url(private_database),
+            "MOCK_SENDER_LOG": str(send_log),
+            "RATELIMIT_STORAGE_URI": rate_limit_storage,
+        },
+    )
+    app.extensions["redis"] = redis_conn
+    with app.app_context():
+        yield app
+        db.session.remove()
+        db.engine.dispose()
 
 
 @pytest.fixture
@@ -271,9 +352,9 @@ def work(app):
 
 
 @pytest.fixture
-def worker_env(app, send_log) -> dict:
+def worker_env(backend, send_log) -> dict:
     """Environment for worker processes started as the Procfile starts them (real backend only)."""
-    assert app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"), "worker processes need the real backend"
+    assert backend == "real", "worker processes need the real backend"
     return {
         **os.environ,
         "DATABASE_URL": TEST_DATABASE_URL,

@@ -73,6 +73,16 @@ def test_every_error_response_has_the_error_schema(spec):
     assert error["properties"]["errors"]["additionalProperties"] == {"type": "array", "items": {"type": "string"}}
 
 
+def test_every_operation_documents_503_with_retry_after(spec):
+    for method, path in OPERATIONS:
+        response = spec["paths"][path][method]["responses"]["503"]
+        if path == "/health":
+            continue  # its 503 is the health report itself
+        assert response == {"$ref": "#/components/responses/DatabaseUnavailable"}, (method, path)
+    unavailable = spec["components"]["responses"]["DatabaseUnavailable"]
+    assert set(unavailable["headers"]) == {"Retry-After"}
+
+
 def test_operations_with_a_body_document_400_and_413_and_paths_with_ids_404(spec):
     for method, path in OPERATIONS:
         responses = spec["paths"][path][method]["responses"]

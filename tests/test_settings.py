@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from app import create_app
 from config import SETTINGS, SettingsError, check_settings
 from tests.conftest import ROOT, TEST_DATABASE_URL, TEST_OVERRIDES, TEST_REDIS_URL
+from tests.helpers import free_port, procfile_command
 
 CLOSED = "127.0.0.1:1"  # nothing listens there
 
@@ -75,16 +77,18 @@ def test_defaults_are_valid_and_an_app_with_an_invalid_override_is_not_built():
 PROCESSES = {
     "worker": [sys.executable, "worker.py"],
     "scheduler": [sys.executable, "-m", "flask", "--app", "wsgi", "scheduler"],
-    "web": [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0", "wsgi:app"],
+    # The Procfile's web, as written there (`gunicorn` beside this Python).
+    "web": ["bash", "-c", "exec " + procfile_command("web")],
 }
 
 
 @pytest.mark.parametrize("process", PROCESSES)
 def test_every_process_refuses_to_start_with_a_bad_setting_in_one_line(process):
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     result = subprocess.run(
         PROCESSES[process],
         cwd=ROOT,
-        env=environment(SENDER="twilio"),
+        env=environment(SENDER="twilio", PORT=str(free_port()), PATH=path),
         capture_output=True,
         text=True,
         timeout=60,

@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, and_, exists, func, literal, select, updat
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app import clock
+from app.database import statement_budget
 from app.extensions import db, get_control_queue, get_queue, get_redis
 from app.messaging.message_store import pending_exists, pending_exists_now
 from app.models import Campaign, CampaignStatus, Customer, MessageStatus, OutboundMessage
@@ -47,7 +48,8 @@ class NewRows:
 def create_pending_messages(campaign_id: int, audience: ColumnElement[bool]) -> NewRows:
     """Insert a pending message for every customer matching `audience` who has none in the campaign.
 
-    One statement, in the caller's transaction; the caller commits.
+    One statement, in the caller's transaction; the caller commits. On PostgreSQL it runs with
+    `SEND_STATEMENT_TIMEOUT` for the rest of the transaction: a million recipients take about 9 s.
     """
     now = clock.now()
     source = select(
@@ -73,9 +75,10 @@ def create_pending_messages(campaign_id: int, audience: ColumnElement[bool]) -> 
     if dialect == "postgresql":
         # Count in the database: a 100k-row insert sends back three numbers, not 100k ids.
         inserted = stmt.cte("inserted")
-        count, first, last = db.session.execute(
-            select(func.count(), func.min(inserted.c.id), func.max(inserted.c.id))
-        ).one()
+        with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
+            count, first, last = db.session.execute(
+                select(func.count(), func.min(inserted.c.id), func.max(inserted.c.id))
+            ).one()
         return NewRows(count, first, last)
     count, first, last = 0, None, None
     for (message_id,) in db.session.execute(stmt):

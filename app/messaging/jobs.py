@@ -9,7 +9,7 @@ from rq import get_current_job
 
 from app import clock
 from app.messaging import dispatch
-from app.messaging.message_store import open_store
+from app.messaging.message_store import open_store, record_through_outage
 from app.messaging.reconcile import reconcile as reconcile_pass
 from app.messaging.senders import OutgoingMessage, SendResult, get_sender
 from app.messaging.templates import over_limit, render
@@ -34,7 +34,9 @@ def send_outbound_message(message_id: int) -> str:
     row another worker holds is skipped: a job that runs twice never sends twice. A failed attempt that
     RQ will retry leaves the message pending with `retry_count` + 1, then raises so that RQ retries;
     the last failed attempt marks it `failed`. Database work: a locked read, then the update, its
-    commit and the completion check (two round trips on PostgreSQL, see `message_store`).
+    commit and the completion check (two round trips on PostgreSQL, see `message_store`). If the
+    database becomes unavailable after the attempt, the record is retried for `RECORD_RETRY_WINDOW`
+    seconds: only a longer outage leaves the message pending, to be sent again (same idempotency key).
     """
     store = open_store()
     try:
@@ -48,7 +50,8 @@ def send_outbound_message(message_id: int) -> str:
             dispatch.finalize_campaign(campaign_id)
             return f"skipped: already {row['status']}"
         status, retries_used, body, error, will_retry = _attempt_and_decide(message_id, row)
-        pending_left = store.record(
+        pending_left = record_through_outage(
+            store,
             {
                 "message_id": message_id,
                 "campaign_id": campaign_id,
@@ -57,7 +60,8 @@ def send_outbound_message(message_id: int) -> str:
                 "error": error,
                 "retries_used": retries_used,
                 "now": clock.now(),
-            }
+            },
+            _record_window(),
         )
     finally:
         store.close()
@@ -69,6 +73,13 @@ def send_outbound_message(message_id: int) -> str:
         dispatch.finalize_campaign(campaign_id, pending_checked=True)
     log.info("message %s", status, extra=extra)
     return status
+
+
+def _record_window() -> float:
+    """How long to keep trying to record an attempt through a database outage: `RECORD_RETRY_WINDOW`, and
+    never more than half of the job's timeout, so that RQ does not stop the job while it records."""
+    config = current_app.config
+    return min(config["RECORD_RETRY_WINDOW"], config["JOB_TIMEOUT"] / 2)
 
 
 def _attempt_and_decide(message_id: int, row: dict) -> tuple[str, int, str | None, str | None, bool]:

@@ -9,14 +9,20 @@ the same statements, defined once here.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Protocol
 
+import psycopg
 from psycopg.rows import dict_row
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Compiled
 
+from app.database import describe, is_unavailable
 from app.extensions import db
 from app.models import Campaign, Customer, MessageStatus, OutboundMessage
+
+log = logging.getLogger(__name__)
 
 LOAD_FOR_SEND = (
     select(
@@ -37,9 +43,11 @@ LOAD_FOR_SEND = (
     # Two workers never send one message at once: the second skips the row the first holds.
     .with_for_update(of=OutboundMessage, skip_locked=True)
 )
+# Only a pending message takes an attempt's outcome: a record retried after the row lock was lost (see
+# `record_through_outage`) must not overwrite the outcome of a later attempt.
 RECORD_ATTEMPT = (
     update(OutboundMessage)
-    .where(OutboundMessage.id == bindparam("message_id"))
+    .where(OutboundMessage.id == bindparam("message_id"), OutboundMessage.status == MessageStatus.PENDING)
     .values(
         status=bindparam("new_status"),
         rendered_content=bindparam("body"),
@@ -137,13 +145,63 @@ class PipelineStore:
     def close(self) -> None:
         if self._pooled is None:
             return  # closed already
+        pooled, self._pooled = self._pooled, None
+        self._cursor.close()
         try:
-            self._conn.rollback()
-        finally:
-            self._cursor.close()
-            self._pooled.close()  # back to the pool
-            self._pooled = None
+            if not self._conn.closed:
+                self._conn.rollback()
+        except psycopg.Error:
+            pass  # the connection failed: it is not given back, below
+        if self._conn.closed:
+            pooled.invalidate()  # lost, or closed at a missed deadline: never reused
+        else:
+            pooled.close()  # back to the pool
 
 
 def open_store() -> MessageStore:
     return PipelineStore() if db.engine.dialect.driver == "psycopg" else SessionStore()
+
+
+# Seconds between two tries at recording an attempt while the database is unavailable.
+RECORD_RETRY_INTERVAL = 0.5
+
+
+def record_through_outage(store: MessageStore, params: dict, window: float) -> bool:
+    """`store.record(params)`; while the database is unavailable, record again on a new connection every
+    `RECORD_RETRY_INTERVAL` seconds for up to `window` seconds, then raise the last error.
+
+    The provider may already have the message: recording its outcome is what keeps the reconciler from
+    sending it again, so a short outage (a restart, a failover) must not lose it. The row lock goes with
+    the failed connection; the record stays right without it, as it only applies to a message still pending.
+    """
+    try:
+        return store.record(params)
+    except Exception as exc:  # noqa: BLE001 - only an unavailable database is waited out
+        if not is_unavailable(exc):
+            raise
+        error = exc
+    store.close()
+    extra = {"message_id": params["message_id"], "campaign_id": params["campaign_id"]}
+    log.warning("could not record a send attempt; trying again", extra={**extra, "error": describe(error)})
+    deadline = time.monotonic() + window
+    while time.monotonic() < deadline:
+        time.sleep(RECORD_RETRY_INTERVAL)
+        try:
+            return _record_on_new_connection(params)
+        except Exception as exc:  # noqa: BLE001
+            if not is_unavailable(exc):
+                raise
+            error = exc
+    log.error(
+        "gave up recording a send attempt; the message stays pending and will be sent again",
+        extra={**extra, "error": describe(error), "window": window},
+    )
+    raise error
+
+
+def _record_on_new_connection(params: dict) -> bool:
+    store = open_store()
+    try:
+        return store.record(params)
+    finally:
+        store.close()

@@ -1,0 +1,45 @@
+"""gunicorn settings of the `web` process (Procfile; gunicorn also reads this file by itself when started
+from the project root, as `flask up` and the benchmark do).
+
+Threaded workers (`gthread`): a request waiting on a slow client, or on the database, holds one of a
+process's `WEB_THREADS` threads, not the whole process. gunicorn's threaded worker reads a request's headers
+and body with blocking reads and no timeout once its first bytes have arrived, so `ClientTimeoutWorker`
+bounds each read and write on a client's socket to `WEB_CLIENT_TIMEOUT` seconds: a client that stalls is
+dropped and its thread freed. Its main loop tells the arbiter it is alive whatever its threads do, so a
+long request (a large CSV import) is not killed by gunicorn's worker `timeout`. See README, "Processes".
+"""
+
+import socket
+import struct
+import sys
+
+from gunicorn.workers.gthread import ThreadWorker
+
+from config import Config, SettingsError, check_settings
+
+# A bad setting stops gunicorn here, in its master, with one line naming it, before any worker boots.
+try:
+    check_settings({name: getattr(Config, name) for name in dir(Config) if name.isupper()})
+except SettingsError as exc:
+    sys.exit(f"configuration error: {exc}")
+
+
+def bound_blocking_io(sock: socket.socket, seconds: float) -> None:
+    """Make each blocking read or write on `sock` fail after `seconds` without progress (the kernel's
+    SO_RCVTIMEO and SO_SNDTIMEO: gunicorn resets Python's own socket timeout before it reads)."""
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+class ClientTimeoutWorker(ThreadWorker):
+    """gunicorn's threaded worker, with a time limit on each read and write on a client's socket."""
+
+    def handle(self, conn):
+        bound_blocking_io(conn.sock, Config.WEB_CLIENT_TIMEOUT)
+        return super().handle(conn)
+
+
+worker_class = ClientTimeoutWorker
+threads = Config.WEB_THREADS

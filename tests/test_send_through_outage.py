@@ -1,0 +1,90 @@
+"""PostgreSQL goes away while a worker is sending: the provider has the message, the record of it fails.
+A short outage is waited out (the message is sent once and recorded); a longer one leaves the message
+pending, and it is sent again after the reconciler re-enqueues it, with the same idempotency key.
+A private cluster and real worker processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from rq.job import Job
+from sqlalchemy import select
+
+from app.extensions import db
+from app.messaging.dispatch import message_job_id
+from app.messaging.reconcile import reconcile
+from app.models import Campaign, OutboundMessage
+from tests.conftest import TEST_API_KEY, read_send_log
+from tests.factories import make_campaign, make_customers
+from tests.pg_server import wait_until
+
+pytestmark = pytest.mark.real_only
+
+PROVIDER_LATENCY = 2  # seconds the mock provider takes: the database is stopped meanwhile
+
+
+def start_sending_one(app) -> tuple[int, int]:
+    """Send a new campaign to one customer; returns (message id, campaign id)."""
+    ids = make_customers(1)
+    campaign_id = make_campaign().id
+    response = app.test_client().post(
+        f"/campaigns/{campaign_id}/send",
+        json={"customer_ids": ids},
+        headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+    )
+    assert response.status_code == 202, response.get_json()
+    message_id = db.session.scalar(select(OutboundMessage.id).where(OutboundMessage.campaign_id == campaign_id))
+    db.session.commit()
+    return message_id, campaign_id
+
+
+def stop_database_mid_send(pg_server, redis_conn, message_id: int) -> None:
+    """Stop the cluster while the worker waits for the provider: the message is loaded, not recorded."""
+    job_key = Job.key_for(message_job_id(message_id))
+    wait_until(lambda: redis_conn.hget(job_key, "status") == b"started", timeout=30)
+    time.sleep(PROVIDER_LATENCY / 4)
+    pg_server.stop()
+
+
+def statuses(message_id: int, campaign_id: int) -> tuple[str, str]:
+    """The message's and the campaign's status, read on a new connection (the old ones died)."""
+    db.session.remove()
+    db.engine.dispose()
+    return db.session.get(OutboundMessage, message_id).status, db.session.get(Campaign, campaign_id).status
+
+
+def test_outage_shorter_than_the_record_window_sends_once(
+    private_app, private_database, pg_server, spawn_worker, redis_conn, send_log
+):
+    message_id, campaign_id = start_sending_one(private_app)
+    worker = spawn_worker(DATABASE_URL=private_database, MOCK_SENDER_LATENCY=PROVIDER_LATENCY, RECORD_RETRY_WINDOW=20)
+    stop_database_mid_send(pg_server, redis_conn, message_id)
+    time.sleep(PROVIDER_LATENCY + 2)  # the provider accepts; recording fails, and fails again
+    pg_server.start()
+    assert worker.wait(timeout=60) == 0
+    assert statuses(message_id, campaign_id) == ("sent", "sent")
+    attempts = read_send_log(send_log)
+    assert [(a["message_id"], a["ok"]) for a in attempts] == [(message_id, True)]
+    assert "could not record a send attempt; trying again" in worker.stderr.read().decode()
+
+
+def test_outage_longer_than_the_record_window_sends_again_with_the_same_idempotency_key(
+    private_app, private_database, pg_server, spawn_worker, redis_conn, send_log
+):
+    message_id, campaign_id = start_sending_one(private_app)
+    worker = spawn_worker(DATABASE_URL=private_database, MOCK_SENDER_LATENCY=PROVIDER_LATENCY, RECORD_RETRY_WINDOW=1)
+    stop_database_mid_send(pg_server, redis_conn, message_id)
+    # The record is given up after its window; RQ's retries fail on the stopped database; the burst ends.
+    assert worker.wait(timeout=60) == 0
+    assert "gave up recording a send attempt" in worker.stderr.read().decode()
+    pg_server.start()
+    assert statuses(message_id, campaign_id) == ("pending", "sending")
+
+    private_app.config["STALE_AFTER"] = 0
+    assert reconcile().requeued == 1
+    assert spawn_worker(DATABASE_URL=private_database).wait(timeout=60) == 0
+    attempts = read_send_log(send_log)
+    assert [(a["message_id"], a["ok"]) for a in attempts] == [(message_id, True), (message_id, True)]
+    assert {a["idempotency_key"] for a in attempts} == {f"outbound-message-{message_id}"}
+    assert statuses(message_id, campaign_id) == ("sent", "sent")
