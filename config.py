@@ -268,6 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_CONTENT_LENGTH", str(5 * MB), "largest request body in bytes; larger is a `413`", integer(1)),
     Setting("IDEMPOTENCY_TTL", str(24 * 3600), "seconds an `Idempotency-Key` and its answer are kept",
             integer(1)),
+    Setting("IDEMPOTENCY_PURGE_INTERVAL", "600", "seconds between deletions of expired idempotency keys (a "
+            "periodic job)", integer(1)),
     Setting("IDEMPOTENCY_WAIT", "5", "seconds a repeat waits for the first request with its key before a `409`",
             number(0, 60)),
     Setting("IDEMPOTENCY_ABANDON_AFTER", "300", "seconds after which an in-progress key is taken to be a dead "

@@ -14,7 +14,7 @@ import time
 from redis.exceptions import RedisError
 
 from app import create_app
-from app.messaging.worker import build_worker
+from app.messaging.app_worker import build_worker
 from config import SettingsError
 
 log = logging.getLogger("worker")

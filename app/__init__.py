@@ -11,9 +11,10 @@ from sqlalchemy.engine import Engine
 from app import auth, database, ratelimit
 from app.bodies import Request
 from app.errors import register_errorhandlers
-from app.extensions import api, db, init_redis, migrate
+from app.extensions import api, db, migrate
 from app.logs import configure_logging
 from app.openapi import docs_assets, register_components
+from app.queues import init_redis
 from config import INSTANCE_PATH, check_settings
 
 

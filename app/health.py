@@ -16,8 +16,9 @@ from sqlalchemy import text
 
 from app.blueprint import Blueprint
 from app.database import round_trip_budget
-from app.extensions import db, get_redis
-from app.messaging.worker import live_worker_count
+from app.extensions import db
+from app.messaging.app_worker import live_worker_count
+from app.queues import get_redis
 
 log = logging.getLogger(__name__)
 

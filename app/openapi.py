@@ -1,5 +1,6 @@
-"""The OpenAPI document's shared parts: the bearer security scheme, the error responses every
-operation can give, and the Swagger UI assets served by the app itself (the docs work offline)."""
+"""The OpenAPI document's shared parts: the `Api` class and component naming, the bearer security
+scheme, the error responses every operation can give, and the Swagger UI assets served by the app itself
+(the docs work offline)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import flask_swagger_ui
 from apispec import APISpec, BasePlugin
 from flask import Blueprint
+from flask_smorest import Api
 
 from app.schemas import ErrorSchema
 
@@ -21,6 +23,21 @@ TOO_LARGE = "PayloadTooLarge"
 MALFORMED = "MalformedBody"
 NOT_JSON = "UnsupportedMediaType"
 UNAVAILABLE = "DatabaseUnavailable"
+
+
+def schema_name(schema) -> str:
+    """OpenAPI component name: the class name without `Schema`; a partial (PATCH) schema gets `Update`."""
+    cls = schema if isinstance(schema, type) else type(schema)
+    name = cls.__name__.removesuffix("Schema")
+    return name + "Update" if getattr(schema, "partial", False) else name
+
+
+class DocumentedApi(Api):
+    """Errors are documented per status code with our error schema; no catch-all `default` response,
+    so that an undocumented status is a visible bug."""
+
+    ERROR_SCHEMA = ErrorSchema
+    DEFAULT_ERROR_RESPONSE_NAME = None
 
 
 def _error(description: str, headers: dict | None = None) -> dict:

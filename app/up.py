@@ -29,7 +29,8 @@ from flask_migrate import upgrade
 from redis import Redis
 
 from app import auth
-from app.extensions import redis_options
+from app.queues import redis_options
+from app.seed import seed_sample_data
 from config import mask_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,8 +232,6 @@ def run(app: Flask, host: str, port: int) -> None:
             app.config["REDIS_URL"] = env["REDIS_URL"]
             app.extensions["redis"] = Redis.from_url(env["REDIS_URL"], **redis_options(app.config))
             upgrade(directory=str(ROOT / "migrations"))
-            from app.cli import seed_sample_data
-
             customers, campaigns = seed_sample_data()
             click.echo(
                 f"database: {mask_url(env['DATABASE_URL'])} (seeded {customers} customers, {campaigns} campaigns)"

@@ -30,7 +30,7 @@ from werkzeug.serving import make_server
 from app import clock as app_clock
 from app import create_app
 from app.extensions import db
-from app.messaging.worker import build_worker
+from app.messaging.app_worker import build_worker
 from config import database_url
 from tests.helpers import free_port, procfile_command
 from tests.pg_server import PgServer

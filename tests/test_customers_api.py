@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import exists, func, select
 
 from app.extensions import db
-from app.messaging import dispatch
+from app.messaging import recipients
 from app.models import Customer, OutboundMessage
 from tests.conftest import TEST_API_KEY
 from tests.factories import make_campaign, make_customer
@@ -113,7 +113,7 @@ def test_delete_waits_for_a_send_in_progress_and_refuses(app, client):
     customer = make_customer()
     campaign = make_campaign()
     inserted, release = threading.Event(), threading.Event()
-    original = dispatch.create_pending_messages
+    original = recipients.create_pending_messages
 
     def insert_then_wait(*args, **kwargs):
         rows = original(*args, **kwargs)
@@ -122,7 +122,7 @@ def test_delete_waits_for_a_send_in_progress_and_refuses(app, client):
         return rows
 
     answers = {}
-    with patch.object(dispatch, "create_pending_messages", insert_then_wait):
+    with patch.object(recipients, "create_pending_messages", insert_then_wait):
         body = {"customer_ids": [customer.id]}
         sender = request_in_thread(app, "post", f"/campaigns/{campaign.id}/send", answers, "send", json=body)
         assert inserted.wait(10)

@@ -8,8 +8,9 @@ import pytest
 from redis import Redis
 
 from app import create_app
-from app.extensions import db, redis_options
-from app.messaging.worker import LIVENESS_GRACE, build_worker
+from app.extensions import db
+from app.messaging.app_worker import LIVENESS_GRACE, build_worker
+from app.queues import redis_options
 from tests.conftest import TEST_OVERRIDES, kill_group, wait_for
 from tests.factories import make_campaign, make_customers
 from tests.redis_server import unanswering_port

@@ -12,7 +12,7 @@ from app.campaigns import service as campaign_service
 from app.customers import service as customer_service
 from app.extensions import db
 from app.idempotency import request_fingerprint
-from app.messaging.reconcile import reconcile
+from app.messaging.scheduling import get_scheduler, register_periodic_jobs
 from app.models import Campaign, Customer, IdempotencyKey, OutboundMessage
 from tests.conftest import TEST_API_KEY
 from tests.factories import make_campaign, make_customers
@@ -143,12 +143,18 @@ def test_key_older_than_24_hours_is_forgotten(client, clock):
     assert count(Campaign) == 2
 
 
-def test_reconciler_deletes_expired_keys(client, clock):
+def test_expired_keys_are_deleted_by_their_own_periodic_job(app, client, clock, work):
+    """The purge is a periodic job of its own, registered by the scheduler beside the reconciler."""
     post(client, "/campaigns", CAMPAIGN, key="old")
     clock.advance(hours=20)
     post(client, "/campaigns", CAMPAIGN, key="recent")
     clock.advance(hours=5)
-    assert reconcile().expired_idempotency_keys == 1
+    scheduler = get_scheduler()
+    register_periodic_jobs(scheduler)
+    [purge] = [job for job in scheduler.get_jobs() if job.func_name == "app.idempotency.purge_expired"]
+    assert purge.meta["interval"] == app.config["IDEMPOTENCY_PURGE_INTERVAL"]
+    scheduler.enqueue_job(purge)  # what rq-scheduler does when it is due
+    work()
     assert db.session.scalars(db.select(IdempotencyKey.key)).all() == ["recent"]
 
 

@@ -9,9 +9,9 @@ import pytest
 from rq import Queue
 
 from app.extensions import db
+from app.messaging.app_worker import build_worker
 from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import PERIODIC_JOBS, get_scheduler, register_periodic_jobs, restore_periodic_jobs
-from app.messaging.worker import build_worker
 from app.models import Campaign
 from tests.conftest import kill_group, read_send_log, wait_for
 from tests.factories import make_campaign, make_customers
@@ -53,9 +53,10 @@ SEND_THEN_DIE = """
 import os, signal, sys
 from app import create_app
 from app.campaigns import service
-from app.messaging import dispatch
+from app.messaging import queueing
 
-dispatch.enqueue_new_rows = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+die = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+queueing.enqueue_new_rows = queueing.enqueue_all_pending = die
 with create_app().app_context():
     service.send_campaign(int(sys.argv[1]), customer_ids=[int(i) for i in sys.argv[2:]])
 """
@@ -154,19 +155,25 @@ def test_reconcile_runs_as_a_job(app, client, clock, redis_conn, work, control_q
     send_to(client, campaign.id, ids)
     redis_conn.flushdb()
     clock.advance(seconds=app.config["STALE_AFTER"] + 1)
-    control_queue.enqueue("app.messaging.jobs.reconcile")  # where the scheduler puts it
+    control_queue.enqueue("app.messaging.jobs.periodic_reconcile")  # where the scheduler puts it
     work()  # the reconcile job, then the two send jobs it queued
     assert stats(client, campaign.id)["status"] == "sent"
 
 
-def test_registering_the_reconciler_twice_keeps_one(app, redis_conn):
+def periodic(scheduler) -> dict[str, int]:
+    """The periodic jobs rq-scheduler holds: function -> interval."""
+    return {job.func_name: job.meta["interval"] for job in scheduler.get_jobs()}
+
+
+def test_registering_the_periodic_jobs_twice_keeps_one_of_each(app, redis_conn):
     scheduler = get_scheduler()
     register_periodic_jobs(scheduler)
     register_periodic_jobs(scheduler)
-    jobs = list(scheduler.get_jobs())
-    assert [job.id for job in jobs] == [PERIODIC_JOBS[0].job_id()]
-    assert jobs[0].func_name == "app.messaging.jobs.reconcile"
-    assert jobs[0].meta["interval"] == app.config["RECONCILE_INTERVAL"]
+    assert sorted(job.id for job in scheduler.get_jobs()) == sorted(job.job_id() for job in PERIODIC_JOBS)
+    assert periodic(scheduler) == {
+        "app.messaging.jobs.periodic_reconcile": app.config["RECONCILE_INTERVAL"],
+        "app.idempotency.purge_expired": app.config["IDEMPOTENCY_PURGE_INTERVAL"],
+    }
 
 
 def test_a_new_interval_replaces_the_old_periodic_job(app, redis_conn):
@@ -174,8 +181,8 @@ def test_a_new_interval_replaces_the_old_periodic_job(app, redis_conn):
     register_periodic_jobs(scheduler)
     app.config["RECONCILE_INTERVAL"] = 15
     register_periodic_jobs(scheduler)
-    jobs = list(scheduler.get_jobs())
-    assert [(job.func_name, job.meta["interval"]) for job in jobs] == [("app.messaging.jobs.reconcile", 15)]
+    assert periodic(scheduler)["app.messaging.jobs.periodic_reconcile"] == 15
+    assert len(list(scheduler.get_jobs())) == len(PERIODIC_JOBS)
 
 
 def test_periodic_jobs_lost_from_redis_are_registered_again_due_at_once(app, clock, redis_conn):
@@ -184,11 +191,11 @@ def test_periodic_jobs_lost_from_redis_are_registered_again_due_at_once(app, clo
     assert restore_periodic_jobs(scheduler) == []  # nothing lost: nothing touched
     redis_conn.flushdb()
     assert restore_periodic_jobs(scheduler) == PERIODIC_JOBS
-    [(job, at)] = list(scheduler.get_jobs(with_times=True))
-    assert job.id == PERIODIC_JOBS[0].job_id()
-    assert at.replace(tzinfo=UTC) <= clock.now()
-    redis_conn.delete(job.key)  # its hash alone expired: rq-scheduler would drop it
-    assert restore_periodic_jobs(scheduler) == PERIODIC_JOBS
+    restored = list(scheduler.get_jobs(with_times=True))
+    assert sorted(job.id for job, _ in restored) == sorted(job.job_id() for job in PERIODIC_JOBS)
+    assert all(at.replace(tzinfo=UTC) <= clock.now() for _, at in restored)
+    redis_conn.delete(restored[0][0].key)  # its hash alone expired: rq-scheduler would drop it
+    assert [job.job_id() for job in restore_periodic_jobs(scheduler)] == [restored[0][0].id]
 
 
 @pytest.mark.real_only

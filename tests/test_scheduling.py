@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from redis import Redis
 
-from app.extensions import get_control_queue
 from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import dispatch_job_id, get_scheduler
+from app.queues import get_control_queue
 from tests.factories import make_customers
 
 
@@ -31,7 +31,7 @@ def create(client, **fields):
 def fire_trigger(campaign_id, work):
     """What rq-scheduler does when the trigger's time comes: queue the dispatch job; then run it."""
     get_control_queue().enqueue(
-        "app.messaging.jobs.dispatch_campaign", campaign_id, job_id=dispatch_job_id(campaign_id)
+        "app.messaging.jobs.dispatch_scheduled_campaign", campaign_id, job_id=dispatch_job_id(campaign_id)
     )
     work()
 
@@ -128,7 +128,7 @@ def test_trigger_that_fires_twice_dispatches_once(client, clock, redis_conn, wor
     clock.advance(minutes=2)
     queue = get_control_queue()
     for n in range(3):  # two scheduler processes and a retry, say
-        queue.enqueue("app.messaging.jobs.dispatch_campaign", campaign["id"], job_id=f"trigger-{n}")
+        queue.enqueue("app.messaging.jobs.dispatch_scheduled_campaign", campaign["id"], job_id=f"trigger-{n}")
     work()
     assert len(read_send_log(send_log)) == 3
     assert client.get(f"/campaigns/{campaign['id']}").get_json()["status"] == "sent"
@@ -181,8 +181,8 @@ def test_send_on_a_due_scheduled_campaign_starts_it_with_stored_recipients(clien
 
 
 def test_dispatch_does_not_wait_behind_queued_sends(client, clock, app, redis_conn, send_queue):
+    from app.messaging.app_worker import build_worker
     from app.messaging.scheduling import schedule_dispatch
-    from app.messaging.worker import build_worker
 
     busy = client.post("/campaigns", json={"name": "Busy", "channel": "sms", "base_template": "Hi"}).get_json()
     client.post(f"/campaigns/{busy['id']}/send", json={"customer_ids": make_customers(5)})

@@ -9,10 +9,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
 from rq.job import Job
 
-from app.extensions import db, redis_options
-from app.messaging.dispatch import message_job_id
+from app.extensions import db
+from app.messaging.queueing import message_job_id
 from app.messaging.reconcile import reconcile
 from app.models import OutboundMessage
+from app.queues import redis_options
 from tests.conftest import read_send_log
 from tests.factories import make_campaign, make_customers
 

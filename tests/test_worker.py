@@ -10,8 +10,8 @@ from rq.suspension import resume, suspend
 from sqlalchemy import create_engine, text
 
 from app.extensions import db
-from app.messaging.dispatch import SEND_JOB, message_job_id
-from app.messaging.worker import build_worker
+from app.messaging.app_worker import build_worker
+from app.messaging.queueing import SEND_JOB, message_job_id
 from app.models import OutboundMessage
 from tests.conftest import kill_group, read_send_log, wait_for
 from tests.factories import make_campaign, make_customer, make_customers
@@ -206,7 +206,7 @@ def test_concurrent_workers_fail_a_campaign_whose_every_message_fails(client, ap
 @pytest.mark.real_only
 def test_two_finalizers_at_once_end_the_campaign_once(client, app):
     """The completion step itself, raced on two threads after the last two messages committed."""
-    from app.messaging.dispatch import finalize_campaign
+    from app.messaging.lifecycle import finish_campaign
 
     ids = make_customers(2)
     campaign = make_campaign()
@@ -219,7 +219,7 @@ def test_two_finalizers_at_once_end_the_campaign_once(client, app):
     def finish():
         with app.app_context():
             barrier.wait()
-            results.append(finalize_campaign(campaign_id))
+            results.append(finish_campaign(campaign_id))
             db.session.remove()
 
     threads = [threading.Thread(target=finish) for _ in range(2)]

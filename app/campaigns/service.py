@@ -14,7 +14,8 @@ from app import clock
 from app.customers.service import get_customer
 from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
-from app.messaging import dispatch, scheduling
+from app.messaging import lifecycle, queueing, recipients, scheduling
+from app.messaging.stats import campaign_stats
 from app.messaging.templates import over_limit, render, unknown_placeholders
 from app.models import Campaign, CampaignStatus, Customer, MessageStatus, OutboundMessage
 from app.pagination import paginate
@@ -37,7 +38,7 @@ def get_campaign(campaign_id: int, lock: bool = False) -> Campaign:
 
 def with_stats(campaign: Campaign) -> Campaign:
     """`campaign` with its message `stats` attached, for the detail view."""
-    campaign.stats = dispatch.campaign_stats(campaign.id)
+    campaign.stats = campaign_stats(campaign.id)
     return campaign
 
 
@@ -90,10 +91,11 @@ def update_campaign(campaign_id: int, data: Mapping) -> Campaign:
         _check_schedule(data["scheduled_at"])
     for key, value in data.items():
         setattr(campaign, key, value)
+    db.session.flush()
     if "scheduled_at" in data:
-        campaign.status = CampaignStatus.SCHEDULED if campaign.scheduled_at else CampaignStatus.DRAFT
-        campaign.status_reason = None
+        lifecycle.set_schedule(campaign.id, campaign.scheduled_at)
     db.session.commit()
+    db.session.refresh(campaign)
     if "scheduled_at" in data:
         scheduling.sync_dispatch(campaign.id, campaign.scheduled_at)
     return with_stats(campaign)
@@ -155,7 +157,7 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 f"campaign {campaign_id} is {campaign.status}; only draft, scheduled or sending campaigns can be sent"
             )
         audience_filter = _audience_filter(customer_ids, audience)
-        rows = dispatch.create_pending_messages(campaign.id, audience_filter)
+        rows = recipients.create_pending_messages(campaign.id, audience_filter)
         if campaign.status == CampaignStatus.SCHEDULED and campaign.scheduled_at > clock.now():
             db.session.commit()
             return {
@@ -169,40 +171,43 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
         starting = campaign.status != CampaignStatus.SENDING
         if starting:
             # Recipients stored while it was scheduled are queued together with the new ones.
-            queued = db.session.scalar(
+            count = db.session.scalar(
                 select(func.count()).where(
                     OutboundMessage.campaign_id == campaign.id, OutboundMessage.status == MessageStatus.PENDING
                 )
             )
-            if not queued:
+            if not count:
                 raise ValidationFailed("the audience matches no customer: nothing to send")
-            rows = dispatch.NewRows(queued, None, None)
-        campaign.status = CampaignStatus.SENDING
-        campaign.status_reason = None
+            lifecycle.start_sending(campaign.id)  # under the campaign's row lock: it moves
+        else:
+            count = rows.count
         db.session.commit()
     except Exception:
         db.session.rollback()
         raise
     if starting:
         scheduling.sync_dispatch(campaign.id, None)
-    queued = _enqueue_after_commit(campaign.id, rows)
+    queued = _enqueue_after_commit(campaign.id, count, rows if not starting else None)
     return {
         "campaign_id": campaign.id,
         "messages_queued": queued,
-        "messages_left_for_reconciler": max(rows.count - queued, 0),
+        "messages_left_for_reconciler": max(count - queued, 0),
         "status": CampaignStatus.SENDING,
     }
 
 
-def _enqueue_after_commit(campaign_id: int, rows: dispatch.NewRows) -> int:
-    """Queue the committed `rows`; returns how many jobs reached Redis. If Redis fails, the rest are
-    left pending for the reconciler, which queues them once they are `STALE_AFTER` old."""
+def _enqueue_after_commit(campaign_id: int, count: int, rows: recipients.NewRows | None) -> int:
+    """Queue the committed messages, `rows` or else all the campaign's pending ones; returns how many jobs
+    reached Redis. If Redis fails, the rest are left pending for the reconciler, which queues them once
+    they are `STALE_AFTER` old."""
     try:
-        return dispatch.enqueue_new_rows(campaign_id, rows)
-    except dispatch.EnqueueInterrupted as exc:
+        if rows is None:
+            return queueing.enqueue_all_pending(campaign_id, count)
+        return queueing.enqueue_new_rows(campaign_id, rows)
+    except queueing.EnqueueInterrupted as exc:
         log.warning(
             "could not enqueue after commit; the reconciler will",
-            extra={"campaign_id": campaign_id, "queued": exc.queued, "left_for_reconciler": rows.count - exc.queued},
+            extra={"campaign_id": campaign_id, "queued": exc.queued, "left_for_reconciler": count - exc.queued},
             exc_info=True,
         )
         return exc.queued

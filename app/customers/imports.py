@@ -24,8 +24,9 @@ from sqlalchemy import delete, insert, select, update
 from app import clock
 from app.customers.importer import ImportReport, LineSource, import_customers, read_batches, read_header, write_batch
 from app.errors import NotFoundError, ValidationFailed
-from app.extensions import db, get_control_queue
+from app.extensions import db
 from app.models import CustomerImport, CustomerImportChunk, ImportStatus
+from app.queues import get_control_queue
 
 log = logging.getLogger(__name__)
 

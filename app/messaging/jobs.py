@@ -7,10 +7,11 @@ import logging
 from flask import current_app
 from rq import get_current_job
 
-from app import clock
-from app.messaging import dispatch
-from app.messaging.message_store import open_store, record_through_outage
-from app.messaging.reconcile import reconcile as reconcile_pass
+from app.messaging import lifecycle
+from app.messaging.message_store import Outcome, open_store, record_through_outage
+from app.messaging.queueing import enqueue_messages, pending_messages
+from app.messaging.reconcile import reconcile
+from app.messaging.scheduling import dispatch_due_campaign
 from app.messaging.senders import OutgoingMessage, SendResult, get_sender
 from app.messaging.templates import over_limit, render
 from app.models import MessageStatus
@@ -28,7 +29,7 @@ def _rq_will_retry() -> bool:
 
 
 def send_outbound_message(message_id: int) -> str:
-    """Render and send one pending message, record the result and commit.
+    """Render and send one pending message, record the outcome and commit.
 
     A message that is not pending (already sent, or failed for good) is left alone, and a message whose
     row another worker holds is skipped: a job that runs twice never sends twice. A failed attempt that
@@ -38,41 +39,25 @@ def send_outbound_message(message_id: int) -> str:
     database becomes unavailable after the attempt, the record is retried for `RECORD_RETRY_WINDOW`
     seconds: only a longer outage leaves the message pending, to be sent again (same idempotency key).
     """
-    store = open_store()
-    try:
+    with open_store() as store:
         row = store.load(message_id)
         if row is None:
             return "skipped: missing, or being sent by another worker"
         campaign_id = row["campaign_id"]
-        if row["status"] != MessageStatus.PENDING:
-            store.close()
-            # The run that recorded it may have died before the completion step.
-            dispatch.finalize_campaign(campaign_id)
-            return f"skipped: already {row['status']}"
-        status, retries_used, body, error, will_retry = _attempt_and_decide(message_id, row)
-        pending_left = record_through_outage(
-            store,
-            {
-                "message_id": message_id,
-                "campaign_id": campaign_id,
-                "new_status": status,
-                "body": body,
-                "error": error,
-                "retries_used": retries_used,
-                "now": clock.now(),
-            },
-            _record_window(),
-        )
-    finally:
-        store.close()
-    extra = {"campaign_id": campaign_id, "message_id": message_id, "status": status}
-    if will_retry:
-        log.info("send attempt failed; RQ will retry", extra={**extra, "error": error})
-        raise SendAttemptFailed(f"message {message_id}: {error}")
+        outcome = _attempt_and_decide(message_id, row) if row["status"] == MessageStatus.PENDING else None
+        if outcome is not None:
+            pending_left = record_through_outage(store, message_id, campaign_id, outcome, _record_window())
+    if outcome is None:
+        lifecycle.finish_campaign(campaign_id)  # the run that recorded it may have died before this step
+        return f"skipped: already {row['status']}"
+    extra = {"campaign_id": campaign_id, "message_id": message_id, "status": outcome.status}
+    if outcome.will_retry:
+        log.info("send attempt failed; RQ will retry", extra={**extra, "error": outcome.error})
+        raise SendAttemptFailed(f"message {message_id}: {outcome.error}")
     if not pending_left:
-        dispatch.finalize_campaign(campaign_id, pending_checked=True)
-    log.info("message %s", status, extra=extra)
-    return status
+        lifecycle.finish_campaign(campaign_id, pending_checked=True)
+    log.info("message %s", outcome.status, extra=extra)
+    return outcome.status
 
 
 def _record_window() -> float:
@@ -82,21 +67,21 @@ def _record_window() -> float:
     return min(config["RECORD_RETRY_WINDOW"], config["JOB_TIMEOUT"] / 2)
 
 
-def _attempt_and_decide(message_id: int, row: dict) -> tuple[str, int, str | None, str | None, bool]:
-    """Send the message (unless its customer is gone) and decide what to record:
-    `(status, retries used, body, error, whether RQ retries)`."""
+def _attempt_and_decide(message_id: int, row: dict) -> Outcome:
+    """Send the message (unless its customer is gone, or it renders too long) and decide its outcome."""
+    retries = row["retry_count"]
     if row["phone"] is None:
-        return MessageStatus.FAILED, row["retry_count"], None, "the customer no longer exists", False
+        return Outcome(MessageStatus.FAILED, retries, error="the customer no longer exists")
     body = render(row["base_template"], row)
     too_long = over_limit(body, row["channel"])
     if too_long:  # long values made it so: no provider would take it, now or on a retry
-        return MessageStatus.FAILED, row["retry_count"], body, f"the rendered message is {too_long}", False
+        return Outcome(MessageStatus.FAILED, retries, body, f"the rendered message is {too_long}")
     result = _attempt(message_id, row, body)
     if result.ok:
-        return MessageStatus.SENT, row["retry_count"], body, None, False
+        return Outcome(MessageStatus.SENT, retries, body)
     if _rq_will_retry():
-        return MessageStatus.PENDING, row["retry_count"] + 1, body, result.error, True
-    return MessageStatus.FAILED, row["retry_count"], body, result.error, False
+        return Outcome(MessageStatus.PENDING, retries + 1, body, result.error)
+    return Outcome(MessageStatus.FAILED, retries, body, result.error)
 
 
 def _attempt(message_id: int, row: dict, body: str) -> SendResult:
@@ -116,23 +101,24 @@ def _attempt(message_id: int, row: dict, body: str) -> SendResult:
         return SendResult(False, f"sender error: {type(exc).__name__}: {exc}"[:1000])
 
 
-def enqueue_campaign_range(campaign_id: int, first_id: int, last_id: int) -> str:
-    """Fan-out: enqueue the send jobs of the campaign's pending messages with ids in the range."""
-    count = dispatch.enqueue_messages(
-        dispatch.pending_messages(campaign_id, first_id, last_id, current_app.config["RECONCILE_BATCH_SIZE"])
+def fan_out_pending_messages(campaign_id: int, first_id: int | None, last_id: int | None) -> str:
+    """Enqueue the send jobs of the campaign's pending messages with ids in the range (all of them when
+    the range is open), in keyset batches."""
+    count = enqueue_messages(
+        pending_messages(campaign_id, first_id, last_id, current_app.config["RECONCILE_BATCH_SIZE"])
     )
     return f"enqueued {count}"
 
 
-def dispatch_campaign(campaign_id: int) -> str:
-    """The scheduler's trigger at a campaign's `scheduled_at`: start it and enqueue its messages."""
-    queued = dispatch.dispatch_campaign(campaign_id)
+def dispatch_scheduled_campaign(campaign_id: int) -> str:
+    """The trigger at a campaign's `scheduled_at`: start it and enqueue its messages."""
+    queued = dispatch_due_campaign(campaign_id)
     return "not due, or already dispatched" if queued is None else f"dispatched: {queued} queued"
 
 
-def reconcile() -> str:
+def periodic_reconcile() -> str:
     """The periodic self-healing pass (see `app.messaging.reconcile`)."""
-    report = reconcile_pass()
+    report = reconcile()
     return (
         f"dispatched {report.dispatched}, requeued {report.requeued}, finalized {report.finalized}, "
         f"requeued imports {report.requeued_imports}"

@@ -1,25 +1,30 @@
 """The send job's reads and writes, in as few round trips as the database allows.
 
 A send does three things around the provider call: load the message locked (with its campaign and
-customer), record the attempt and commit, then check whether the campaign has pending messages left
-(after the commit, so that the check sees every commit before it). On PostgreSQL the store runs them
-in psycopg's pipeline mode, two round trips in all; elsewhere (SQLite) through the session. Both run
-the same statements, defined once here.
+customer), record the attempt's `Outcome` and commit, then check whether the campaign has pending
+messages left (after the commit, so that the check sees every commit before it). On PostgreSQL the store
+runs them in psycopg's pipeline mode, two round trips in all; elsewhere (SQLite) through the session.
+Both run the same statements: the load here, the record and the check from `lifecycle`. A store is a
+context manager: leaving it ends its transaction and gives its connection back.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, Self
 
 import psycopg
 from psycopg.rows import dict_row
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Compiled
 
+from app import clock
 from app.database import describe, is_unavailable
 from app.extensions import db
+from app.messaging.lifecycle import LAST_PENDING, RECORD_ATTEMPT, pending_exists_now
 from app.models import Campaign, Customer, MessageStatus, OutboundMessage
 
 log = logging.getLogger(__name__)
@@ -43,41 +48,34 @@ LOAD_FOR_SEND = (
     # Two workers never send one message at once: the second skips the row the first holds.
     .with_for_update(of=OutboundMessage, skip_locked=True)
 )
-# Only a pending message takes an attempt's outcome: a record retried after the row lock was lost (see
-# `record_through_outage`) must not overwrite the outcome of a later attempt.
-RECORD_ATTEMPT = (
-    update(OutboundMessage)
-    .where(OutboundMessage.id == bindparam("message_id"), OutboundMessage.status == MessageStatus.PENDING)
-    .values(
-        status=bindparam("new_status"),
-        rendered_content=bindparam("body"),
-        last_error=func.coalesce(bindparam("error"), OutboundMessage.last_error),  # a success keeps the history
-        retry_count=bindparam("retries_used"),
-        updated_at=bindparam("now"),
-    )
-)
-# The campaign's pending message with the highest id, if any. Sends go out roughly in id order, and the
-# index range of its pending messages fills from the bottom with entries of messages already sent
-# (dead until vacuum), so the check reads the range from the top. `EXISTS` reads it from the bottom
-# (PostgreSQL drops an ORDER BY inside EXISTS): at 90% of a 100k campaign it made the send job's
-# second round trip 1.3 ms instead of 0.8, and 9 ms when stale statistics chose a sequential scan.
-LAST_PENDING = (
-    select(OutboundMessage.id)
-    .where(OutboundMessage.campaign_id == bindparam("campaign_id"), OutboundMessage.status == MessageStatus.PENDING)
-    .order_by(OutboundMessage.id.desc())
-    .limit(1)
-)
 
 
-def pending_exists(connection, campaign_id: int) -> bool:
-    """Whether the campaign has a pending message, as `connection` sees it."""
-    return connection.scalar(LAST_PENDING, {"campaign_id": campaign_id}) is not None
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt ends in: the message's new status (`pending` when RQ retries it), the retries it
+    has used, the body sent and the error, if any."""
+
+    status: str
+    retries_used: int
+    body: str | None = None
+    error: str | None = None
+
+    @property
+    def will_retry(self) -> bool:
+        return self.status == MessageStatus.PENDING
 
 
-def pending_exists_now(campaign_id: int) -> bool:
-    """Whether the campaign has a pending message, read outside any transaction (one round trip)."""
-    with db.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
-        return pending_exists(conn, campaign_id)
+def _record_params(message_id: int, campaign_id: int, outcome: Outcome, now: datetime) -> dict:
+    """The bind parameters of `RECORD_ATTEMPT` and `LAST_PENDING`, named in this one place."""
+    return {
+        "message_id": message_id,
+        "campaign_id": campaign_id,
+        "new_status": outcome.status,
+        "body": outcome.body,
+        "error": outcome.error,
+        "retries_used": outcome.retries_used,
+        "now": now,
+    }
 
 
 class MessageStore(Protocol):
@@ -90,8 +88,20 @@ class MessageStore(Protocol):
     def close(self) -> None:
         """End the transaction if one is open (rolled back) and give the connection back; idempotent."""
 
+    def __enter__(self) -> Self: ...
 
-class SessionStore:
+    def __exit__(self, *exc_info) -> None: ...
+
+
+class _ClosedOnExit:
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class SessionStore(_ClosedOnExit):
     """Through the session: for SQLite, where locks and round trips cost nothing."""
 
     def load(self, message_id: int) -> dict | None:
@@ -119,7 +129,7 @@ def _sql(name: str, statement, params: dict) -> tuple[str, dict]:
     return compiled.string, {**compiled.params, **params}
 
 
-class PipelineStore:
+class PipelineStore(_ClosedOnExit):
     """Raw psycopg in pipeline mode: BEGIN and the locked read in one round trip; the update, its
     commit, the pending check and its commit in another."""
 
@@ -166,14 +176,18 @@ def open_store() -> MessageStore:
 RECORD_RETRY_INTERVAL = 0.5
 
 
-def record_through_outage(store: MessageStore, params: dict, window: float) -> bool:
-    """`store.record(params)`; while the database is unavailable, record again on a new connection every
-    `RECORD_RETRY_INTERVAL` seconds for up to `window` seconds, then raise the last error.
+def record_through_outage(
+    store: MessageStore, message_id: int, campaign_id: int, outcome: Outcome, window: float
+) -> bool:
+    """Record `outcome` through `store` and say whether the campaign still has pending messages; while
+    the database is unavailable, record again on a new connection every `RECORD_RETRY_INTERVAL` seconds
+    for up to `window` seconds, then raise the last error.
 
     The provider may already have the message: recording its outcome is what keeps the reconciler from
     sending it again, so a short outage (a restart, a failover) must not lose it. The row lock goes with
     the failed connection; the record stays right without it, as it only applies to a message still pending.
     """
+    params = _record_params(message_id, campaign_id, outcome, clock.now())
     try:
         return store.record(params)
     except Exception as exc:  # noqa: BLE001 - only an unavailable database is waited out
@@ -181,13 +195,14 @@ def record_through_outage(store: MessageStore, params: dict, window: float) -> b
             raise
         error = exc
     store.close()
-    extra = {"message_id": params["message_id"], "campaign_id": params["campaign_id"]}
+    extra = {"message_id": message_id, "campaign_id": campaign_id}
     log.warning("could not record a send attempt; trying again", extra={**extra, "error": describe(error)})
     deadline = time.monotonic() + window
     while time.monotonic() < deadline:
         time.sleep(RECORD_RETRY_INTERVAL)
         try:
-            return _record_on_new_connection(params)
+            with open_store() as fresh:
+                return fresh.record(params)
         except Exception as exc:  # noqa: BLE001
             if not is_unavailable(exc):
                 raise
@@ -197,11 +212,3 @@ def record_through_outage(store: MessageStore, params: dict, window: float) -> b
         extra={**extra, "error": describe(error), "window": window},
     )
     raise error
-
-
-def _record_on_new_connection(params: dict) -> bool:
-    store = open_store()
-    try:
-        return store.record(params)
-    finally:
-        store.close()

@@ -4,9 +4,8 @@ It runs every `RECONCILE_INTERVAL` seconds and
 1. dispatches due `scheduled` campaigns that nothing dispatched (scheduler down, Redis flushed);
 2. re-enqueues pending messages of `sending` campaigns untouched for `STALE_AFTER` seconds whose job
    is not waiting in Redis (a crash between commit and enqueue, a flushed Redis, a killed worker);
-3. finalizes `sending` campaigns with nothing pending;
-4. deletes idempotency keys older than `IDEMPOTENCY_TTL`;
-5. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
+3. finishes `sending` campaigns with nothing pending;
+4. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
    job is not waiting in Redis (a flushed Redis, a killed worker); the job resumes where the import was.
 It works in batches and is safe beside workers and beside itself: a message a worker is sending holds
 its row lock and is skipped here, and a job that runs twice does not send twice.
@@ -25,10 +24,12 @@ from sqlalchemy import select, update
 
 from app import clock
 from app.customers import imports
-from app.extensions import db, get_control_queue, get_queue, get_redis
-from app.idempotency import purge_expired
-from app.messaging import dispatch
+from app.extensions import db
+from app.messaging import lifecycle
+from app.messaging.queueing import enqueue_messages, message_job_id
+from app.messaging.scheduling import dispatch_due_campaign
 from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
+from app.queues import get_control_queue, get_queue, get_redis
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ class ReconcileReport:
     dispatched: list[int] = field(default_factory=list)
     requeued: int = 0
     finalized: dict[int, str] = field(default_factory=dict)
-    expired_idempotency_keys: int = 0
     requeued_imports: int = 0
 
 
@@ -51,7 +51,7 @@ def dispatch_due_campaigns() -> list[int]:
         select(Campaign.id).where(Campaign.status == CampaignStatus.SCHEDULED, Campaign.scheduled_at <= now)
     ).all()
     db.session.commit()
-    return [campaign_id for campaign_id in due if dispatch.dispatch_campaign(campaign_id, now) is not None]
+    return [campaign_id for campaign_id in due if dispatch_due_campaign(campaign_id, now) is not None]
 
 
 def _jobs_waiting(job_ids: list[str], queue: Queue) -> list[bool]:
@@ -120,7 +120,7 @@ def requeue_stale_messages(campaign_id: int) -> int:
             db.session.commit()
             return requeued
         after = rows[-1].id
-        waiting = _jobs_waiting([dispatch.message_job_id(r.id) for r in rows], get_queue())
+        waiting = _jobs_waiting([message_job_id(r.id) for r in rows], get_queue())
         lost = [r for r, will_run in zip(rows, waiting, strict=True) if not will_run]
         if lost:
             # Touching them keeps the next run from re-enqueueing them again before they are stale.
@@ -131,7 +131,7 @@ def requeue_stale_messages(campaign_id: int) -> int:
                 .execution_options(synchronize_session=False)
             )
         db.session.commit()
-        requeued += dispatch.enqueue_messages((r.id, r.retry_count) for r in lost)
+        requeued += enqueue_messages((r.id, r.retry_count) for r in lost)
 
 
 def requeue_stale_imports() -> int:
@@ -164,32 +164,24 @@ def requeue_stale_imports() -> int:
 
 
 def reconcile() -> ReconcileReport:
-    """One pass of the five steps above."""
+    """One pass of the four steps above."""
     report = ReconcileReport(dispatched=dispatch_due_campaigns())
     sending = db.session.scalars(select(Campaign.id).where(Campaign.status == CampaignStatus.SENDING)).all()
     db.session.commit()
     for campaign_id in sending:
         report.requeued += requeue_stale_messages(campaign_id)
-        # finalize_campaign checks for pending messages itself, and does nothing when there are some.
-        status = dispatch.finalize_campaign(campaign_id)
+        # finish_campaign checks for pending messages itself, and does nothing when there are some.
+        status = lifecycle.finish_campaign(campaign_id)
         if status:
             report.finalized[campaign_id] = status
-    report.expired_idempotency_keys = purge_expired()
     report.requeued_imports = requeue_stale_imports()
-    if (
-        report.dispatched
-        or report.requeued
-        or report.finalized
-        or report.expired_idempotency_keys
-        or report.requeued_imports
-    ):
+    if report.dispatched or report.requeued or report.finalized or report.requeued_imports:
         log.info(
             "reconciled",
             extra={
                 "dispatched": report.dispatched,
                 "requeued": report.requeued,
                 "finalized": report.finalized,
-                "expired_idempotency_keys": report.expired_idempotency_keys,
                 "requeued_imports": report.requeued_imports,
             },
         )

@@ -1,5 +1,5 @@
-"""Triggers kept in rq-scheduler: a campaign's dispatch at its `scheduled_at`, and the periodic jobs,
-declared here as data.
+"""Scheduled campaigns and periodic jobs: the dispatch of a campaign at its `scheduled_at` (and its
+trigger kept in rq-scheduler), and the periodic jobs, declared here as data.
 
 Redis may lose these: the scheduler process puts the periodic jobs back within one pass of its loop,
 and the reconciler finds due campaigns in PostgreSQL all the same.
@@ -15,11 +15,25 @@ from flask import current_app
 from rq.job import Job
 from rq_scheduler import Scheduler
 
-from app.extensions import get_control_queue, get_redis
+from app.messaging import lifecycle
+from app.messaging.queueing import enqueue_messages, pending_messages
+from app.queues import get_control_queue, get_redis
 
 log = logging.getLogger(__name__)
 
-DISPATCH_JOB = "app.messaging.jobs.dispatch_campaign"
+DISPATCH_JOB = "app.messaging.jobs.dispatch_scheduled_campaign"
+
+
+def dispatch_due_campaign(campaign_id: int, now: datetime | None = None) -> int | None:
+    """Start a due scheduled campaign and enqueue all its pending messages; one with none ends `failed`
+    at once. Idempotent: returns how many were queued, or None when it was not due or was already
+    dispatched."""
+    if not lifecycle.start_due_campaign(campaign_id, now):
+        return None
+    queued = enqueue_messages(pending_messages(campaign_id))
+    if not queued:
+        lifecycle.finish_campaign(campaign_id)
+    return queued
 
 
 def dispatch_job_id(campaign_id: int) -> str:
@@ -82,7 +96,10 @@ class PeriodicJob:
 # Everything periodic. The scheduler process registers these when it starts and puts back any that
 # Redis lost on each pass of its loop (app.messaging.scheduler), so a flush delays them by one
 # SCHEDULER_INTERVAL at most.
-PERIODIC_JOBS = [PeriodicJob("app.messaging.jobs.reconcile", "RECONCILE_INTERVAL")]
+PERIODIC_JOBS = [
+    PeriodicJob("app.messaging.jobs.periodic_reconcile", "RECONCILE_INTERVAL"),
+    PeriodicJob("app.idempotency.purge_expired", "IDEMPOTENCY_PURGE_INTERVAL"),
+]
 
 
 def _register(scheduler: Scheduler, job: PeriodicJob) -> None:

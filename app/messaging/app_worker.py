@@ -38,7 +38,7 @@ from rq.job import Job
 
 from app.extensions import db
 from app.logs import worker_job_id
-from app.messaging.dispatch import SEND_JOB
+from app.messaging.queueing import SEND_JOB
 
 log = logging.getLogger(__name__)
 
