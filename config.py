@@ -335,3 +335,25 @@ def check_settings(config: Mapping[str, object]) -> None:
     missing = [name for name in config["QUEUES"] if name not in (config["SEND_QUEUE"], config["CONTROL_QUEUE"])]
     if missing:
         raise SettingsError(f"QUEUES: {', '.join(missing)} is neither SEND_QUEUE nor CONTROL_QUEUE")
+
+
+def settings_markdown() -> str:
+    """The table of every setting for docs/configuration.md (`flask settings --markdown` prints it)."""
+    rows = ["| name | default | meaning |", "| --- | --- | --- |"]
+    for setting in (*SETTINGS, *PROCESS_SETTINGS):
+        default = f"`{setting.default}`" if setting.default else "empty"
+        rows.append(f"| `{setting.name}` | {default} | {setting.help} |")
+    return "\n".join(rows) + "\n"
+
+
+def shown_value(setting: Setting, value: object) -> str:
+    """`value` as an operator may see it: passwords in URLs masked, other secrets hidden."""
+    if isinstance(value, Invalid):
+        return f"INVALID: {value.reason}"
+    if setting.secret and isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    if setting.secret:
+        return "(set, hidden)" if value else "(empty)"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "" if value is None else str(value)

@@ -11,6 +11,7 @@ from flask.cli import AppGroup
 from app import auth
 from app.errors import AppError
 from app.seed import seed_sample_data
+from config import SETTINGS, settings_markdown, shown_value
 
 
 def run_scheduler() -> None:
@@ -89,6 +90,16 @@ def register(app: Flask) -> None:
         """Add 5 sample customers and 3 sample campaigns (skips what is there)."""
         customers, campaigns = seed_sample_data()
         click.echo(f"seeded {customers} customers and {campaigns} campaigns")
+
+    @app.cli.command("settings")
+    @click.option("--markdown", is_flag=True, help="print the documentation's table of every setting instead")
+    def settings(markdown: bool) -> None:
+        """Show the settings this process runs with (secrets hidden, passwords masked)."""
+        if markdown:
+            click.echo(settings_markdown(), nl=False)
+            return
+        for setting in SETTINGS:
+            click.echo(f"{setting.name}={shown_value(setting, current_app.config.get(setting.config_key))}")
 
     @app.cli.command("scheduler")
     def scheduler() -> None:

@@ -125,3 +125,13 @@ def test_worker_and_scheduler_start_and_keep_running_while_redis_is_down(process
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_flask_settings_shows_values_with_secrets_hidden(app, runner):
+    app.config["SQLALCHEMY_DATABASE_URI"] = "postgresql+psycopg://app:s3cret-pw@db.example.com/prod"
+    app.config["API_KEYS"] = ["key-one", "key-two"]
+    output = runner.invoke(args=["settings"]).output
+    assert "DATABASE_URL=postgresql+psycopg://app:***@db.example.com/prod" in output
+    assert "API_KEYS=(set, hidden)" in output and "key-one" not in output and "s3cret-pw" not in output
+    assert "RETRY_INTERVALS=0,0,0" in output
+    assert {line.split("=", 1)[0] for line in output.splitlines()} == {s.name for s in SETTINGS}
