@@ -1,12 +1,21 @@
-"""The OpenAPI document and the /docs page, rendered offline in headless Chromium."""
+"""The documentation: the OpenAPI document and the /docs page (rendered offline in headless Chromium), and
+the Markdown documents (README.md, docs/), kept in step with the code."""
 
+import fnmatch
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from app.messaging.lifecycle import CAMPAIGN_TRANSITIONS, MESSAGE_TRANSITIONS
 from app.openapi import SWAGGER_UI_DIST
+from config import settings_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 OPERATIONS = [
     ("get", "/customers"),
@@ -133,3 +142,163 @@ def test_docs_page_renders_the_endpoint_list_offline_in_chromium(live_server, tm
         assert f'data-path="{path}"' in dom, path
     blocks = re.findall(r'class="opblock opblock-(\w+)', dom)
     assert sorted(blocks) == sorted(method for method, _ in OPERATIONS)
+
+
+# --- The Markdown documents ---------------------------------------------------------------------------
+
+README_MAX_LINES = 300
+FENCED_BLOCK = re.compile(r"^(`{3,}|~{3,}).*?^\1[ \t]*$", re.M | re.S)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"\[[^\]]*\]\(([^()\s]+)\)")
+
+
+def markdown_files() -> list[Path]:
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def prose(text: str) -> str:
+    """`text` without its code blocks and code spans, where brackets and hashes are not Markdown."""
+    return INLINE_CODE.sub("", FENCED_BLOCK.sub("", text))
+
+
+def anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors of every heading in `text` (a repeated heading gets `-1`, `-2`, ... as on GitHub)."""
+    found: set[str] = set()
+    for line in prose(text).splitlines():
+        match = re.match(r"#{1,6} (.+)", line)
+        if match:
+            base = name = anchor(match.group(1))
+            count = 0
+            while name in found:
+                count += 1
+                name = f"{base}-{count}"
+            found.add(name)
+    return found
+
+
+def broken_links(path: Path) -> list[str]:
+    """The relative links in `path` to a file that does not exist, or to a heading it does not have."""
+    broken = []
+    for target in LINK.findall(prose(path.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        file_part, _, fragment = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        if not linked.exists():
+            broken.append(f"{path.name}: {target} (no such file)")
+        elif fragment and linked.suffix == ".md" and fragment not in anchors(linked.read_text()):
+            broken.append(f"{path.name}: {target} (no such heading in {linked.name})")
+    return broken
+
+
+def test_readme_is_short():
+    lines = len(README.read_text().splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; keep it to {README_MAX_LINES}, details in docs/"
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda path: path.name)
+def test_relative_links_point_to_existing_files_and_headings(path):
+    assert broken_links(path) == []
+
+
+def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
+    (tmp_path / "other.md").write_text("# Other\n\n## When Redis is down, stalled or flushed\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](other.md#when-redis-is-down-stalled-or-flushed) [ok](#a-heading) [web](https://example.com/x.md)\n"
+        "[gone](missing.md) [wrong](other.md#no-such-heading)\n\n## A heading\n\n```\n[in code](nowhere.md)\n```\n"
+    )
+    assert broken_links(page) == [
+        "page.md: missing.md (no such file)",
+        "page.md: other.md#no-such-heading (no such heading in other.md)",
+    ]
+
+
+def test_configuration_doc_holds_the_settings_table_of_config():
+    documented = (DOCS / "configuration.md").read_text()
+    assert settings_markdown() in documented, (
+        "docs/configuration.md's table of settings differs from config.SETTINGS: regenerate it with "
+        "`flask --app wsgi settings --markdown` and paste it in"
+    )
+
+
+def table_under(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the first Markdown table after the line `heading`, as lists of cells."""
+    lines = text.splitlines()
+    assert heading in lines, f"no heading {heading!r}"
+    rows: list[list[str]] = []
+    for line in lines[lines.index(heading) + 1 :]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows or line.startswith("#"):
+            break
+    return rows[2:]  # below the header and its separator
+
+
+def documented_transitions(heading: str) -> dict[str, set[str]]:
+    """`{from: {to, ...}}` from the `| from | to | when |` table under `heading` in docs/architecture.md."""
+    transitions: dict[str, set[str]] = {}
+    for source, target, *_ in table_under((DOCS / "architecture.md").read_text(), heading):
+        targets = transitions.setdefault(source.strip("`"), set())
+        if target != "(none)":
+            targets.add(target.strip("`"))
+    return transitions
+
+
+@pytest.mark.parametrize(
+    ("heading", "table"),
+    [("### Campaign statuses", CAMPAIGN_TRANSITIONS), ("### Message statuses", MESSAGE_TRANSITIONS)],
+    ids=["campaign", "message"],
+)
+def test_architecture_doc_shows_the_lifecycle_tables_of_the_code(heading, table):
+    assert documented_transitions(heading) == {status: set(targets) for status, targets in table.items()}, (
+        f"docs/architecture.md, {heading[4:]}: the table must match app/messaging/lifecycle.py"
+    )
+
+
+def layout_entries() -> set[str]:
+    """The paths the README's Layout block lists (`app/messaging/jobs.py`; directories end with `/`): a
+    tree indented two spaces a level, the name first on its line; deeper lines continue a description."""
+    block = README.read_text().split("\n## Layout\n", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    entries: set[str] = set()
+    parents: list[str] = []
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        level, rest = divmod(len(line) - len(line.lstrip(" ")), 2)
+        if rest or level > len(parents):
+            continue  # the description of the entry above, continued
+        name = line.split()[0]
+        parents = parents[:level]
+        entries.add("/".join([*parents, name]))
+        if name.endswith("/"):
+            parents.append(name.rstrip("/"))
+    return entries
+
+
+def ignored(name: str) -> bool:
+    """Whether .gitignore keeps `name` (at the top level) out of the repository."""
+    patterns = [p.strip().strip("/") for p in (ROOT / ".gitignore").read_text().splitlines() if p.strip()]
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns if not pattern.startswith("#"))
+
+
+def test_readme_layout_lists_every_module_and_nothing_else():
+    listed = layout_entries()
+    modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "app").rglob("*.py")}
+    listed_modules = {entry for entry in listed if entry.startswith("app/") and not entry.endswith("/")}
+    assert listed_modules == modules, (
+        f"README's Layout: add {sorted(modules - listed_modules)}, remove {sorted(listed_modules - modules)}"
+    )
+    top_level = {
+        f"{path.name}/" if path.is_dir() else path.name
+        for path in ROOT.iterdir()
+        if not path.name.startswith(".") and not ignored(path.name)
+    }
+    assert top_level <= listed, f"README's Layout omits {sorted(top_level - listed)}"
+    stale = [entry for entry in listed if not (ROOT / entry).exists() and not ignored(entry.rstrip("/"))]
+    assert stale == [], f"README's Layout lists what is not there: {stale}"
