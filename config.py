@@ -131,6 +131,12 @@ def seconds_list(raw: str) -> list[int]:
     return values
 
 
+def whatsapp_version(raw: str) -> str:
+    if not (raw.startswith("v") and raw[1:].replace(".", "", 1).isdigit()):
+        raise ValueError("must be a Graph API version such as v21.0")
+    return raw
+
+
 def optional(raw: str) -> str | None:
     return raw or None
 
@@ -172,6 +178,16 @@ def redis_url(raw: str) -> str:
     if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
     return raw
+
+
+def http_url(raw: str) -> str:
+    """An http(s) URL without a trailing slash, or empty."""
+    if not raw:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return raw.rstrip("/")
 
 
 def mask_url(url: str) -> str:
@@ -236,7 +252,39 @@ SETTINGS: tuple[Setting, ...] = (
             integer(0)),
     # Sending
     Setting("MAX_SEND_IDS", "10000", "most `customer_ids` in one send; use an audience beyond", integer(1)),
-    Setting("SENDER", "mock", "the sender the worker uses", choice("mock")),
+    # Providers (docs/providers.md): a campaign's channel picks one.
+    Setting("SMS_PROVIDER", "mock", "who sends SMS: `mock`, `africastalking` or `twilio`",
+            choice("mock", "africastalking", "twilio")),
+    Setting("WHATSAPP_PROVIDER", "mock", "who sends WhatsApp messages: `mock` or `whatsapp_cloud`",
+            choice("mock", "whatsapp_cloud")),
+    Setting("PUBLIC_BASE_URL", "", "the URL at which providers reach this service (https in production), for "
+            "Twilio's `StatusCallback` and to check Twilio's signatures behind a proxy", http_url),
+    Setting("WEBHOOK_TOKEN", "", "the secret Africa's Talking callbacks must carry as `?token=` (it does not sign "
+            "them)", secret=True),
+    Setting("PROVIDER_CONNECT_TIMEOUT", "5", "seconds to connect to a provider's API", number(0.1, 60)),
+    Setting("PROVIDER_READ_TIMEOUT", "15", "seconds to wait for a provider's answer; past it the attempt is a "
+            "transient failure (the provider may have taken it: see docs/providers.md)", number(0.1, 120)),
+    Setting("PROVIDER_MAX_CONNECTIONS", "20", "connections a process keeps open to each provider", integer(1)),
+    Setting("AFRICASTALKING_USERNAME", "", "Africa's Talking username (`sandbox` for the sandbox)"),
+    Setting("AFRICASTALKING_API_KEY", "", "Africa's Talking API key", secret=True),
+    Setting("AFRICASTALKING_SENDER_ID", "", "optional `from`: a sender id or short code of the account", optional),
+    Setting("AFRICASTALKING_BASE_URL", "", "empty: `https://api.africastalking.com`, or "
+            "`https://api.sandbox.africastalking.com` for the `sandbox` username", http_url),
+    Setting("TWILIO_ACCOUNT_SID", "", "Twilio account SID (`AC...`)"),
+    Setting("TWILIO_AUTH_TOKEN", "", "Twilio auth token (also checks its callbacks' signatures)", secret=True),
+    Setting("TWILIO_FROM", "", "the Twilio number (E.164) messages come from; or set TWILIO_MESSAGING_SERVICE_SID",
+            optional),
+    Setting("TWILIO_MESSAGING_SERVICE_SID", "", "a Twilio Messaging Service (`MG...`) to send through instead of "
+            "TWILIO_FROM", optional),
+    Setting("TWILIO_BASE_URL", "https://api.twilio.com", "Twilio's API", http_url),
+    Setting("WHATSAPP_ACCESS_TOKEN", "", "WhatsApp Cloud API access token", secret=True),
+    Setting("WHATSAPP_PHONE_NUMBER_ID", "", "the WhatsApp Business phone number id messages come from"),
+    Setting("WHATSAPP_APP_SECRET", "", "the Meta app secret that signs webhook posts (`X-Hub-Signature-256`)",
+            secret=True),
+    Setting("WHATSAPP_VERIFY_TOKEN", "", "the token Meta's webhook set-up sends back (`hub.verify_token`)",
+            secret=True),
+    Setting("WHATSAPP_API_VERSION", "v21.0", "Graph API version", whatsapp_version),
+    Setting("WHATSAPP_BASE_URL", "https://graph.facebook.com", "the Graph API", http_url),
     Setting("MOCK_SENDER_FAILURE_RATE", "0", "share of attempts the mock sender fails at random",
             number(0, 1)),
     Setting("MOCK_SENDER_FAIL_ATTEMPTS", "0", "the mock sender fails the first N attempts of every message",
@@ -335,6 +383,35 @@ def check_settings(config: Mapping[str, object]) -> None:
     missing = [name for name in config["QUEUES"] if name not in (config["SEND_QUEUE"], config["CONTROL_QUEUE"])]
     if missing:
         raise SettingsError(f"QUEUES: {', '.join(missing)} is neither SEND_QUEUE nor CONTROL_QUEUE")
+    for provider in (config["SMS_PROVIDER"], config["WHATSAPP_PROVIDER"]):
+        for names in PROVIDER_REQUIRES.get(provider, ()):
+            if not any(config.get(name) for name in names):
+                which = " or ".join(names)
+                raise SettingsError(f"{names[0]}: required by the {provider} provider (set {which})")
+    budget = config["PROVIDER_CONNECT_TIMEOUT"] + config["PROVIDER_READ_TIMEOUT"]
+    if budget * 2 > config["JOB_TIMEOUT"]:
+        raise SettingsError(
+            f"PROVIDER_READ_TIMEOUT: with PROVIDER_CONNECT_TIMEOUT it is {budget:g} s, over half of JOB_TIMEOUT "
+            f"({config['JOB_TIMEOUT']} s): a send job must outlast its provider call and record the outcome"
+        )
+
+
+# The settings each provider cannot work without (any one of a group).
+PROVIDER_REQUIRES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "africastalking": (("AFRICASTALKING_USERNAME",), ("AFRICASTALKING_API_KEY",), ("WEBHOOK_TOKEN",)),
+    "twilio": (
+        ("TWILIO_ACCOUNT_SID",),
+        ("TWILIO_AUTH_TOKEN",),
+        ("TWILIO_FROM", "TWILIO_MESSAGING_SERVICE_SID"),
+        ("PUBLIC_BASE_URL",),
+    ),
+    "whatsapp_cloud": (
+        ("WHATSAPP_ACCESS_TOKEN",),
+        ("WHATSAPP_PHONE_NUMBER_ID",),
+        ("WHATSAPP_APP_SECRET",),
+        ("WHATSAPP_VERIFY_TOKEN",),
+    ),
+}
 
 
 def settings_markdown() -> str:

@@ -59,11 +59,12 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import campaigns, customers, health
+    from app import campaigns, customers, health, webhooks
 
     api.register_blueprint(customers.bp)
     api.register_blueprint(campaigns.bp)
     api.register_blueprint(health.bp)
+    api.register_blueprint(webhooks.bp)
     app.register_blueprint(docs_assets)
 
 

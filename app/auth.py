@@ -27,9 +27,19 @@ from config import SettingsError
 
 log = logging.getLogger(__name__)
 
-# Health checks, the OpenAPI document and the docs page (with its assets) need no key.
+# Health checks, the OpenAPI document, the docs page (with its assets) and the webhooks need no key.
 PUBLIC_ENDPOINTS = frozenset(
-    {"health.health", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "docs_assets.static"}
+    {
+        "health.health",
+        "api-docs.openapi_json",
+        "api-docs.openapi_swagger_ui",
+        "docs_assets.static",
+        # Providers prove who they are with their own signature or token (app.webhooks).
+        "webhooks.africastalking_delivery",
+        "webhooks.twilio_status",
+        "webhooks.whatsapp_verify",
+        "webhooks.whatsapp_statuses",
+    }
 )
 KEY_PREFIX = "cd_"
 _OWNER = "app.api_key_owner"
@@ -95,7 +105,8 @@ def _public_request() -> bool:
         return True
     if not isinstance(request.routing_exception, MethodNotAllowed):
         return False
-    endpoint, _ = current_app.url_map.bind_to_environ(request.environ).match(method="GET")
+    allowed = request.routing_exception.valid_methods or []
+    endpoint, _ = current_app.url_map.bind_to_environ(request.environ).match(method=allowed[0])
     return endpoint in PUBLIC_ENDPOINTS
 
 

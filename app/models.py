@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -65,9 +66,22 @@ class CampaignStatus:
 
 class MessageStatus:
     PENDING = "pending"
-    SENT = "sent"
-    FAILED = "failed"
-    ALL = (PENDING, SENT, FAILED)
+    SENT = "sent"  # accepted by the provider
+    DELIVERED = "delivered"  # the provider's receipt says it reached the handset (a read one too)
+    UNDELIVERED = "undelivered"  # accepted, then the receipt says it could not be delivered
+    FAILED = "failed"  # never accepted, or refused for good
+    ALL = (PENDING, SENT, DELIVERED, UNDELIVERED, FAILED)
+    ACCEPTED = (SENT, DELIVERED, UNDELIVERED)  # the provider took it
+
+
+class ErrorClass:
+    """What a provider's refusal means for the message (docs/providers.md)."""
+
+    PERMANENT = "permanent"  # the recipient can never receive it: failed at once, no retry
+    TRANSIENT = "transient"  # worth retrying (RETRY_INTERVALS)
+    THROTTLED = "throttled"  # slow down: tried again later without using a retry
+    ACCOUNT = "account"  # nothing will succeed until a person acts (balance, credentials, sender id)
+    ALL = (PERMANENT, TRANSIENT, THROTTLED, ACCOUNT)
 
 
 class Channel:
@@ -160,6 +174,9 @@ class Campaign(db.Model):
     status: Mapped[str] = mapped_column(String(16), index=True, default=CampaignStatus.DRAFT)
     base_template: Mapped[str] = mapped_column(Text)
     scheduled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # An approved WhatsApp template, `{"name": ..., "language": ...}`, sent with one body parameter per
+    # placeholder of `base_template`; without it WhatsApp messages go as text.
+    whatsapp_template: Mapped[dict | None] = mapped_column(JSON)
     # Why a campaign ended `failed` when no message says it (e.g. it reached its time with no recipients).
     status_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
@@ -176,6 +193,15 @@ class OutboundMessage(db.Model):
         Index("ix_outbound_messages_campaign_status", "campaign_id", "status", "id"),
         # The unfiltered listing, newest first, without sorting a million rows.
         Index("ix_outbound_messages_campaign_id", "campaign_id", "id"),
+        # A delivery receipt finds its message by the provider's id; one message per id and provider.
+        Index(
+            "uq_outbound_messages_provider_message_id",
+            "provider",
+            "provider_message_id",
+            unique=True,
+            postgresql_where=text("provider_message_id IS NOT NULL"),
+            sqlite_where=text("provider_message_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -189,9 +215,34 @@ class OutboundMessage(db.Model):
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING)
     rendered_content: Mapped[str | None] = mapped_column(Text)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # The provider's code for the last error (`21211`, `131047`, `InvalidPhoneNumber`, ...), and its class.
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_class: Mapped[str | None] = mapped_column(String(16))
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Who took it, and the id they gave it (a receipt finds the message by it).
+    provider: Mapped[str | None] = mapped_column(String(32))
+    provider_message_id: Mapped[str | None] = mapped_column(String(128))
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a read WhatsApp message stays delivered
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class DeliveryReceipt(db.Model):
+    """A delivery receipt no message could take when it arrived: its provider id was not recorded yet (a
+    fast provider's receipt beats the worker's commit: applied once it is), or never is (kept for
+    inspection)."""
+
+    __tablename__ = "delivery_receipts"
+    __table_args__ = (Index("ix_delivery_receipts_provider_message_id", "provider", "provider_message_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    provider_message_id: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))  # the message status it means (read: `delivered` + read)
+    read: Mapped[bool] = mapped_column(Boolean, default=False)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ApiKey(db.Model):

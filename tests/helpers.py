@@ -69,3 +69,17 @@ def raw_request(
         return response.status, dict(response.getheaders()), response.read()
     finally:
         sock.close()
+
+
+def stats(**counts: int) -> dict[str, int]:
+    """A campaign's `stats` as the API answers them: every status counted (0 unless given), `read` and `total`."""
+    return {
+        "total": 0,
+        "pending": 0,
+        "sent": 0,
+        "delivered": 0,
+        "undelivered": 0,
+        "failed": 0,
+        "read": 0,
+        **counts,
+    }

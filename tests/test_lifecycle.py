@@ -40,8 +40,11 @@ def test_the_tables_name_every_status():
         (lifecycle.MESSAGE_TRANSITIONS, MessageStatus.ALL),
     ):
         assert all(targets <= set(statuses) for targets in transitions.values())
-    # The send job's record applies to `pending` messages only: the one status with a way out.
-    assert [s for s, targets in lifecycle.MESSAGE_TRANSITIONS.items() if targets] == [MessageStatus.PENDING]
+    # An attempt's outcome leaves only `pending` (the send job's record applies to nothing else), a
+    # receipt's only `sent`; delivered, undelivered and failed are final.
+    ways_out = {s: targets for s, targets in lifecycle.MESSAGE_TRANSITIONS.items() if targets}
+    assert list(ways_out) == [MessageStatus.PENDING, MessageStatus.SENT]
+    assert ways_out[MessageStatus.PENDING] == {MessageStatus.PENDING, MessageStatus.SENT, MessageStatus.FAILED}
 
 
 def test_a_due_trigger_moves_a_scheduled_campaign_once_and_never_early(app, clock):

@@ -9,6 +9,7 @@ from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import dispatch_job_id, get_scheduler
 from app.queues import get_control_queue
 from tests.factories import make_customers
+from tests.helpers import stats
 
 
 def iso(dt: datetime) -> str:
@@ -100,8 +101,7 @@ def test_send_before_the_time_stores_recipients_and_queues_nothing(client, clock
     second = client.post(f"/campaigns/{campaign['id']}/send", json={"customer_ids": ids}).get_json()
     assert second["messages_scheduled"] == 1
     assert send_queue.count == 0
-    stats = client.get(f"/campaigns/{campaign['id']}").get_json()["stats"]
-    assert stats == {"total": 3, "pending": 3, "sent": 0, "failed": 0}
+    assert client.get(f"/campaigns/{campaign['id']}").get_json()["stats"] == stats(total=3, pending=3)
 
 
 def test_dispatch_never_runs_before_the_time(client, clock, redis_conn, work, send_log):

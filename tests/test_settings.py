@@ -33,7 +33,9 @@ def loaded(**environ) -> dict:
 @pytest.mark.parametrize(
     ("name", "value", "says"),
     [
-        ("SENDER", "twilio", "must be one of mock"),
+        ("SMS_PROVIDER", "nexmo", "must be one of mock, africastalking, twilio"),
+        ("WHATSAPP_PROVIDER", "twilio", "must be one of mock, whatsapp_cloud"),
+        ("PUBLIC_BASE_URL", "example.com/hooks", "http:// or https://"),
         ("RETRY_INTERVALS", "10,x", "whole numbers of seconds"),
         ("RETRY_INTERVALS", "-5", "whole numbers of seconds"),
         ("JOB_TIMEOUT", "0", "at least 1"),
@@ -88,14 +90,16 @@ def test_every_process_refuses_to_start_with_a_bad_setting_in_one_line(process):
     result = subprocess.run(
         PROCESSES[process],
         cwd=ROOT,
-        env=environment(SENDER="twilio", PORT=str(free_port()), PATH=path),
+        env=environment(SMS_PROVIDER="nexmo", PORT=str(free_port()), PATH=path),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
-    assert errors and errors[0] == "configuration error: SENDER: must be one of mock (got 'twilio')"
+    assert errors and errors[0] == (
+        "configuration error: SMS_PROVIDER: must be one of mock, africastalking, twilio (got 'nexmo')"
+    )
     assert "Traceback" not in result.stderr
 
 

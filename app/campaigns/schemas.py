@@ -1,14 +1,28 @@
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from app.models import CampaignStatus, Channel, MessageStatus
+from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus
 from app.schemas import Id, PageQuerySchema, Text, UTCDateTime
 
 
 class StatsSchema(Schema):
+    """Each message counted once, under its current status."""
+
     total = fields.Integer(required=True)
     pending = fields.Integer(required=True)
-    sent = fields.Integer(required=True)
-    failed = fields.Integer(required=True)
+    sent = fields.Integer(required=True, metadata={"description": "Accepted by the provider, no receipt yet."})
+    delivered = fields.Integer(required=True)
+    undelivered = fields.Integer(required=True)
+    failed = fields.Integer(required=True, metadata={"description": "Never accepted, or refused for good."})
+    read = fields.Integer(required=True, metadata={"description": "Delivered ones read (WhatsApp, Twilio)."})
+
+
+class WhatsAppTemplateSchema(Schema):
+    name = Text(required=True, validate=validate.Length(min=1, max=512), metadata={"description": "As approved."})
+    language = Text(
+        required=True,
+        validate=validate.Length(min=2, max=15),
+        metadata={"description": "Its language code, e.g. en_US."},
+    )
 
 
 class CampaignSchema(Schema):
@@ -27,6 +41,15 @@ class CampaignSchema(Schema):
     scheduled_at = UTCDateTime(
         allow_none=True,
         metadata={"description": "ISO 8601, in the future; naive times are UTC. Sets status scheduled."},
+    )
+    whatsapp_template = fields.Nested(
+        WhatsAppTemplateSchema,
+        allow_none=True,
+        metadata={
+            "description": "WhatsApp only: an approved template, sent with one body parameter per placeholder of "
+            "base_template, in order. Without it messages go as text, which Meta delivers only within 24 h of the "
+            "customer's last message."
+        },
     )
     status = fields.String(dump_only=True, metadata={"enum": list(CampaignStatus.ALL)})
     status_reason = fields.String(
@@ -108,7 +131,12 @@ class MessageSchema(Schema):
     status = fields.String(metadata={"enum": list(MessageStatus.ALL)})
     rendered_content = fields.String(allow_none=True)
     last_error = fields.String(allow_none=True)
+    error_code = fields.String(allow_none=True, metadata={"description": "The provider's code for last_error."})
+    error_class = fields.String(allow_none=True, metadata={"enum": [*ErrorClass.ALL, None]})
     retry_count = fields.Integer()
+    provider = fields.String(allow_none=True, metadata={"description": "Who took it: mock, africastalking, ..."})
+    provider_message_id = fields.String(allow_none=True, metadata={"description": "The provider's id for it."})
+    read_at = UTCDateTime(allow_none=True)
     created_at = UTCDateTime()
     updated_at = UTCDateTime()
 

@@ -17,7 +17,7 @@ from app.extensions import db
 from app.messaging import lifecycle, queueing, recipients, scheduling
 from app.messaging.stats import campaign_stats
 from app.messaging.templates import over_limit, render, unknown_placeholders
-from app.models import Campaign, CampaignStatus, Customer, MessageStatus, OutboundMessage
+from app.models import Campaign, CampaignStatus, Channel, Customer, MessageStatus, OutboundMessage
 from app.pagination import paginate
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,15 @@ def _check_schedule(at: datetime) -> None:
         )
 
 
+def _check_whatsapp_template(template: Mapping | None, channel: str) -> None:
+    if template is not None and channel != Channel.WHATSAPP:
+        error = "only a whatsapp campaign sends a WhatsApp template"
+        raise ValidationFailed(f"whatsapp_template: {error}", {"whatsapp_template": [error]})
+
+
 def create_campaign(data: Mapping) -> Campaign:
     check_template(data["base_template"], data["channel"])
+    _check_whatsapp_template(data.get("whatsapp_template"), data["channel"])
     scheduled_at = data.get("scheduled_at")
     if scheduled_at is not None:
         _check_schedule(scheduled_at)
@@ -86,7 +93,9 @@ def update_campaign(campaign_id: int, data: Mapping) -> Campaign:
         raise ConflictError(
             f"campaign {campaign_id} is {campaign.status}; only draft or scheduled campaigns can be changed"
         )
-    check_template(data.get("base_template", campaign.base_template), data.get("channel", campaign.channel))
+    channel = data.get("channel", campaign.channel)
+    check_template(data.get("base_template", campaign.base_template), channel)
+    _check_whatsapp_template(data.get("whatsapp_template", campaign.whatsapp_template), channel)
     if data.get("scheduled_at") is not None:
         _check_schedule(data["scheduled_at"])
     for key, value in data.items():

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from flask import current_app
-from rq import get_current_job
+from rq import Retry, get_current_job
 
-from app.messaging import lifecycle
+from app.messaging import lifecycle, receipts
 from app.messaging.message_store import Outcome, open_store, record_through_outage
+from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
 from app.messaging.queueing import enqueue_messages, pending_messages
 from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import dispatch_due_campaign
-from app.messaging.senders import OutgoingMessage, SendResult, get_sender
-from app.messaging.templates import over_limit, render
-from app.models import MessageStatus
+from app.messaging.templates import over_limit, placeholder_values, render
+from app.models import Channel, ErrorClass, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +29,19 @@ def _rq_will_retry() -> bool:
     return bool(job is not None and job.retries_left)
 
 
-def send_outbound_message(message_id: int) -> str:
-    """Render and send one pending message, record the outcome and commit.
+def send_outbound_message(message_id: int) -> str | Retry:
+    """Render and send one pending message through its channel's provider, record the outcome and commit.
 
     A message that is not pending (already sent, or failed for good) is left alone, and a message whose
-    row another worker holds is skipped: a job that runs twice never sends twice. A failed attempt that
-    RQ will retry leaves the message pending with `retry_count` + 1, then raises so that RQ retries;
-    the last failed attempt marks it `failed`. Database work: a locked read, then the update, its
-    commit and the completion check (two round trips on PostgreSQL, see `message_store`). If the
-    database becomes unavailable after the attempt, the record is retried for `RECORD_RETRY_WINDOW`
-    seconds: only a longer outage leaves the message pending, to be sent again (same idempotency key).
+    row another worker holds is skipped: a job that runs twice never sends twice. What the provider says
+    decides the rest (docs/providers.md): taken, the message is `sent` with the provider's id; refused
+    for good (`permanent`), `failed` at once; a `transient` refusal (an `account` one too, for now) is
+    retried by RQ's Retry, the last one failing the message; a `throttled` one is tried again after the
+    provider's Retry-After, without using a retry (the job returns RQ's `Retry` to postpone itself).
+    Database work: a locked read, then the update, its commit and the completion check (two round trips
+    on PostgreSQL, see `message_store`). If the database becomes unavailable after the attempt, the
+    record is retried for `RECORD_RETRY_WINDOW` seconds: only a longer outage leaves the message pending,
+    to be sent again.
     """
     with open_store() as store:
         row = store.load(message_id)
@@ -46,18 +50,39 @@ def send_outbound_message(message_id: int) -> str:
         campaign_id = row["campaign_id"]
         outcome = _attempt_and_decide(message_id, row) if row["status"] == MessageStatus.PENDING else None
         if outcome is not None:
-            pending_left = record_through_outage(store, message_id, campaign_id, outcome, _record_window())
+            recorded = record_through_outage(store, message_id, campaign_id, outcome, _record_window())
     if outcome is None:
         lifecycle.finish_campaign(campaign_id)  # the run that recorded it may have died before this step
         return f"skipped: already {row['status']}"
+    if recorded.receipt_waiting:
+        receipts.apply_waiting(outcome.provider, outcome.provider_message_id)
     extra = {"campaign_id": campaign_id, "message_id": message_id, "status": outcome.status}
-    if outcome.will_retry:
+    if outcome.error_class == ErrorClass.THROTTLED:
+        delay = _postpone_delay(outcome)
+        log.info("provider asked to slow down; trying again later", extra={**extra, "delay": delay})
+        return Retry(max=MAX_POSTPONEMENTS, interval=delay)
+    if outcome.status == MessageStatus.PENDING:
         log.info("send attempt failed; RQ will retry", extra={**extra, "error": outcome.error})
         raise SendAttemptFailed(f"message {message_id}: {outcome.error}")
-    if not pending_left:
+    if not recorded.pending_left:
         lifecycle.finish_campaign(campaign_id, pending_checked=True)
     log.info("message %s", outcome.status, extra=extra)
     return outcome.status
+
+
+# A throttled message is postponed at most this many times (RQ counts them apart from its retries).
+MAX_POSTPONEMENTS = 100
+# Seconds to wait when the provider throttles without saying how long: doubled each time, up to the cap.
+THROTTLE_BACKOFF = 1
+THROTTLE_BACKOFF_CAP = 60
+
+
+def _postpone_delay(outcome: Outcome) -> int:
+    if outcome.retry_after is not None:
+        return max(1, math.ceil(outcome.retry_after))
+    job = get_current_job()
+    postponed = (job.number_of_retries or 0) if job is not None else 0
+    return min(THROTTLE_BACKOFF * 2**postponed, THROTTLE_BACKOFF_CAP)
 
 
 def _record_window() -> float:
@@ -71,21 +96,31 @@ def _attempt_and_decide(message_id: int, row: dict) -> Outcome:
     """Send the message (unless its customer is gone, or it renders too long) and decide its outcome."""
     retries = row["retry_count"]
     if row["phone"] is None:
-        return Outcome(MessageStatus.FAILED, retries, error="the customer no longer exists")
+        gone = {"error_code": "customer_gone", "error_class": ErrorClass.PERMANENT}
+        return Outcome(MessageStatus.FAILED, retries, error="the customer no longer exists", **gone)
     body = render(row["base_template"], row)
     too_long = over_limit(body, row["channel"])
     if too_long:  # long values made it so: no provider would take it, now or on a retry
-        return Outcome(MessageStatus.FAILED, retries, body, f"the rendered message is {too_long}")
-    result = _attempt(message_id, row, body)
+        error = f"the rendered message is {too_long}"
+        return Outcome(MessageStatus.FAILED, retries, body, error, "too_long", ErrorClass.PERMANENT)
+    provider = get_provider(current_app._get_current_object(), row["channel"])
+    result = _attempt(provider, message_id, row, body)
     if result.ok:
-        return Outcome(MessageStatus.SENT, retries, body)
-    if _rq_will_retry():
-        return Outcome(MessageStatus.PENDING, retries + 1, body, result.error)
-    return Outcome(MessageStatus.FAILED, retries, body, result.error)
+        return Outcome(
+            MessageStatus.SENT, retries, body, provider=provider.name, provider_message_id=result.provider_message_id
+        )
+    refused = {"error": result.error, "error_code": result.error_code, "error_class": result.error_class}
+    if result.error_class == ErrorClass.THROTTLED:
+        # Stays pending with the retries it had; the job postpones itself.
+        return Outcome(MessageStatus.PENDING, retries, body, **refused, retry_after=result.retry_after)
+    if result.error_class != ErrorClass.PERMANENT and _rq_will_retry():
+        return Outcome(MessageStatus.PENDING, retries + 1, body, **refused)
+    return Outcome(MessageStatus.FAILED, retries, body, **refused)
 
 
-def _attempt(message_id: int, row: dict, body: str) -> SendResult:
-    """One call to the sender; an exception from it (a provider timeout) is a failed attempt."""
+def _attempt(provider: Provider, message_id: int, row: dict, body: str) -> SendResult:
+    """One call to the provider; an exception from it (a bug) is a transient failure like any other."""
+    template = row.get("whatsapp_template") if row["channel"] == Channel.WHATSAPP else None
     outgoing = OutgoingMessage(
         message_id=message_id,
         campaign_id=row["campaign_id"],
@@ -93,12 +128,17 @@ def _attempt(message_id: int, row: dict, body: str) -> SendResult:
         phone=row["phone"],
         body=body,
         attempt=row["retry_count"] + 1,
+        template=WhatsAppTemplate(template["name"], template["language"], placeholder_values(row["base_template"], row))
+        if template
+        else None,
     )
     try:
-        return get_sender(current_app._get_current_object()).send(outgoing)
-    except Exception as exc:  # noqa: BLE001 - a provider timeout or crash is a failed attempt like any other
-        log.warning("sender raised", extra={"campaign_id": row["campaign_id"], "message_id": message_id}, exc_info=True)
-        return SendResult(False, f"sender error: {type(exc).__name__}: {exc}"[:1000])
+        return provider.send(outgoing)
+    except Exception as exc:  # noqa: BLE001 - a provider's crash is a failed attempt like any other
+        log.warning(
+            "provider raised", extra={"campaign_id": row["campaign_id"], "message_id": message_id}, exc_info=True
+        )
+        return SendResult.refused(ErrorClass.TRANSIENT, f"sender error: {type(exc).__name__}: {exc}", "exception")
 
 
 def fan_out_pending_messages(campaign_id: int, first_id: int | None, last_id: int | None) -> str:

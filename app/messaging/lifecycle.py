@@ -25,9 +25,13 @@ CAMPAIGN_TRANSITIONS: dict[str, frozenset[str]] = {
     CampaignStatus.FAILED: frozenset(),
 }
 MESSAGE_TRANSITIONS: dict[str, frozenset[str]] = {
-    # A failed attempt that RQ retries leaves the message pending (retry_count + 1).
+    # An attempt's outcome; one that RQ retries leaves the message pending (retry_count + 1).
     MessageStatus.PENDING: frozenset({MessageStatus.PENDING, MessageStatus.SENT, MessageStatus.FAILED}),
-    MessageStatus.SENT: frozenset(),
+    # The provider's receipts. Never a step back: a late `sent` after `delivered`, or a repeated receipt,
+    # changes nothing (a `read` one only sets `read_at` on a delivered message).
+    MessageStatus.SENT: frozenset({MessageStatus.DELIVERED, MessageStatus.UNDELIVERED, MessageStatus.FAILED}),
+    MessageStatus.DELIVERED: frozenset(),
+    MessageStatus.UNDELIVERED: frozenset(),
     MessageStatus.FAILED: frozenset(),
 }
 
@@ -97,16 +101,16 @@ def pending_exists_now(campaign_id: int) -> bool:
         return pending_exists(conn, campaign_id)
 
 
-def _has_messages(campaign_id: int, status: str | None = None) -> bool:
+def _has_messages(campaign_id: int, statuses: tuple[str, ...] | None = None) -> bool:
     conditions = [OutboundMessage.campaign_id == campaign_id]
-    if status:
-        conditions.append(OutboundMessage.status == status)
+    if statuses:
+        conditions.append(OutboundMessage.status.in_(statuses))
     return bool(db.session.scalar(select(exists().where(and_(*conditions)))))
 
 
 def finish_campaign(campaign_id: int, pending_checked: bool = False) -> str | None:
-    """If the `sending` campaign has no pending message left, end it: `sent` when at least one message
-    was sent, else `failed` with the reason. Returns the new status, or None when nothing changed.
+    """If the `sending` campaign has no pending message left, end it: `sent` when a provider accepted at
+    least one message, else `failed` with the reason. Returns the new status, or None when nothing changed.
 
     Call after the commit of the message that may have been the last (`pending_checked` when the caller
     has just seen, after that commit, that nothing is pending). Safe when several workers finish the last
@@ -123,7 +127,7 @@ def finish_campaign(campaign_id: int, pending_checked: bool = False) -> str | No
     if locked is None or pending_exists(db.session, campaign_id):
         db.session.commit()
         return None
-    if _has_messages(campaign_id, MessageStatus.SENT):
+    if _has_messages(campaign_id, MessageStatus.ACCEPTED):
         status, reason = CampaignStatus.SENT, None
     elif _has_messages(campaign_id):
         status, reason = CampaignStatus.FAILED, "no message could be sent"
@@ -135,17 +139,58 @@ def finish_campaign(campaign_id: int, pending_checked: bool = False) -> str | No
 
 
 # An attempt's outcome (`sent`, `failed`, or still `pending` with a retry used). Only a pending message
-# takes one (the table's one status with a way out; a plain `=` keeps the statement's SQL fixed, which
-# the send job's store compiles once): a record retried after its row lock was lost (a database outage)
-# must not overwrite the outcome of a later attempt.
+# takes one (a plain `=` keeps the statement's SQL fixed, which the send job's store compiles once): a
+# record retried after its row lock was lost (a database outage) must not overwrite a later attempt's.
 RECORD_ATTEMPT = (
     update(OutboundMessage)
     .where(OutboundMessage.id == bindparam("message_id"), OutboundMessage.status == MessageStatus.PENDING)
     .values(
         status=bindparam("new_status"),
         rendered_content=bindparam("body"),
-        last_error=func.coalesce(bindparam("error"), OutboundMessage.last_error),  # a success keeps the history
+        # A success keeps the last error, its code and class, for the record.
+        last_error=func.coalesce(bindparam("error"), OutboundMessage.last_error),
+        error_code=func.coalesce(bindparam("error_code"), OutboundMessage.error_code),
+        error_class=func.coalesce(bindparam("error_class"), OutboundMessage.error_class),
         retry_count=bindparam("retries_used"),
+        provider=func.coalesce(bindparam("provider"), OutboundMessage.provider),
+        provider_message_id=func.coalesce(bindparam("provider_message_id"), OutboundMessage.provider_message_id),
         updated_at=bindparam("now"),
     )
 )
+
+
+def apply_receipt(
+    provider: str,
+    provider_message_id: str,
+    status: str,
+    read: bool = False,
+    error_code: str | None = None,
+    error: str | None = None,
+) -> bool | None:
+    """A delivery receipt, in the caller's transaction: the message with this provider id moves to
+    `status` if the table allows it from where it is (never a step back), and a `read` receipt also sets
+    `read_at` on a delivered message. True when it changed the message, False when the message took
+    nothing (a repeat, a late or out-of-order receipt), None when no message has this provider id."""
+    now = clock.now()
+    by_id = (OutboundMessage.provider == provider, OutboundMessage.provider_message_id == provider_message_id)
+    values = {"status": status, "updated_at": now}
+    if error_code is not None:
+        values["error_code"] = error_code
+    if error is not None:
+        values["last_error"] = error
+    moved = db.session.execute(
+        update(OutboundMessage)
+        .where(*by_id, OutboundMessage.status.in_(sources(MESSAGE_TRANSITIONS, status)))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if read:
+        moved += db.session.execute(
+            update(OutboundMessage)
+            .where(*by_id, OutboundMessage.status == MessageStatus.DELIVERED, OutboundMessage.read_at.is_(None))
+            .values(read_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    if moved:
+        return True
+    return False if db.session.scalar(select(exists().where(*by_id))) else None

@@ -25,7 +25,7 @@ from app import clock
 from app.database import describe, is_unavailable
 from app.extensions import db
 from app.messaging.lifecycle import LAST_PENDING, RECORD_ATTEMPT, pending_exists_now
-from app.models import Campaign, Customer, MessageStatus, OutboundMessage
+from app.models import Campaign, Customer, DeliveryReceipt, OutboundMessage
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ LOAD_FOR_SEND = (
         OutboundMessage.campaign_id,
         Campaign.channel,
         Campaign.base_template,
+        Campaign.whatsapp_template,
         Customer.phone,
         Customer.first_name,
         Customer.last_name,
@@ -52,28 +53,53 @@ LOAD_FOR_SEND = (
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an attempt ends in: the message's new status (`pending` when RQ retries it), the retries it
-    has used, the body sent and the error, if any."""
+    """What an attempt ends in: the message's new status (`pending` when it is tried again), the retries
+    it has used, the body sent, and what the provider said: its name and message id when it took it, the
+    error, its code and class when it did not."""
 
     status: str
     retries_used: int
     body: str | None = None
     error: str | None = None
+    error_code: str | None = None
+    error_class: str | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    retry_after: float | None = None  # a throttled attempt: seconds the provider asked to wait (not stored)
 
-    @property
-    def will_retry(self) -> bool:
-        return self.status == MessageStatus.PENDING
+
+# A receipt that arrived before the provider id it names was recorded (a fast provider beats the commit).
+WAITING_RECEIPT = (
+    select(DeliveryReceipt.id)
+    .where(
+        DeliveryReceipt.provider == bindparam("provider"),
+        DeliveryReceipt.provider_message_id == bindparam("provider_message_id"),
+    )
+    .limit(1)
+)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the record found after its commit."""
+
+    pending_left: bool  # the campaign still has pending messages
+    receipt_waiting: bool  # a receipt for the provider id just recorded is waiting to be applied
 
 
 def _record_params(message_id: int, campaign_id: int, outcome: Outcome, now: datetime) -> dict:
-    """The bind parameters of `RECORD_ATTEMPT` and `LAST_PENDING`, named in this one place."""
+    """The bind parameters of `RECORD_ATTEMPT`, `LAST_PENDING` and `WAITING_RECEIPT`, named in this one place."""
     return {
         "message_id": message_id,
         "campaign_id": campaign_id,
         "new_status": outcome.status,
         "body": outcome.body,
         "error": outcome.error,
+        "error_code": outcome.error_code,
+        "error_class": outcome.error_class,
         "retries_used": outcome.retries_used,
+        "provider": outcome.provider,
+        "provider_message_id": outcome.provider_message_id,
         "now": now,
     }
 
@@ -82,8 +108,8 @@ class MessageStore(Protocol):
     def load(self, message_id: int) -> dict | None:
         """The message's fields locked for this send, or None (missing, or another worker holds it)."""
 
-    def record(self, params: dict) -> bool:
-        """Write the attempt, commit, and say whether the campaign still has pending messages."""
+    def record(self, params: dict) -> Recorded:
+        """Write the attempt, commit, and say what is left to do after it."""
 
     def close(self) -> None:
         """End the transaction if one is open (rolled back) and give the connection back; idempotent."""
@@ -108,10 +134,12 @@ class SessionStore(_ClosedOnExit):
         row = db.session.connection().execute(LOAD_FOR_SEND, {"message_id": message_id}).one_or_none()
         return row._asdict() if row is not None else None
 
-    def record(self, params: dict) -> bool:
+    def record(self, params: dict) -> Recorded:
         db.session.connection().execute(RECORD_ATTEMPT, params)
         db.session.commit()
-        return pending_exists_now(params["campaign_id"])
+        waiting = params["provider_message_id"] is not None and db.session.scalar(WAITING_RECEIPT, params) is not None
+        db.session.commit()
+        return Recorded(pending_exists_now(params["campaign_id"]), waiting)
 
     def close(self) -> None:
         db.session.rollback()
@@ -143,14 +171,19 @@ class PipelineStore(_ClosedOnExit):
             self._cursor.execute(*_sql("load", LOAD_FOR_SEND, {"message_id": message_id}), prepare=True)
         return self._cursor.fetchone()
 
-    def record(self, params: dict) -> bool:
+    def record(self, params: dict) -> Recorded:
+        receipts = params["provider_message_id"] is not None
         with self._conn.pipeline():
             self._cursor.execute(*_sql("record", RECORD_ATTEMPT, params), prepare=True)
             self._conn.commit()
             # Runs after the commit above, on the server, in order: it sees every commit before it.
             self._cursor.execute(*_sql("pending", LAST_PENDING, params), prepare=True)
+            if receipts:  # in the same round trip: a receipt that came before this commit
+                waiting = self._conn.cursor()
+                waiting.execute(*_sql("receipt", WAITING_RECEIPT, params), prepare=True)
             self._conn.commit()
-        return self._cursor.fetchone() is not None
+        pending_left = self._cursor.fetchone() is not None
+        return Recorded(pending_left, receipts and waiting.fetchone() is not None)
 
     def close(self) -> None:
         if self._pooled is None:
@@ -178,8 +211,8 @@ RECORD_RETRY_INTERVAL = 0.5
 
 def record_through_outage(
     store: MessageStore, message_id: int, campaign_id: int, outcome: Outcome, window: float
-) -> bool:
-    """Record `outcome` through `store` and say whether the campaign still has pending messages; while
+) -> Recorded:
+    """Record `outcome` through `store` and say what is left to do after it; while
     the database is unavailable, record again on a new connection every `RECORD_RETRY_INTERVAL` seconds
     for up to `window` seconds, then raise the last error.
 

@@ -5,7 +5,8 @@ It runs every `RECONCILE_INTERVAL` seconds and
 2. re-enqueues pending messages of `sending` campaigns untouched for `STALE_AFTER` seconds whose job
    is not waiting in Redis (a crash between commit and enqueue, a flushed Redis, a killed worker);
 3. finishes `sending` campaigns with nothing pending;
-4. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
+4. applies delivery receipts kept because their message's provider id was not recorded yet;
+5. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
    job is not waiting in Redis (a flushed Redis, a killed worker); the job resumes where the import was.
 It works in batches and is safe beside workers and beside itself: a message a worker is sending holds
 its row lock and is skipped here, and a job that runs twice does not send twice.
@@ -25,7 +26,7 @@ from sqlalchemy import select, update
 from app import clock
 from app.customers import imports
 from app.extensions import db
-from app.messaging import lifecycle
+from app.messaging import lifecycle, receipts
 from app.messaging.queueing import enqueue_messages, message_job_id
 from app.messaging.scheduling import dispatch_due_campaign
 from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
@@ -43,6 +44,7 @@ class ReconcileReport:
     requeued: int = 0
     finalized: dict[int, str] = field(default_factory=dict)
     requeued_imports: int = 0
+    applied_receipts: int = 0
 
 
 def dispatch_due_campaigns() -> list[int]:
@@ -164,7 +166,7 @@ def requeue_stale_imports() -> int:
 
 
 def reconcile() -> ReconcileReport:
-    """One pass of the four steps above."""
+    """One pass of the five steps above."""
     report = ReconcileReport(dispatched=dispatch_due_campaigns())
     sending = db.session.scalars(select(Campaign.id).where(Campaign.status == CampaignStatus.SENDING)).all()
     db.session.commit()
@@ -174,14 +176,16 @@ def reconcile() -> ReconcileReport:
         status = lifecycle.finish_campaign(campaign_id)
         if status:
             report.finalized[campaign_id] = status
+    report.applied_receipts = receipts.apply_waiting()
     report.requeued_imports = requeue_stale_imports()
-    if report.dispatched or report.requeued or report.finalized or report.requeued_imports:
+    if report.dispatched or report.requeued or report.finalized or report.applied_receipts or report.requeued_imports:
         log.info(
             "reconciled",
             extra={
                 "dispatched": report.dispatched,
                 "requeued": report.requeued,
                 "finalized": report.finalized,
+                "applied_receipts": report.applied_receipts,
                 "requeued_imports": report.requeued_imports,
             },
         )

@@ -27,16 +27,24 @@ def over_limit(text: str, channel: str) -> str | None:
     return f"{len(text)} characters, over the {channel} limit of {limit}" if len(text) > limit else None
 
 
+def _value(name: str, fields: Mapping[str, object]) -> str:
+    value = fields.get(name)
+    text = "" if value is None else str(value)
+    return text if text.strip() else UNKNOWN
+
+
 def render(template: str, fields: Mapping[str, object]) -> str:
     """`template` with each known placeholder replaced by its field; a missing, null, empty or
     whitespace-only value renders as `[unknown]`. Values are inserted as they are, never re-parsed."""
 
     def substitute(match: re.Match[str]) -> str:
         name = match.group(1)
-        if name not in PLACEHOLDERS:
-            return match.group(0)
-        value = fields.get(name)
-        text = "" if value is None else str(value)
-        return text if text.strip() else UNKNOWN
+        return _value(name, fields) if name in PLACEHOLDERS else match.group(0)
 
     return _PLACEHOLDER.sub(substitute, template)
+
+
+def placeholder_values(template: str, fields: Mapping[str, object]) -> list[str]:
+    """The value of each known placeholder of `template`, in order of appearance (once per appearance),
+    rendered as `render` would: a WhatsApp template's body parameters."""
+    return [_value(m.group(1), fields) for m in _PLACEHOLDER.finditer(template) if m.group(1) in PLACEHOLDERS]

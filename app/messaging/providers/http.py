@@ -1,0 +1,81 @@
+"""The one pooled HTTP client a process uses to reach providers, and what a failed request means."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import httpx
+from flask import Flask
+
+from app.messaging.providers.base import SendResult
+from app.models import ErrorClass
+
+
+def http_client(app: Flask) -> httpx.Client:
+    """The process's client: keep-alive connections (`PROVIDER_MAX_CONNECTIONS` per provider host), the
+    connect and read timeouts of the settings. Thread-safe; built once per process."""
+    client = app.extensions.get("provider_http")
+    if client is None:
+        config = app.config
+        client = httpx.Client(
+            timeout=httpx.Timeout(
+                connect=config["PROVIDER_CONNECT_TIMEOUT"],
+                read=config["PROVIDER_READ_TIMEOUT"],
+                write=config["PROVIDER_READ_TIMEOUT"],
+                pool=config["PROVIDER_CONNECT_TIMEOUT"],
+            ),
+            limits=httpx.Limits(
+                max_connections=config["PROVIDER_MAX_CONNECTIONS"],
+                max_keepalive_connections=config["PROVIDER_MAX_CONNECTIONS"],
+            ),
+            headers={"User-Agent": "campaign-dispatch"},
+        )
+        app.extensions["provider_http"] = client
+    return client
+
+
+def post(client: httpx.Client, url: str, **kwargs) -> httpx.Response | SendResult:
+    """POST, or the transient refusal that a request which got no answer is. Only a read timeout leaves the
+    message possibly taken by the provider: its retry may deliver twice (docs/providers.md)."""
+    try:
+        return client.post(url, **kwargs)
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        return SendResult.refused(ErrorClass.TRANSIENT, f"could not connect: {type(exc).__name__}", "connect")
+    except httpx.TimeoutException as exc:
+        return SendResult.refused(
+            ErrorClass.TRANSIENT, f"no answer in time ({type(exc).__name__}); the provider may have taken it", "timeout"
+        )
+    except httpx.HTTPError as exc:
+        return SendResult.refused(ErrorClass.TRANSIENT, f"HTTP error: {type(exc).__name__}: {exc}", "http")
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The `Retry-After` header in seconds (a number, or an HTTP date), or None."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def json_or_none(response: httpx.Response) -> dict | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def unexpected(response: httpx.Response, provider: str) -> SendResult:
+    """A status the provider's classification did not cover: 5xx and 429 are worth another try, the rest
+    is this service's request being refused (permanent)."""
+    if response.status_code == 429:
+        return SendResult.refused(ErrorClass.THROTTLED, f"{provider}: HTTP 429", 429, retry_after(response))
+    error_class = ErrorClass.TRANSIENT if response.status_code >= 500 else ErrorClass.PERMANENT
+    return SendResult.refused(
+        error_class, f"{provider}: HTTP {response.status_code}: {response.text[:300]}", response.status_code
+    )

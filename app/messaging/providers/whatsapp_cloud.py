@@ -1,0 +1,164 @@
+"""The WhatsApp Business Cloud API: `POST {base}/{version}/{phone_number_id}/messages` (Bearer token), JSON
+`{"messaging_product": "whatsapp", "to": ..., "type": "text" | "template", ...}`. The answer's
+`messages[0].id` (`wamid...`) is the message's id; an error answer's `error.code` is classified below
+(Meta's error code table). Free text reaches a customer only within 24 h of their last message (else
+131047): campaigns outside that window name an approved template. Statuses come to `/webhooks/whatsapp`,
+signed with the app secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from flask import Flask
+
+from app.messaging.providers.base import OutgoingMessage, SendResult
+from app.messaging.providers.http import http_client, json_or_none, post, retry_after, unexpected
+from app.messaging.receipts import Receipt
+from app.models import ErrorClass, MessageStatus
+
+# error.code -> class. Other codes: 5xx transient, 4xx permanent.
+CLASSES = {
+    131026: ErrorClass.PERMANENT,  # message undeliverable
+    131047: ErrorClass.PERMANENT,  # more than 24 h since the customer's last message: use a template
+    131051: ErrorClass.PERMANENT,  # unsupported message type
+    131050: ErrorClass.PERMANENT,  # the user stopped marketing messages
+    100: ErrorClass.PERMANENT,  # invalid parameter
+    131000: ErrorClass.TRANSIENT,  # something went wrong
+    131016: ErrorClass.TRANSIENT,  # service unavailable
+    1: ErrorClass.TRANSIENT,  # API unknown
+    2: ErrorClass.TRANSIENT,  # API service
+    130429: ErrorClass.THROTTLED,  # throughput exceeded
+    131056: ErrorClass.THROTTLED,  # too many messages to this recipient (pair rate limit)
+    131048: ErrorClass.THROTTLED,  # spam rate limit
+    4: ErrorClass.THROTTLED,  # too many calls
+    80007: ErrorClass.THROTTLED,  # rate limit
+    190: ErrorClass.ACCOUNT,  # access token invalid or expired
+    10: ErrorClass.ACCOUNT,  # permission denied
+    200: ErrorClass.ACCOUNT,  # permission denied
+    131031: ErrorClass.ACCOUNT,  # account locked
+    131042: ErrorClass.ACCOUNT,  # payment problem
+    132000: ErrorClass.ACCOUNT,  # template parameters do not match the template
+    132001: ErrorClass.ACCOUNT,  # template does not exist
+    368: ErrorClass.ACCOUNT,  # temporarily blocked for policy violations
+}
+
+
+class WhatsAppCloud:
+    name = "whatsapp_cloud"
+
+    def __init__(self, app: Flask, access_token: str, phone_number_id: str, version: str, base_url: str):
+        self.app = app
+        self.headers = {"Authorization": f"Bearer {access_token}"}
+        self.url = f"{base_url}/{version}/{phone_number_id}/messages"
+
+    @classmethod
+    def from_config(cls, app: Flask) -> WhatsAppCloud:
+        config = app.config
+        return cls(
+            app,
+            config["WHATSAPP_ACCESS_TOKEN"],
+            config["WHATSAPP_PHONE_NUMBER_ID"],
+            config["WHATSAPP_API_VERSION"],
+            config["WHATSAPP_BASE_URL"],
+        )
+
+    def send(self, message: OutgoingMessage) -> SendResult:
+        response = post(http_client(self.app), self.url, json=payload(message), headers=self.headers)
+        if isinstance(response, SendResult):
+            return response
+        body = json_or_none(response) or {}
+        messages = body.get("messages")
+        if response.status_code == 200 and isinstance(messages, list) and messages and messages[0].get("id"):
+            return SendResult.accepted(str(messages[0]["id"]))
+        error = body.get("error")
+        if not isinstance(error, dict) or not isinstance(error.get("code"), int):
+            return unexpected(response, "WhatsApp")
+        code = error["code"]
+        default = ErrorClass.TRANSIENT if response.status_code >= 500 else ErrorClass.PERMANENT
+        error_class = ErrorClass.THROTTLED if response.status_code == 429 else CLASSES.get(code, default)
+        details = (error.get("error_data") or {}).get("details") if isinstance(error.get("error_data"), dict) else None
+        text = f"WhatsApp {code}: {error.get('message') or response.reason_phrase}" + (
+            f" ({details})" if details else ""
+        )
+        return SendResult.refused(error_class, text, code, retry_after(response))
+
+
+def payload(message: OutgoingMessage) -> dict:
+    """The Cloud API's JSON for `message`: its template with one body parameter per placeholder, or text."""
+    to = message.phone.removeprefix("+")
+    if message.template is None:
+        return {"messaging_product": "whatsapp", "to": to, "type": "text", "text": {"body": message.body}}
+    template = {"name": message.template.name, "language": {"code": message.template.language}}
+    if message.template.parameters:
+        parameters = [{"type": "text", "text": value} for value in message.template.parameters]
+        template["components"] = [{"type": "body", "parameters": parameters}]
+    return {"messaging_product": "whatsapp", "to": to, "type": "template", "template": template}
+
+
+# A status's `status` -> the message status it means (`read` is delivered, and read); `sent` changes nothing.
+RECEIPT_STATUSES = {
+    "delivered": MessageStatus.DELIVERED,
+    "read": MessageStatus.DELIVERED,
+    "failed": MessageStatus.FAILED,
+}
+
+
+def signature(body: bytes, app_secret: str) -> str:
+    """Meta's `X-Hub-Signature-256`: `sha256=` and the hex HMAC-SHA256 of the raw body, keyed with the app
+    secret."""
+    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def receipts_from_payload(payload: object) -> list[Receipt]:
+    """The statuses of a webhook post (`entry[].changes[].value.statuses[]`: `id`, `status`, `errors[]`);
+    one post may carry many. Anything else in it (inbound messages, other fields) is left alone."""
+    found = []
+    for status in statuses(payload):
+        message_status = RECEIPT_STATUSES.get(status.get("status"))
+        wamid = status.get("id")
+        if message_status is None or not isinstance(wamid, str) or not wamid:
+            continue
+        error = code = None
+        errors = status.get("errors")
+        if (
+            message_status == MessageStatus.FAILED
+            and isinstance(errors, list)
+            and errors
+            and isinstance(errors[0], dict)
+        ):
+            first = errors[0]
+            code = str(first.get("code")) if first.get("code") is not None else None
+            details = (
+                (first.get("error_data") or {}).get("details") if isinstance(first.get("error_data"), dict) else None
+            )
+            error = f"WhatsApp {code}: {first.get('title') or first.get('message') or 'failed'}" + (
+                f" ({details})" if details else ""
+            )
+        elif message_status == MessageStatus.FAILED:
+            error = "WhatsApp: failed"
+        found.append(
+            Receipt(
+                WhatsAppCloud.name,
+                wamid,
+                message_status,
+                read=status.get("status") == "read",
+                error_code=code,
+                error=error,
+            )
+        )
+    return found
+
+
+def statuses(payload: object) -> list[dict]:
+    """Every status object of a webhook post, whatever else it holds (tolerant of missing parts)."""
+    statuses: list[dict] = []
+    entries = payload.get("entry") if isinstance(payload, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        changes = entry.get("changes") if isinstance(entry, dict) else None
+        for change in changes if isinstance(changes, list) else []:
+            value = change.get("value") if isinstance(change, dict) else None
+            items = value.get("statuses") if isinstance(value, dict) else None
+            statuses.extend(item for item in (items if isinstance(items, list) else []) if isinstance(item, dict))
+    return statuses

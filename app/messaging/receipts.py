@@ -1,0 +1,97 @@
+"""Delivery receipts: what providers tell us happened to a message after they took it.
+
+A receipt is applied at once to the message with its provider id, along the lifecycle's table (never a
+step back, a repeat changes nothing). One that finds no message is kept in `delivery_receipts`: a fast
+provider's receipt can arrive before the worker has committed the provider id (the send job applies it
+right after its commit, and the reconciler sweeps what is left), and a receipt for an id that never
+appears stays there for inspection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from flask import current_app
+from sqlalchemy import delete, select
+
+from app import clock
+from app.extensions import db
+from app.messaging import lifecycle
+from app.models import DeliveryReceipt
+
+# A kept receipt is looked at again for this long: a provider id is recorded within seconds of the
+# provider taking the message (or within RECORD_RETRY_WINDOW through a database outage). Older ones name
+# a message this service never recorded (a send whose answer was lost) and stay for inspection.
+MATCH_WINDOW = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One receipt, in the service's terms: the message status it means (`read` is `delivered` plus read)."""
+
+    provider: str
+    provider_message_id: str
+    status: str
+    read: bool = False
+    error_code: str | None = None
+    error: str | None = None
+
+
+def record(receipts: list[Receipt]) -> dict[str, int]:
+    """Apply `receipts` in one transaction, keeping those no message takes yet; commits. Counts what
+    happened to them: `applied`, `unchanged` (repeats, late ones) and `kept`."""
+    counts = {"applied": 0, "unchanged": 0, "kept": 0}
+    for receipt in receipts:
+        applied = _apply(receipt)
+        if applied is None:
+            db.session.add(
+                DeliveryReceipt(
+                    provider=receipt.provider,
+                    provider_message_id=receipt.provider_message_id,
+                    status=receipt.status,
+                    read=receipt.read,
+                    error_code=receipt.error_code,
+                    error=receipt.error,
+                )
+            )
+            counts["kept"] += 1
+        else:
+            counts["applied" if applied else "unchanged"] += 1
+    db.session.commit()
+    return counts
+
+
+def _apply(receipt: Receipt) -> bool | None:
+    return lifecycle.apply_receipt(
+        receipt.provider,
+        receipt.provider_message_id,
+        receipt.status,
+        read=receipt.read,
+        error_code=receipt.error_code,
+        error=receipt.error,
+    )
+
+
+def apply_waiting(provider: str | None = None, provider_message_id: str | None = None) -> int:
+    """Apply kept receipts whose message now exists (those of one provider id, or, for the reconciler, up
+    to `RECONCILE_BATCH_SIZE` of those received within `MATCH_WINDOW`), in the order they arrived, and drop
+    them; commits. Returns how many were applied."""
+    stmt = select(DeliveryReceipt).order_by(DeliveryReceipt.id).with_for_update(skip_locked=True)
+    if provider_message_id is None:
+        stmt = stmt.where(DeliveryReceipt.received_at > clock.now() - MATCH_WINDOW)
+    else:
+        stmt = stmt.where(
+            DeliveryReceipt.provider == provider, DeliveryReceipt.provider_message_id == provider_message_id
+        )
+    applied_ids = []
+    for kept in db.session.scalars(stmt.limit(current_app.config["RECONCILE_BATCH_SIZE"])):
+        outcome = _apply(
+            Receipt(kept.provider, kept.provider_message_id, kept.status, kept.read, kept.error_code, kept.error)
+        )
+        if outcome is not None:
+            applied_ids.append(kept.id)
+    if applied_ids:
+        db.session.execute(delete(DeliveryReceipt).where(DeliveryReceipt.id.in_(applied_ids)))
+    db.session.commit()
+    return len(applied_ids)
