@@ -224,6 +224,9 @@ SETTINGS: tuple[Setting, ...] = (
             "turns both off", number(0, 3600)),
     Setting("SEND_STATEMENT_TIMEOUT", "120", "seconds the audience send's one `INSERT ... SELECT` may run (about "
             "9 s per million recipients)", number(1, 3600)),
+    Setting("DATABASE_POOL_SIZE", "20", "PostgreSQL connections each process keeps for reuse (5 more are opened "
+            "for a burst and closed after it); at least `WEB_THREADS`, so that no request of the web opens and "
+            "closes a connection of its own", integer(1, 1000)),
     Setting("DATABASE_RETRY_AFTER", "5", "the `Retry-After` of a `503` for an unavailable database, in seconds",
             integer(1, 3600)),
     Setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for RQ, rq-scheduler and the rate limiter "
@@ -388,6 +391,11 @@ def check_settings(config: Mapping[str, object]) -> None:
             if not any(config.get(name) for name in names):
                 which = " or ".join(names)
                 raise SettingsError(f"{names[0]}: required by the {provider} provider (set {which})")
+    if config["DATABASE_POOL_SIZE"] < config["WEB_THREADS"]:
+        raise SettingsError(
+            f"DATABASE_POOL_SIZE: {config['DATABASE_POOL_SIZE']} is below WEB_THREADS ({config['WEB_THREADS']}): "
+            "each thread of the web holds a connection while it serves a request"
+        )
     budget = config["PROVIDER_CONNECT_TIMEOUT"] + config["PROVIDER_READ_TIMEOUT"]
     if budget * 2 > config["JOB_TIMEOUT"]:
         raise SettingsError(

@@ -29,6 +29,10 @@ class App(Flask):
         return response
 
 
+# Connections a process may open beyond DATABASE_POOL_SIZE in a burst, closed when returned.
+POOL_OVERFLOW = 5
+
+
 def create_app(config: object | str = "config.Config", overrides: dict | None = None) -> Flask:
     """Build the app from a config object (or its import path) and optional overrides."""
     app = App(__name__, instance_path=INSTANCE_PATH, instance_relative_config=True)
@@ -47,6 +51,12 @@ def create_app(config: object | str = "config.Config", overrides: dict | None = 
 
 
 def register_extensions(app: Flask) -> None:
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+            **app.config["SQLALCHEMY_ENGINE_OPTIONS"],
+            "pool_size": app.config["DATABASE_POOL_SIZE"],
+            "max_overflow": POOL_OVERFLOW,
+        }
     db.init_app(app)
     database.init_app(app)
     migrate.init_app(app, db, directory=str(app.config.get("MIGRATIONS_DIR", "migrations")))

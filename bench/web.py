@@ -46,12 +46,17 @@ def procfile_web() -> str:
 
 
 class Web:
-    """The Procfile's web command with extra settings; `sync` starts it with gunicorn's sync worker."""
+    """The Procfile's web command with extra settings: `threads` threads per process, `"sync"` for gunicorn's
+    sync worker, None for the Procfile's defaults. `public_base_url` sets PUBLIC_BASE_URL to its own URL."""
 
-    def __init__(self, env: dict, threads: int | None):
+    def __init__(self, env: dict, threads: int | str | None, public_base_url: bool = False):
         self.port = free_port()
-        # gunicorn turns a sync worker with threads into a threaded one: the sync variant needs --threads 1.
-        variant = {"WEB_THREADS": str(threads)} if threads else {"GUNICORN_CMD_ARGS": "--worker-class sync --threads 1"}
+        if threads == "sync":  # gunicorn turns a sync worker with threads into a threaded one: --threads 1
+            variant = {"GUNICORN_CMD_ARGS": "--worker-class sync --threads 1"}
+        else:
+            variant = {"WEB_THREADS": str(threads)} if threads else {}
+        if public_base_url:
+            variant["PUBLIC_BASE_URL"] = self.base_url
         environment = {
             **env,
             **variant,
@@ -73,6 +78,10 @@ class Web:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("web process did not start")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def rss_mb(self) -> float:
         """Resident memory of the web process and its workers, in MB."""
@@ -162,7 +171,7 @@ def main() -> None:
     env = {**bench.env, "API_RATE_LIMIT": "1000000 per minute", "WEB_CLIENT_TIMEOUT": "30"}
     rows = []
     for variant in args.threads.split(","):
-        threads = None if variant == "sync" else int(variant)
+        threads = "sync" if variant == "sync" else int(variant)
         log(f"web: {variant}")
         web = Web(env, threads)
         try:

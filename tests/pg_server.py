@@ -7,6 +7,7 @@ of 127.0.0.1 with trust authentication. Run as root, the server runs as the `pos
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -86,13 +87,16 @@ class PgServer:
     def pause(self) -> None:
         """Hang the server: SIGSTOP the postmaster and every backend. The kernel still accepts TCP
         connections and acknowledges data, so clients see a server that answers nothing."""
-        for process in self._processes():
-            process.send_signal(signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
         """Undo `pause()`."""
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
         for process in self._processes():
-            process.send_signal(signal.SIGCONT)
+            with contextlib.suppress(psutil.NoSuchProcess):  # a backend that ended since it was listed
+                process.send_signal(signum)
 
     def create_database(self, name: str) -> str:
         """Create the database `name` (dropped first if it exists); returns its URL."""

@@ -48,6 +48,7 @@ def loaded(**environ) -> dict:
         ("REDIS_URL", "http://127.0.0.1:6379", "redis://"),
         ("DATABASE_URL", "mysql://127.0.0.1/db", "postgresql://"),
         ("SEND_QUEUE", "a queue", "letters, digits"),
+        ("DATABASE_POOL_SIZE", "8", "below WEB_THREADS (16)"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_setting(name, value, says):
