@@ -224,9 +224,9 @@ SETTINGS: tuple[Setting, ...] = (
             "turns both off", number(0, 3600)),
     Setting("SEND_STATEMENT_TIMEOUT", "120", "seconds the audience send's one `INSERT ... SELECT` may run (about "
             "9 s per million recipients)", number(1, 3600)),
-    Setting("DATABASE_POOL_SIZE", "20", "PostgreSQL connections each process keeps for reuse (5 more are opened "
-            "for a burst and closed after it); at least `WEB_THREADS`, so that no request of the web opens and "
-            "closes a connection of its own", integer(1, 1000)),
+    Setting("DATABASE_POOL_SIZE", "24", "PostgreSQL connections each process keeps for reuse (5 more are opened "
+            "for a burst and closed after it); at least `WEB_THREADS` and `WORKER_CONCURRENCY`, so that no request "
+            "or send opens and closes a connection of its own", integer(1, 1000)),
     Setting("DATABASE_RETRY_AFTER", "5", "the `Retry-After` of a `503` for an unavailable database, in seconds",
             integer(1, 3600)),
     Setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for RQ, rq-scheduler and the rate limiter "
@@ -307,6 +307,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RECONCILE_INTERVAL", "60", "seconds between reconciler runs", integer(1)),
     Setting("STALE_AFTER", "300", "seconds a pending message may go untouched before the reconciler re-enqueues "
             "it", integer(1)),
+    Setting("WORKER_CONCURRENCY", "24", "jobs a `worker` process runs at once, each in a thread with its own "
+            "PostgreSQL connection while it sends (a send mostly waits for the provider); 1 with SQLite",
+            integer(1, 256)),
     Setting("WORKER_HEARTBEAT_INTERVAL", "10", "seconds an idle worker waits for a job before it heartbeats "
             "again; `/health` stops counting a worker whose heartbeat is this (or its job's timeout) plus 5 s "
             "overdue", integer(1, 300)),
@@ -391,11 +394,12 @@ def check_settings(config: Mapping[str, object]) -> None:
             if not any(config.get(name) for name in names):
                 which = " or ".join(names)
                 raise SettingsError(f"{names[0]}: required by the {provider} provider (set {which})")
-    if config["DATABASE_POOL_SIZE"] < config["WEB_THREADS"]:
-        raise SettingsError(
-            f"DATABASE_POOL_SIZE: {config['DATABASE_POOL_SIZE']} is below WEB_THREADS ({config['WEB_THREADS']}): "
-            "each thread of the web holds a connection while it serves a request"
-        )
+    for threads in ("WEB_THREADS", "WORKER_CONCURRENCY"):
+        if config["DATABASE_POOL_SIZE"] < config[threads]:
+            raise SettingsError(
+                f"DATABASE_POOL_SIZE: {config['DATABASE_POOL_SIZE']} is below {threads} ({config[threads]}): "
+                "each thread holds a connection while it serves a request or sends a message"
+            )
     budget = config["PROVIDER_CONNECT_TIMEOUT"] + config["PROVIDER_READ_TIMEOUT"]
     if budget * 2 > config["JOB_TIMEOUT"]:
         raise SettingsError(

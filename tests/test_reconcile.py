@@ -233,7 +233,8 @@ def test_worker_killed_mid_campaign_new_worker_completes_it(app, client, spawn_w
     campaign = make_campaign()
     campaign_id = campaign.id
     send_to(client, campaign_id, ids)
-    victim = spawn_worker(burst=False, MOCK_SENDER_LATENCY=0.01)
+    # One send at a time, so that at most one is in flight at the kill (tests/test_concurrency.py: several).
+    victim = spawn_worker(burst=False, MOCK_SENDER_LATENCY=0.01, WORKER_CONCURRENCY=1)
     wait_for(lambda: len(read_send_log(send_log)) >= 50, timeout=30, interval=0.05)
     kill_group(victim, signal.SIGKILL)
     sent_before = stats(client, campaign_id)["stats"]["sent"]

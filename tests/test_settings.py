@@ -49,6 +49,8 @@ def loaded(**environ) -> dict:
         ("DATABASE_URL", "mysql://127.0.0.1/db", "postgresql://"),
         ("SEND_QUEUE", "a queue", "letters, digits"),
         ("DATABASE_POOL_SIZE", "8", "below WEB_THREADS (16)"),
+        ("DATABASE_POOL_SIZE", "20", "below WORKER_CONCURRENCY (24)"),
+        ("WORKER_CONCURRENCY", "0", "between 1 and 256"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_setting(name, value, says):

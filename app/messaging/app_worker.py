@@ -13,6 +13,17 @@ before every job. Its key's TTL follows `JOB_TIMEOUT`, so that the TTL a job's o
 the key is the one the worker's heartbeat would give it back after the job. What RQ stores stays as
 RQ stores it: `rq info` and the dashboards see the same workers, states and jobs.
 
+Concurrency: a send spends most of its time waiting for the provider (100-500 ms), so one process runs
+up to `WORKER_CONCURRENCY` jobs at once, each in a thread of its own with its own app context and
+database connection: the main thread takes a job off the queue only when a thread is free, hands it
+over, and goes back to the queue (and to its heartbeats). Each job is still one RQ job with RQ's own
+bookkeeping (an execution per job, its timeout enforced by RQ's `TimerDeathPenalty` in a thread),
+retried by RQ's Retry. A warm shutdown (SIGTERM, SIGINT) takes no new job and waits for the jobs in
+flight to finish and be recorded; a second signal ends the process at once, and the reconciler sends
+again what was in flight. In burst mode the worker ends only when the queues are empty and no job is
+in flight (a job that fails may put its retry back on the queue). With SQLite (development) the worker
+runs one job at a time: SQLite takes one writer at a time.
+
 Liveness: RQ keeps a killed worker registered until its key expires (minutes), and a flushed Redis
 forgets a live one until it restarts. So each heartbeat also records, in the sorted set
 `LIVE_WORKERS_KEY` (member: the worker's name), the time by which the worker's next heartbeat is due:
@@ -27,14 +38,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from flask import Flask
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
 from rq.defaults import DEFAULT_WORKER_TTL
+from rq.exceptions import StopRequested
 from rq.job import Job
+from rq.timeouts import BaseDeathPenalty, TimerDeathPenalty, UnixSignalDeathPenalty
+from rq.worker import WorkerStatus
 
 from app.extensions import db
 from app.logs import worker_job_id
@@ -65,9 +83,22 @@ class AppWorker(SimpleWorker):
     _suspension_checked_at: float = float("-inf")
     _job_timeout: int | None = None  # the timeout of the job being run, None between jobs
 
-    def __init__(self, *args, heartbeat_interval: int | None = None, **kwargs) -> None:
+    def __init__(self, *args, heartbeat_interval: int | None = None, concurrency: int = 1, **kwargs) -> None:
         self.heartbeat_interval = heartbeat_interval  # before RQ's __init__, which reads dequeue_timeout
         super().__init__(*args, **kwargs)
+        self.concurrency = concurrency
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="job") if concurrency > 1 else None
+        self._free = threading.Semaphore(concurrency)  # a slot per thread; taken before a job is dequeued
+        self._in_flight = 0
+        self._settled = threading.Condition()  # notified when a job in flight ends
+        self._handing_over = False  # between taking a job off the queue and handing it to a thread
+        self._burst = False
+
+    @property
+    def death_penalty_class(self) -> type[BaseDeathPenalty]:
+        """RQ's job timeout: SIGALRM in the main thread (the only one that receives signals), a timer that
+        raises in the job's own thread otherwise."""
+        return UnixSignalDeathPenalty if threading.current_thread() is threading.main_thread() else TimerDeathPenalty
 
     @property
     def dequeue_timeout(self) -> int:
@@ -81,11 +112,34 @@ class AppWorker(SimpleWorker):
         no sooner than it would without the shorter wait."""
         return max(self.dequeue_timeout, self.worker_ttl - 15) + 10
 
+    def work(self, burst: bool = False, **kwargs) -> bool:
+        self._burst = burst
+        return super().work(burst=burst, **kwargs)
+
     def request_stop(self, signum, frame) -> None:
         self.stop_requested = True
         super().request_stop(signum, frame)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if self._pool is None:
+            self._run(job, queue)
+            return
+        with self._settled:
+            self._in_flight += 1
+        self._pool.submit(self._run_in_thread, job, queue)
+        self._handing_over = False
+
+    def _run(self, job: Job, queue: Queue) -> None:
+        """Run `job` in this thread, like RQ's `SimpleWorker`."""
+        with self._job_context(job):
+            try:
+                super().execute_job(job, queue)
+            finally:
+                self._job_timeout = None
+
+    @contextlib.contextmanager
+    def _job_context(self, job: Job) -> Iterator[None]:
+        """An app context for the job, its id in the log lines, and a clean database session after it."""
         if job.func_name == SEND_JOB and job.retries_left:
             # One meaning for RETRY_INTERVALS: the worker that runs a failed attempt decides the delay
             # before the next, whichever process enqueued the job.
@@ -93,16 +147,91 @@ class AppWorker(SimpleWorker):
         token = worker_job_id.set(job.id)
         with self.app.app_context():
             try:
-                super().execute_job(job, queue)
+                yield
             finally:
-                self._job_timeout = None
                 _release_session()
                 worker_job_id.reset(token)
 
+    def _run_in_thread(self, job: Job, queue: Queue) -> None:
+        try:
+            execution = self.prepare_execution(job)
+            with self._job_context(job):
+                self.perform_job(job, queue, execution)
+        except Exception:  # noqa: BLE001 - RQ's own bookkeeping failed (Redis went away): the job is
+            # left to RQ's registries and the reconciler; the thread takes the next job
+            log.warning("job %s could not be run or recorded by RQ", job.id, exc_info=True)
+        finally:
+            with self._settled:
+                self._in_flight -= 1
+                idle = self._in_flight == 0
+                self._settled.notify_all()
+            self._free.release()
+            if idle:
+                with contextlib.suppress(Exception):
+                    self.set_state(WorkerStatus.IDLE)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        """RQ's dequeue, once a thread is free (heartbeating while none is); in burst mode, an empty
+        queue ends the work only once no job is in flight (a failed one may queue its retry)."""
+        if self._pool is None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not self._free.acquire(timeout=self.dequeue_timeout):
+            self.heartbeat()
+        try:
+            self.check_for_suspension(self._burst)  # it may have come while every thread was busy
+            while True:
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                if result is not None:
+                    self._handing_over = True
+                    return result
+                if timeout is not None or not self._wait_for_jobs_in_flight():
+                    break
+        except BaseException:
+            self._free.release()
+            raise
+        self._free.release()
+        return None
+
+    def _wait_for_jobs_in_flight(self) -> bool:
+        """Wait until no job is in flight; whether there were any."""
+        with self._settled:
+            waited = self._in_flight > 0
+            while self._in_flight:
+                self._settled.wait(timeout=self.dequeue_timeout)
+        return waited
+
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        # Its heartbeat promises the next one within the job's timeout, not within an idle wait.
-        self._job_timeout = DEFAULT_WORKER_TTL if job.timeout in (None, -1) else int(job.timeout)
+        if self._pool is None:
+            # Its heartbeat promises the next one within the job's timeout, not within an idle wait. (With
+            # threads the main thread goes on heartbeating while jobs run.)
+            self._job_timeout = DEFAULT_WORKER_TTL if job.timeout in (None, -1) else int(job.timeout)
         super().prepare_job_execution(job, remove_from_intermediate_queue)
+
+    def _shutdown(self) -> None:
+        """A warm shutdown: with threads, take no new job, and let those in flight finish (see `teardown`)."""
+        if self._pool is None:
+            super()._shutdown()
+            return
+        self._stop_requested = True
+        self.set_shutdown_requested_date()
+        if not self._handing_over:  # a job just taken off the queue is handed over first
+            raise StopRequested()
+
+    def request_force_stop(self, signum, frame) -> None:
+        """A second signal: end now; the sends in flight are abandoned, to be sent again by the reconciler."""
+        if self._pool is not None and self._in_flight:
+            log.warning("cold shutdown: %d jobs in flight abandoned", self._in_flight)
+            with contextlib.suppress(Exception):
+                self.register_death()
+            os._exit(1)
+        super().request_force_stop(signum, frame)
+
+    def teardown(self) -> None:
+        if self._pool is not None:
+            if self._in_flight:
+                log.info("waiting for %d jobs in flight", self._in_flight)
+            self._pool.shutdown(wait=True)
+        super().teardown()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         ttl = timeout or self.worker_ttl + 60
@@ -170,6 +299,8 @@ def build_worker(app: Flask, queue_names: list[str] | None = None, **kwargs) -> 
     # stays at a minute at least. An idle worker heartbeats every WORKER_HEARTBEAT_INTERVAL seconds.
     kwargs.setdefault("worker_ttl", max(app.config["JOB_TIMEOUT"], 60))
     kwargs.setdefault("heartbeat_interval", app.config["WORKER_HEARTBEAT_INTERVAL"])
+    sqlite = app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite")
+    kwargs.setdefault("concurrency", 1 if sqlite else app.config["WORKER_CONCURRENCY"])
     worker = AppWorker(queues, connection=connection, **kwargs)
     worker.app = app
     return worker

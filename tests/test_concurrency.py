@@ -1,0 +1,108 @@
+"""A `worker` process keeps several sends in flight (`WORKER_CONCURRENCY` threads), and still stops the
+way RQ's workers do: a warm shutdown finishes and records what is in flight, `rq suspend` starts nothing
+new, and a killed worker's sends in flight are sent again by the reconciler, once each."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+
+import pytest
+from rq import Queue
+from rq.suspension import resume, suspend
+
+from app.messaging.reconcile import reconcile
+from tests.conftest import kill_group, read_send_log, wait_for
+from tests.factories import make_campaign, make_customers
+
+pytestmark = pytest.mark.real_only
+
+
+def send_to(client, ids: list[int]) -> int:
+    campaign_id = make_campaign().id
+    response = client.post(f"/campaigns/{campaign_id}/send", json={"customer_ids": ids})
+    assert response.status_code == 202, response.get_json()
+    return campaign_id
+
+
+def campaign(client, campaign_id: int) -> dict:
+    return client.get(f"/campaigns/{campaign_id}").get_json()
+
+
+def in_flight(app, redis_conn) -> int:
+    """Send jobs a worker has started and not finished (RQ's started registry)."""
+    return Queue(app.config["SEND_QUEUE"], connection=redis_conn).started_job_registry.count
+
+
+def test_one_worker_keeps_its_concurrency_of_sends_in_flight(app, client, redis_conn, spawn_worker, send_log):
+    campaign_id = send_to(client, make_customers(12))
+    most = 0
+
+    def watch() -> bool:
+        nonlocal most
+        most = max(most, in_flight(app, redis_conn))
+        return most >= 6
+
+    worker = spawn_worker(burst=True, WORKER_CONCURRENCY=6, MOCK_SENDER_LATENCY=1)
+    wait_for(watch, timeout=30, interval=0.05)
+    assert worker.wait(timeout=60) == 0, worker.stderr.read().decode()[-3000:]
+    assert most == 6  # six at once, never more
+    assert campaign(client, campaign_id)["stats"]["sent"] == 12
+    assert sorted(Counter(a["message_id"] for a in read_send_log(send_log)).values()) == [1] * 12
+
+
+def test_warm_shutdown_finishes_and_records_the_sends_in_flight(app, client, redis_conn, spawn_worker, send_log):
+    campaign_id = send_to(client, make_customers(10))
+    worker = spawn_worker(burst=False, WORKER_CONCURRENCY=4, MOCK_SENDER_LATENCY=2)
+    wait_for(lambda: in_flight(app, redis_conn) == 4, timeout=30, interval=0.05)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0, worker.stderr.read().decode()[-3000:]
+
+    sent = read_send_log(send_log)
+    assert len(sent) == 4  # the four in flight reached the provider; nothing new was started
+    detail = campaign(client, campaign_id)
+    assert (detail["stats"]["sent"], detail["stats"]["pending"]) == (4, 6)  # and were recorded
+    assert Queue(app.config["SEND_QUEUE"], connection=redis_conn).count == 6  # the rest still queued
+    assert in_flight(app, redis_conn) == 0
+
+
+def test_suspended_worker_finishes_what_is_in_flight_and_starts_nothing(
+    app, client, redis_conn, spawn_worker, send_log
+):
+    campaign_id = send_to(client, make_customers(6))
+    worker = spawn_worker(burst=False, WORKER_CONCURRENCY=2, MOCK_SENDER_LATENCY=1.5)
+    wait_for(lambda: in_flight(app, redis_conn) == 2, timeout=30, interval=0.05)
+    suspend(redis_conn)
+    try:
+        wait_for(lambda: len(read_send_log(send_log)) == 2 and in_flight(app, redis_conn) == 0, timeout=15)
+        time.sleep(3)  # suspended: the four left stay queued
+        assert len(read_send_log(send_log)) == 2
+        assert campaign(client, campaign_id)["stats"]["pending"] == 4
+    finally:
+        resume(redis_conn)
+    wait_for(lambda: campaign(client, campaign_id)["status"] == "sent", timeout=30)
+    assert worker.poll() is None  # still working, not stopped by the suspension
+    assert sorted(Counter(a["message_id"] for a in read_send_log(send_log)).values()) == [1] * 6
+
+
+def test_killed_worker_sends_in_flight_are_sent_again_once_by_the_reconciler(
+    app, client, redis_conn, spawn_worker, send_log
+):
+    campaign_id = send_to(client, make_customers(40))
+    victim = spawn_worker(burst=False, WORKER_CONCURRENCY=4, MOCK_SENDER_LATENCY=0.3)
+    wait_for(lambda: len(read_send_log(send_log)) >= 8, timeout=30, interval=0.05)
+    kill_group(victim, signal.SIGKILL)
+    assert 0 < campaign(client, campaign_id)["stats"]["sent"] < 40
+
+    app.config["STALE_AFTER"] = 0  # the test does not wait five minutes
+    for _ in range(2):  # the second pass: rows the killed worker still held at the first
+        reconcile()
+        drain = spawn_worker(burst=True)
+        assert drain.wait(timeout=120) == 0, drain.stderr.read().decode()[-3000:]
+    detail = campaign(client, campaign_id)
+    assert (detail["status"], detail["stats"]["sent"]) == ("sent", 40)
+    attempts = Counter(a["message_id"] for a in read_send_log(send_log))
+    assert len(attempts) == 40
+    twice = [m for m, n in attempts.items() if n > 1]
+    assert len(twice) <= 4 and max(attempts.values()) <= 2  # only the four in flight may reach it again
