@@ -203,6 +203,21 @@ def test_a_message_with_no_slot_soon_is_handed_back_untouched_and_sent_later_wit
 
 
 @pytest.mark.real_only
+def test_each_channel_has_its_own_limit(app, client, use_provider, fake_providers, work):
+    use_provider("twilio")
+    use_provider("whatsapp_cloud", WHATSAPP_RATE_LIMIT="1 per 2 seconds")  # SMS stays unlimited
+    throttle.take_slot(app, "whatsapp")  # the next WhatsApp slot is 2.03 s away
+    customer = make_customer()
+    for channel in ("sms", "whatsapp"):
+        campaign = make_campaign(channel=channel, base_template="Hi")
+        assert client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": [customer.id]}).status_code == 202
+    work()
+    assert (len(fake_providers.requests("twilio")), len(fake_providers.requests("whatsapp"))) == (1, 0)
+    statuses = db.session.execute(db.select(OutboundMessage.status).order_by(OutboundMessage.id)).scalars().all()
+    assert statuses == ["sent", "pending"]
+
+
+@pytest.mark.real_only
 def test_two_worker_processes_never_exceed_the_limit_at_the_provider_and_send_each_message_once(
     app, client, fake_providers, live_server, spawn_worker
 ):
