@@ -111,7 +111,8 @@ def _attempt_and_decide(message_id: int, row: dict) -> Outcome | Retry:
     # The slot comes last, so that nothing slow (building the provider) separates it from the request.
     later = throttle.wait_for_slot(current_app._get_current_object(), row["channel"])
     if later is not None:
-        log.info("no slot at the provider yet; trying again later", extra={"message_id": message_id, "delay": later})
+        extra = {"campaign_id": row["campaign_id"], "message_id": message_id, "delay": later}
+        log.info("no slot at the provider yet; trying again later", extra=extra)
         return Retry(max=MAX_POSTPONEMENTS, interval=max(1, math.ceil(later)))
     result = _attempt(provider, message_id, row, body)
     if result.ok:

@@ -8,16 +8,17 @@ that spacing, and no window of the limit's period ever holds more than `amount` 
 
 Taking a slot is one Lua script (one round trip, atomic), timed by Redis's own clock (`TIME`), so the
 workers' clocks do not matter. A send whose slot is at most `MAX_WAIT` away reserves it and sleeps until
-it; a send whose slot is further away reserves nothing (a slot left unused would be lost throughput) and
-is handed back: the job is run again later. Only more workers than the limit can keep busy for
-`MAX_WAIT` are ever handed back; to keep them from taking and handing back job after job, each hand-back
-gets a turn of its own (a ticket, spaced like the slots after the last one reserved) and is run again
-at that time, so that handed-back jobs come back at the rate the limit can take them.
+it; a send whose slot is further away reserves nothing (a handed-back job would not come back on time,
+and its slot would be lost throughput) and is handed back: the job is run again later, its message
+untouched. Hand-backs happen only when more workers run than there are slots within `MAX_WAIT` (about
+100 under `100/second`); to keep the extra workers from taking and handing back job after job, each
+hand-back gets a turn of its own (a ticket, spaced like the slots, after the last one reserved) and runs
+again at that time, so that handed-back jobs come back at the rate the limit can take them.
 
 `JITTER` keeps the requests' arrivals at the provider within the limit although each arrives later than
 its slot by a varying delay (the reply from Redis, the sleep's overshoot, a busy CPU, the request's way to
-the provider): `amount` slots span `period + JITTER`, so arrivals may drift apart by up to `JITTER` and no
-window of `period` still holds more than `amount`. 30 ms costs 3 % of a per-second limit (97/s of
+the provider): `amount` slots span `period + JITTER`, so arrivals may drift apart by up to `JITTER` and
+still no window of `period` holds more than `amount`. 30 ms costs 3 % of a per-second limit (97/s of
 100/s at most) and 0.05 % of a per-minute one.
 """
 
