@@ -154,6 +154,20 @@ def rate_limit(raw: str) -> str:
     return raw
 
 
+def optional_rate_limit(raw: str) -> str | None:
+    """A throughput limit in the same notation (`100/second`, or several: `10/second;500/minute`); empty:
+    unlimited."""
+    if not raw:
+        return None
+    try:
+        items = parse_many(raw)
+    except ValueError:
+        raise ValueError("must be a rate such as '100/second', or empty for no limit") from None
+    if any(item.amount < 1 for item in items):
+        raise ValueError("must allow at least 1 request per period; leave it empty for no limit")
+    return raw
+
+
 def phone_region(raw: str) -> str:
     region = raw.upper()
     if region not in phonenumbers.SUPPORTED_REGIONS:
@@ -268,6 +282,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PROVIDER_READ_TIMEOUT", "15", "seconds to wait for a provider's answer; past it the attempt is a "
             "transient failure (the provider may have taken it: see docs/providers.md)", number(0.1, 120)),
     Setting("PROVIDER_MAX_CONNECTIONS", "20", "connections a process keeps open to each provider", integer(1)),
+    Setting("SMS_RATE_LIMIT", "", "most SMS sent per provider account, by all workers together, in any window of "
+            "the period (e.g. `100/second`, paced at 97/s for jitter: see docs/providers.md); empty: unlimited",
+            optional_rate_limit),
+    Setting("WHATSAPP_RATE_LIMIT", "", "most WhatsApp messages sent per provider account (phone number id), by all "
+            "workers together (e.g. `80/second`); empty: unlimited", optional_rate_limit),
     Setting("AFRICASTALKING_USERNAME", "", "Africa's Talking username (`sandbox` for the sandbox)"),
     Setting("AFRICASTALKING_API_KEY", "", "Africa's Talking API key", secret=True),
     Setting("AFRICASTALKING_SENDER_ID", "", "optional `from`: a sender id or short code of the account", optional),

@@ -8,7 +8,7 @@ import math
 from flask import current_app
 from rq import Retry, get_current_job
 
-from app.messaging import lifecycle, receipts
+from app.messaging import lifecycle, receipts, throttle
 from app.messaging.message_store import Outcome, open_store, record_through_outage
 from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
 from app.messaging.queueing import enqueue_messages, pending_messages
@@ -49,6 +49,8 @@ def send_outbound_message(message_id: int) -> str | Retry:
             return "skipped: missing, or being sent by another worker"
         campaign_id = row["campaign_id"]
         outcome = _attempt_and_decide(message_id, row) if row["status"] == MessageStatus.PENDING else None
+        if isinstance(outcome, Retry):  # no slot at the provider soon: handed back, the message untouched
+            return outcome
         if outcome is not None:
             recorded = record_through_outage(store, message_id, campaign_id, outcome, _record_window())
     if outcome is None:
@@ -92,8 +94,10 @@ def _record_window() -> float:
     return min(config["RECORD_RETRY_WINDOW"], config["JOB_TIMEOUT"] / 2)
 
 
-def _attempt_and_decide(message_id: int, row: dict) -> Outcome:
-    """Send the message (unless its customer is gone, or it renders too long) and decide its outcome."""
+def _attempt_and_decide(message_id: int, row: dict) -> Outcome | Retry:
+    """Send the message (unless its customer is gone, or it renders too long) and decide its outcome; or,
+    when the provider account's throughput limit has no slot for it soon, the `Retry` that hands the job
+    back for later, using none of its retries (`app.messaging.throttle`)."""
     retries = row["retry_count"]
     if row["phone"] is None:
         gone = {"error_code": "customer_gone", "error_class": ErrorClass.PERMANENT}
@@ -104,6 +108,12 @@ def _attempt_and_decide(message_id: int, row: dict) -> Outcome:
         error = f"the rendered message is {too_long}"
         return Outcome(MessageStatus.FAILED, retries, body, error, "too_long", ErrorClass.PERMANENT)
     provider = get_provider(current_app._get_current_object(), row["channel"])
+    # The slot comes last, so that nothing slow (building the provider) separates it from the request.
+    later = throttle.wait_for_slot(current_app._get_current_object(), row["channel"])
+    if later is not None:
+        extra = {"campaign_id": row["campaign_id"], "message_id": message_id, "delay": later}
+        log.info("no slot at the provider yet; trying again later", extra=extra)
+        return Retry(max=MAX_POSTPONEMENTS, interval=max(1, math.ceil(later)))
     result = _attempt(provider, message_id, row, body)
     if result.ok:
         return Outcome(

@@ -13,6 +13,7 @@ from flask import Flask
 
 from app.messaging.providers import africastalking, mock, twilio, whatsapp_cloud
 from app.messaging.providers.base import OutgoingMessage, Provider, SendResult, WhatsAppTemplate
+from app.messaging.providers.http import http_client
 from app.models import Channel
 
 
@@ -37,6 +38,7 @@ def get_provider(app: Flask, channel: str) -> Provider:
     name = provider_name(app, channel)
     if name not in providers:
         providers[name] = build_provider(app, name)
+        http_client(app)  # built here, not inside the first send: nothing slow between a send's slot and its request
     return providers[name]
 
 
