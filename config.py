@@ -281,7 +281,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PROVIDER_CONNECT_TIMEOUT", "5", "seconds to connect to a provider's API", number(0.1, 60)),
     Setting("PROVIDER_READ_TIMEOUT", "15", "seconds to wait for a provider's answer; past it the attempt is a "
             "transient failure (the provider may have taken it: see docs/providers.md)", number(0.1, 120)),
-    Setting("PROVIDER_MAX_CONNECTIONS", "20", "connections a process keeps open to each provider", integer(1)),
+    Setting("PROVIDER_MAX_CONNECTIONS", "24", "connections a process keeps open to each provider; at least "
+            "`WORKER_CONCURRENCY`, so that no send waits for a connection after it took its slot at the provider",
+            integer(1)),
     Setting("SMS_RATE_LIMIT", "", "most SMS sent per provider account, by all workers together, in any window of "
             "the period (e.g. `100/second`, paced at 97/s for jitter: see docs/providers.md); empty: unlimited",
             optional_rate_limit),
@@ -413,6 +415,11 @@ def check_settings(config: Mapping[str, object]) -> None:
             if not any(config.get(name) for name in names):
                 which = " or ".join(names)
                 raise SettingsError(f"{names[0]}: required by the {provider} provider (set {which})")
+    if config["PROVIDER_MAX_CONNECTIONS"] < config["WORKER_CONCURRENCY"]:
+        raise SettingsError(
+            f"PROVIDER_MAX_CONNECTIONS: {config['PROVIDER_MAX_CONNECTIONS']} is below WORKER_CONCURRENCY "
+            f"({config['WORKER_CONCURRENCY']}): a send would wait for a connection"
+        )
     for threads in ("WEB_THREADS", "WORKER_CONCURRENCY"):
         if config["DATABASE_POOL_SIZE"] < config[threads]:
             raise SettingsError(

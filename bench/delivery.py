@@ -7,8 +7,8 @@ floors with no latency and no limit.
 
 Each run sends one campaign (through the API: `POST /campaigns/{id}/send` to an audience) and drains it
 with 1, then 2, `python worker.py` processes at their default settings (`WORKER_CONCURRENCY`), through
-the Twilio fake (the fake providers of the tests, a real HTTP server in this process, answering every
-request after the latency). It measures at the provider, from the time each request arrived: messages
+a Twilio stand-in (a small HTTP server in a process of its own, answering every request after the
+latency; see `QuickTwilio`). It measures at the provider, from the time each request arrived: messages
 per second over the run (from the first request to the last), the most requests in any 1-second window,
 and the resident memory of each worker's whole process tree (the worker and any child it starts), the
 peak of their sum. Then, with no latency and no limit (the mock provider), one worker's drain rate beside
@@ -22,6 +22,9 @@ Settings: BENCH_DATABASE_URL and BENCH_REDIS_URL (see bench/run.py; the database
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -31,11 +34,93 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
 
-from run import QUEUE, Bench, log  # noqa: E402
+from run import QUEUE, Bench, free_port, log  # noqa: E402
 
-from tests.fake_providers import FakeProviders  # noqa: E402
+
+class QuickTwilio:
+    """A Twilio stand-in in a process of its own, on one asyncio thread: it stamps each request's arrival
+    as its first bytes are read, then answers Twilio's `201 {"sid": ...}` after the latency. The tests'
+    fake providers (threads, full checks) share this process's interpreter with the benchmark: on two
+    loaded cores their own pauses would move the stamps by tens of milliseconds."""
+
+    def __init__(self, latency: float):
+        self.latency = latency
+        self.port = free_port()
+        self.control = multiprocessing.Queue()
+        self.results = multiprocessing.Queue()
+        arguments = (self.port, latency, self.control, self.results)
+        self.process = multiprocessing.Process(target=_serve_twilio, args=arguments)
+        self.process.start()
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the quick Twilio did not start")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def arrivals(self, clear: bool = False) -> list[float]:
+        self.control.put("clear" if clear else "get")
+        return self.results.get(timeout=30)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join()
+
+
+def _serve_twilio(port: int, latency: float, control, results) -> None:
+    import asyncio
+    import gc
+    import itertools
+    import threading
+
+    arrivals: list[float] = []
+    sids = itertools.count(1)
+    gc.disable()  # a collection would pause the stamps
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            arrivals.append(time.time())
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            await asyncio.sleep(latency)
+            body = b'{"sid": "SM%032d", "status": "queued"}' % next(sids)
+            writer.write(
+                b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            await writer.drain()
+
+    async def guarded(reader, writer) -> None:
+        try:
+            await handle(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def answer_control() -> None:
+        while True:
+            what = control.get()
+            results.put(list(arrivals))
+            if what == "clear":
+                arrivals.clear()
+
+    threading.Thread(target=answer_control, daemon=True).start()
+
+    async def main() -> None:
+        server = await asyncio.start_server(guarded, "127.0.0.1", port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
 
 
 def most_in_any_window(times: list[float], window: float = 1.0) -> int:
@@ -71,16 +156,16 @@ class TreeMemory:
 
 
 class Delivery(Bench):
-    def __init__(self, fake: FakeProviders, limit: str):
+    def __init__(self, provider: QuickTwilio, limit: str):
         super().__init__(drain_cap=10_000)
-        self.fake = fake
+        self.provider = provider
         self.env.update(
             {
                 "SMS_PROVIDER": "twilio",
-                "TWILIO_BASE_URL": fake.base_url,
-                "TWILIO_ACCOUNT_SID": fake.twilio_account_sid,
-                "TWILIO_AUTH_TOKEN": fake.twilio_auth_token,
-                "TWILIO_FROM": fake.twilio_service_from,
+                "TWILIO_BASE_URL": provider.base_url,
+                "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+                "TWILIO_AUTH_TOKEN": "bench-token",
+                "TWILIO_FROM": "+15005550006",
                 "PUBLIC_BASE_URL": "http://127.0.0.1:1",  # receipts are not part of this benchmark
                 "SMS_RATE_LIMIT": limit,
             }
@@ -88,7 +173,7 @@ class Delivery(Bench):
 
     def deliver(self, tag: str, workers: int, expected: int) -> dict:
         """Send the tag's campaign and drain it with `workers` worker processes, measured at the provider."""
-        self.fake.clear()
+        self.provider.arrivals(clear=True)
         self.send(tag)
         procs = [
             subprocess.Popen(
@@ -102,14 +187,17 @@ class Delivery(Bench):
         ]
         memory = TreeMemory([p.pid for p in procs])
         deadline = time.monotonic() + expected / 5 + 60
-        while len(self.fake.requests("twilio")) < expected and time.monotonic() < deadline:
-            memory.sample()
-            time.sleep(0.2)
+        while len(self.provider.arrivals()) < expected and time.monotonic() < deadline:
+            for _ in range(5):
+                memory.sample()
+                time.sleep(0.1)
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait()
-        times = sorted(r.received_at for r in self.fake.requests("twilio"))
+        times = sorted(self.provider.arrivals())
+        if os.environ.get("BENCH_ARRIVALS"):  # for a closer look: one arrival time a line
+            Path(f"{os.environ['BENCH_ARRIVALS']}.{workers}").write_text("\n".join(map(repr, times)))
         seconds = times[-1] - times[0]
         return {
             "workers": workers,
@@ -129,9 +217,8 @@ def main() -> None:
     parser.add_argument("--floors", type=int, default=5000, help="messages of the no-latency runs (0: skip them)")
     args = parser.parse_args()
 
-    fake = FakeProviders().start()
-    fake.latency = args.latency
-    bench = Delivery(fake, args.limit)
+    provider = QuickTwilio(args.latency)
+    bench = Delivery(provider, args.limit)
     rows = []
     try:
         bench.reset()
@@ -143,7 +230,6 @@ def main() -> None:
             rows.append(bench.deliver("delivery", workers, args.messages))
         floors = None
         if args.floors:
-            fake.latency = 0.0
             bench.env.update({"SMS_PROVIDER": "mock", "SMS_RATE_LIMIT": "", "MOCK_SENDER_LATENCY": "0"})
             bench.stop()
             bench.start_web()
@@ -157,7 +243,7 @@ def main() -> None:
             floors = {"drain": drain, "noop": noop, "in_redis": in_redis, "floor": insert + enqueue}
     finally:
         bench.stop()
-        fake.stop()
+        provider.stop()
         bench.redis.delete(f"rq:queue:{QUEUE}")
 
     print(

@@ -54,6 +54,7 @@ def loaded(**environ) -> dict:
         ("DATABASE_POOL_SIZE", "8", "below WEB_THREADS (16)"),
         ("DATABASE_POOL_SIZE", "20", "below WORKER_CONCURRENCY (24)"),
         ("WORKER_CONCURRENCY", "0", "between 1 and 256"),
+        ("PROVIDER_MAX_CONNECTIONS", "10", "below WORKER_CONCURRENCY (24)"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_setting(name, value, says):

@@ -11,6 +11,7 @@ from rq import Retry, get_current_job
 from app.messaging import lifecycle, receipts, throttle
 from app.messaging.message_store import Outcome, open_store, record_through_outage
 from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
+from app.messaging.providers.http import LATE_FOR_SLOT
 from app.messaging.queueing import enqueue_messages, pending_messages
 from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import dispatch_due_campaign
@@ -107,14 +108,20 @@ def _attempt_and_decide(message_id: int, row: dict) -> Outcome | Retry:
     if too_long:  # long values made it so: no provider would take it, now or on a retry
         error = f"the rendered message is {too_long}"
         return Outcome(MessageStatus.FAILED, retries, body, error, "too_long", ErrorClass.PERMANENT)
-    provider = get_provider(current_app._get_current_object(), row["channel"])
-    # The slot comes last, so that nothing slow (building the provider) separates it from the request.
-    later = throttle.wait_for_slot(current_app._get_current_object(), row["channel"])
-    if later is not None:
-        extra = {"campaign_id": row["campaign_id"], "message_id": message_id, "delay": later}
-        log.info("no slot at the provider yet; trying again later", extra=extra)
-        return Retry(max=MAX_POSTPONEMENTS, interval=max(1, math.ceil(later)))
-    result = _attempt(provider, message_id, row, body)
+    app = current_app._get_current_object()
+    provider = get_provider(app, row["channel"])
+    for _ in range(throttle.LATE_TRIES):
+        # The slot comes last, so that nothing slow (building the provider) separates it from the request.
+        later = throttle.wait_for_slot(app, row["channel"])
+        if later is not None:
+            extra = {"campaign_id": row["campaign_id"], "message_id": message_id, "delay": later}
+            log.info("no slot at the provider yet; trying again later", extra=extra)
+            return Retry(max=MAX_POSTPONEMENTS, interval=max(1, math.ceil(later)))
+        result = _attempt(provider, message_id, row, body)
+        if result.error_code != LATE_FOR_SLOT:
+            break
+    else:  # late for every slot it took: the worker is overloaded; back to the queue
+        return Retry(max=MAX_POSTPONEMENTS, interval=1)
     if result.ok:
         return Outcome(
             MessageStatus.SENT, retries, body, provider=provider.name, provider_message_id=result.provider_message_id

@@ -15,9 +15,11 @@ untouched. Hand-backs happen only when more workers run than there are slots wit
 hand-back gets a turn of its own (a ticket, spaced like the slots, after the last one reserved) and runs
 again at that time, so that handed-back jobs come back at the rate the limit can take them.
 
-`JITTER` keeps the requests' arrivals at the provider within the limit although each arrives later than
-its slot by a varying delay (the reply from Redis, the sleep's overshoot, a busy CPU, the request's way to
-the provider): `amount` slots span `period + JITTER`, so arrivals may drift apart by up to `JITTER` and
+A send held up after its slot (a busy CPU, a slow reply from Redis) would arrive among the next window's
+requests: a request that would leave more than `LATE` after its slot is not made, and the send takes a new
+slot (at most `LATE_TRIES` times, then it is handed back). `JITTER` keeps the requests' arrivals at the
+provider within the limit although each arrives later than its slot by a varying delay (the reply from
+Redis, the sleep's overshoot, a busy CPU, the request's way to the provider): `amount` slots span `period + JITTER`, so arrivals may drift apart by up to `JITTER` and
 still no window of `period` holds more than `amount`. 30 ms costs 3 % of a per-second limit (97/s of
 100/s at most) and 0.05 % of a per-minute one.
 """
@@ -34,6 +36,7 @@ from limits import parse_many
 from redis.exceptions import RedisError
 
 from app.messaging.providers import provider_name
+from app.messaging.providers.http import send_by
 from app.models import Channel
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,11 @@ log = logging.getLogger(__name__)
 JITTER = 0.03
 # The longest a send waits for its slot, in seconds; a later slot hands the job back instead.
 MAX_WAIT = 1.0
+# The most a request may leave after its slot, in seconds: a later one is not made, and takes a new slot
+# (`app.messaging.providers.http.post`). Part of JITTER; the rest is for the request's way to the provider.
+LATE = 0.015
+# Slots a send takes, late for each, before its job is handed back.
+LATE_TRIES = 3
 # Seconds after which a job is tried again when Redis failed while it took its slot.
 REDIS_FAILURE_DELAY = 5
 KEY_PREFIX = "campaign_dispatch:throttle"
@@ -133,6 +141,7 @@ def wait_for_slot(app: Flask, channel: str) -> float | None:
     When Redis fails here the send is not made (a limit that cannot be checked could be exceeded): the
     job is to run again after `REDIS_FAILURE_DELAY` seconds, like any hand-back, using none of its retries.
     """
+    asked = time.monotonic()
     try:
         slot = take_slot(app, channel)
     except RedisError as exc:
@@ -147,4 +156,6 @@ def wait_for_slot(app: Flask, channel: str) -> float | None:
         return slot.wait
     if slot.wait > 0:
         time.sleep(slot.wait)
+    # Measured from before the round trip to Redis: a reply read late counts as lateness too.
+    send_by.set(asked + slot.wait + LATE)
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from contextvars import ContextVar
 
 import httpx
 from flask import Flask
@@ -35,9 +36,25 @@ def http_client(app: Flask) -> httpx.Client:
     return client
 
 
+# The latest `time.monotonic()` at which this thread's next request may leave, set by the throughput limit
+# (`app.messaging.throttle`) when it grants a slot; None: no limit.
+send_by: ContextVar[float | None] = ContextVar("send_by", default=None)
+# The error code of a request not made because it was late for its slot.
+LATE_FOR_SLOT = "late_for_slot"
+
+
 def post(client: httpx.Client, url: str, **kwargs) -> httpx.Response | SendResult:
     """POST, or the transient refusal that a request which got no answer is. Only a read timeout leaves the
-    message possibly taken by the provider: its retry may deliver twice (docs/providers.md)."""
+    message possibly taken by the provider: its retry may deliver twice (docs/providers.md).
+
+    A request that would leave later than its slot at the provider allows (`send_by`: the thread was held
+    up, by a busy CPU say) is not made: it could crowd the next window at the provider. The send takes a
+    new slot instead (`LATE_FOR_SLOT`)."""
+    deadline = send_by.get()
+    if deadline is not None:
+        send_by.set(None)  # one request per slot
+        if time.monotonic() > deadline:
+            return SendResult.refused(ErrorClass.THROTTLED, "late for its slot at the provider", LATE_FOR_SLOT)
     try:
         return client.post(url, **kwargs)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
