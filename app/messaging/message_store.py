@@ -34,6 +34,8 @@ LOAD_FOR_SEND = (
         OutboundMessage.status,
         OutboundMessage.retry_count,
         OutboundMessage.campaign_id,
+        # A paused (or canceled) campaign's job sends nothing: checked just before the provider call.
+        Campaign.status.label("campaign_status"),
         Campaign.channel,
         Campaign.base_template,
         Campaign.whatsapp_template,
@@ -55,7 +57,7 @@ LOAD_FOR_SEND = (
 class Outcome:
     """What an attempt ends in: the message's new status (`pending` when it is tried again), the retries
     it has used, the body sent, and what the provider said: its name and message id when it took it, the
-    error, its code and class when it did not."""
+    error, its code and class when it did not. A `held` one made no attempt: the message stays as it is."""
 
     status: str
     retries_used: int
@@ -66,6 +68,7 @@ class Outcome:
     provider: str | None = None
     provider_message_id: str | None = None
     retry_after: float | None = None  # a throttled attempt: seconds the provider asked to wait (not stored)
+    held: bool = False  # the campaign is not sending (paused): nothing was attempted, nothing is recorded
 
 
 # A receipt that arrived before the provider id it names was recorded (a fast provider beats the commit).
