@@ -17,7 +17,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 from sqlalchemy import event, select, text
 
 from app.extensions import db
-from app.messaging import lifecycle
+from app.messaging import lifecycle, receipts
 from app.messaging.app_worker import build_worker
 from app.messaging.jobs import dispatch_scheduled_campaign
 from app.messaging.message_store import Outcome, open_store, record_through_outage
@@ -360,3 +360,21 @@ def test_lifecycle_moves_a_paused_campaign_only_to_its_targets(app):
     assert lifecycle.resume(campaign.id) == CampaignStatus.SENDING
     db.session.commit()
     assert db.session.get(Campaign, campaign.id).status == CampaignStatus.SENDING
+
+
+def test_a_kept_failure_receipt_keeps_its_class_until_its_message_takes_it(app, client):
+    campaign = make_campaign()
+    send(client, campaign.id, 1)
+    early = receipts.Receipt(
+        "twilio", "SM-early", MessageStatus.UNDELIVERED, error_code="30005", error_class="permanent"
+    )
+    assert receipts.record([early]) == {"applied": 0, "unchanged": 0, "kept": 1}
+    [message] = message_rows(campaign.id)
+    with open_store() as store:  # the send's record comes after the receipt
+        outcome = Outcome(MessageStatus.SENT, 0, "Hi", provider="twilio", provider_message_id="SM-early")
+        record_through_outage(store, message.id, campaign.id, outcome, 0)
+    assert receipts.apply_waiting("twilio", "SM-early") == 1
+    [message] = message_rows(campaign.id)
+    assert (message.status, message.error_code, message.error_class) == ("undelivered", "30005", "permanent")
+    answer = client.post(f"/campaigns/{campaign.id}/retry-failed").get_json()
+    assert (answer["requeued"], answer["not_retryable"]) == (0, 1)

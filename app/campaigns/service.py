@@ -244,7 +244,7 @@ def preview(campaign_id: int, customer_id: int) -> dict:
 def _not_allowed(campaign: Campaign, action: str, allowed: tuple[str, ...]) -> ConflictError:
     names = ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
     return ConflictError(
-        f"campaign {campaign.id} is {campaign.status}; only {names} campaigns can be {action}",
+        f"campaign {campaign.id} is {campaign.status}; only {names} campaigns can {action}",
         campaign_status=campaign.status,
     )
 
@@ -263,7 +263,7 @@ def pause_campaign(campaign_id: int) -> Campaign:
     campaign = get_campaign(campaign_id, lock=True)
     try:
         if campaign.status != CampaignStatus.PAUSED and not lifecycle.pause(campaign.id):
-            raise _not_allowed(campaign, "paused", CampaignStatus.PAUSABLE)
+            raise _not_allowed(campaign, "be paused", CampaignStatus.PAUSABLE)
         db.session.commit()
     except Exception:
         db.session.rollback()
@@ -281,7 +281,7 @@ def resume_campaign(campaign_id: int) -> Campaign:
             db.session.commit()  # resumed already
             return _answer(campaign_id)
         if campaign.status != CampaignStatus.PAUSED:
-            raise _not_allowed(campaign, "resumed", (CampaignStatus.PAUSED,))
+            raise _not_allowed(campaign, "be resumed", (CampaignStatus.PAUSED,))
         status = lifecycle.resume(campaign.id)
         count = _pending_count(campaign.id) if status == CampaignStatus.SENDING else 0
         scheduled_at = campaign.scheduled_at
@@ -309,7 +309,7 @@ def cancel_campaign(campaign_id: int) -> Campaign:
         if campaign.status != CampaignStatus.CANCELED:
             with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
                 if lifecycle.cancel(campaign.id) is None:
-                    raise _not_allowed(campaign, "canceled", CampaignStatus.CANCELABLE)
+                    raise _not_allowed(campaign, "be canceled", CampaignStatus.CANCELABLE)
             had_trigger = campaign.scheduled_at is not None
         else:
             had_trigger = False
@@ -329,7 +329,7 @@ def retry_failed(campaign_id: int) -> dict:
     campaign = get_campaign(campaign_id, lock=True)
     try:
         if campaign.status not in CampaignStatus.RETRYABLE:
-            raise _not_allowed(campaign, "retried", CampaignStatus.RETRYABLE)
+            raise _not_allowed(campaign, "have their failed messages sent again", CampaignStatus.RETRYABLE)
         retryable = func.coalesce(OutboundMessage.error_class, "") != ErrorClass.PERMANENT
         with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
             rows = lifecycle.retry_failed_messages(campaign.id, retryable)
