@@ -378,3 +378,21 @@ def test_a_kept_failure_receipt_keeps_its_class_until_its_message_takes_it(app, 
     assert (message.status, message.error_code, message.error_class) == ("undelivered", "30005", "permanent")
     answer = client.post(f"/campaigns/{campaign.id}/retry-failed").get_json()
     assert (answer["requeued"], answer["not_retryable"]) == (0, 1)
+
+
+def test_the_openapi_document_lists_the_new_statuses_and_the_retry_answer(client):
+    spec = client.get("/openapi.json").get_json()
+    schemas = spec["components"]["schemas"]
+    assert schemas["CampaignDetail"]["properties"]["status"]["enum"] == list(CampaignStatus.ALL)
+    assert {"paused", "canceled"} <= set(CampaignStatus.ALL)
+    assert "canceled" in schemas["Message"]["properties"]["status"]["enum"]
+    assert "canceled" in schemas["Stats"]["required"]
+    assert set(schemas["RetryFailedResult"]["required"]) == {"campaign", "requeued", "not_retryable"}
+    retry = spec["paths"]["/campaigns/{campaign_id}/retry-failed"]["post"]
+    assert {"200", "404", "409"} <= set(retry["responses"])
+    for action in ("pause", "resume", "cancel"):
+        responses = spec["paths"][f"/campaigns/{{campaign_id}}/{action}"]["post"]["responses"]
+        assert responses["200"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/CampaignDetail"
+        }
+        assert {"404", "409"} <= set(responses)
