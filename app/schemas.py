@@ -84,7 +84,7 @@ class ErrorSchema(Schema):
         metadata={"description": "A 422 from a send naming ids of no customer: those ids (the first 1,000)."},
     )
     campaign_status = fields.String(
-        metadata={"description": "A 409 from a campaign control (pause, resume, cancel, retry): its current status."}
+        metadata={"description": "A 409 about a campaign's status (an edit, a send, a pause, ...): its current status."}
     )
 
 

@@ -93,7 +93,8 @@ def update_campaign(campaign_id: int, data: Mapping) -> Campaign:
     if campaign.status not in CampaignStatus.EDITABLE:
         db.session.rollback()
         raise ConflictError(
-            f"campaign {campaign_id} is {campaign.status}; only draft or scheduled campaigns can be changed"
+            f"campaign {campaign_id} is {campaign.status}; only draft or scheduled campaigns can be changed",
+            campaign_status=campaign.status,
         )
     channel = data.get("channel", campaign.channel)
     check_template(data.get("base_template", campaign.base_template), channel)
@@ -165,7 +166,8 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
     try:
         if campaign.status not in CampaignStatus.SENDABLE:
             raise ConflictError(
-                f"campaign {campaign_id} is {campaign.status}; only draft, scheduled or sending campaigns can be sent"
+                f"campaign {campaign_id} is {campaign.status}; only draft, scheduled or sending campaigns can be sent",
+                campaign_status=campaign.status,
             )
         audience_filter = _audience_filter(customer_ids, audience)
         rows = recipients.create_pending_messages(campaign.id, audience_filter)
