@@ -1,4 +1,4 @@
-"""`Idempotency-Key` for the POSTs that create or send: a repeat replays the first answer.
+"""`Idempotency-Key` for the POSTs that create, send or send again: a repeat replays the first answer.
 
 How a request with a key runs:
 1. Its row is inserted as "in progress" in a transaction of its own, committed at once; the unique

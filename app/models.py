@@ -57,11 +57,16 @@ class CampaignStatus:
     DRAFT = "draft"
     SCHEDULED = "scheduled"
     SENDING = "sending"
+    PAUSED = "paused"  # an operator paused it, or a provider refused the account: nothing is sent until resumed
     SENT = "sent"
     FAILED = "failed"
-    ALL = (DRAFT, SCHEDULED, SENDING, SENT, FAILED)
+    CANCELED = "canceled"  # final: its pending messages were canceled
+    ALL = (DRAFT, SCHEDULED, SENDING, PAUSED, SENT, FAILED, CANCELED)
     EDITABLE = (DRAFT, SCHEDULED)
     SENDABLE = (DRAFT, SCHEDULED, SENDING)
+    PAUSABLE = (SCHEDULED, SENDING)
+    CANCELABLE = (DRAFT, SCHEDULED, SENDING, PAUSED)
+    RETRYABLE = (SENDING, SENT, FAILED)  # retry-failed takes these back to sending
 
 
 class MessageStatus:
@@ -70,7 +75,8 @@ class MessageStatus:
     DELIVERED = "delivered"  # the provider's receipt says it reached the handset (a read one too)
     UNDELIVERED = "undelivered"  # accepted, then the receipt says it could not be delivered
     FAILED = "failed"  # never accepted, or refused for good
-    ALL = (PENDING, SENT, DELIVERED, UNDELIVERED, FAILED)
+    CANCELED = "canceled"  # still pending when its campaign was canceled: never sent
+    ALL = (PENDING, SENT, DELIVERED, UNDELIVERED, FAILED, CANCELED)
     ACCEPTED = (SENT, DELIVERED, UNDELIVERED)  # the provider took it
 
 
@@ -80,7 +86,7 @@ class ErrorClass:
     PERMANENT = "permanent"  # the recipient can never receive it: failed at once, no retry
     TRANSIENT = "transient"  # worth retrying (RETRY_INTERVALS)
     THROTTLED = "throttled"  # slow down: tried again later without using a retry
-    ACCOUNT = "account"  # nothing will succeed until a person acts (balance, credentials, sender id)
+    ACCOUNT = "account"  # nothing succeeds until a person acts (balance, credentials, sender id): pauses the campaign
     ALL = (PERMANENT, TRANSIENT, THROTTLED, ACCOUNT)
 
 
@@ -177,7 +183,8 @@ class Campaign(db.Model):
     # An approved WhatsApp template, `{"name": ..., "language": ...}`, sent with one body parameter per
     # placeholder of `base_template`; without it WhatsApp messages go as text.
     whatsapp_template: Mapped[dict | None] = mapped_column(JSON)
-    # Why a campaign ended `failed` when no message says it (e.g. it reached its time with no recipients).
+    # Why a campaign ended `failed` when no message says it (e.g. it reached its time with no recipients),
+    # or why it was paused by a provider's account-level refusal.
     status_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -241,6 +248,7 @@ class DeliveryReceipt(db.Model):
     status: Mapped[str] = mapped_column(String(16))  # the message status it means (read: `delivered` + read)
     read: Mapped[bool] = mapped_column(Boolean, default=False)
     error_code: Mapped[str | None] = mapped_column(String(64))
+    error_class: Mapped[str | None] = mapped_column(String(16))  # a failure's class (permanent or transient)
     error: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

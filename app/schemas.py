@@ -83,6 +83,9 @@ class ErrorSchema(Schema):
         fields.Integer(),
         metadata={"description": "A 422 from a send naming ids of no customer: those ids (the first 1,000)."},
     )
+    campaign_status = fields.String(
+        metadata={"description": "A 409 about a campaign's status (an edit, a send, a pause, ...): its current status."}
+    )
 
 
 class PageQuerySchema(Schema):

@@ -80,6 +80,7 @@ def stats(**counts: int) -> dict[str, int]:
         "delivered": 0,
         "undelivered": 0,
         "failed": 0,
+        "canceled": 0,
         "read": 0,
         **counts,
     }

@@ -63,11 +63,12 @@ def test_patch_checks_template_against_current_channel(client):
     assert response.status_code == 422
 
 
-@pytest.mark.parametrize("status", ["sending", "sent", "failed"])
+@pytest.mark.parametrize("status", ["sending", "paused", "sent", "failed", "canceled"])
 def test_patch_after_sending_started_is_409(client, status):
     campaign = make_campaign(status=status)
     response = client.patch(f"/campaigns/{campaign.id}", json={"name": "Nope"})
     assert response.status_code == 409
+    assert response.get_json()["campaign_status"] == status
     assert client.get(f"/campaigns/{campaign.id}").get_json()["name"] == "Spring sale"
 
 

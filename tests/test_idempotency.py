@@ -214,7 +214,7 @@ def test_concurrent_repeats_do_the_work_once(app, client, monkeypatch):
     assert count(Campaign) == 1
 
 
-def test_openapi_documents_the_header_on_the_three_posts(client):
+def test_openapi_documents_the_header_on_the_four_posts(client):
     spec = client.get("/openapi.json").get_json()
     with_header = {
         f"{method.upper()} {path}"
@@ -222,7 +222,12 @@ def test_openapi_documents_the_header_on_the_three_posts(client):
         for method, operation in item.items()
         if method != "parameters" and any(p["name"] == "Idempotency-Key" for p in operation.get("parameters", []))
     }
-    assert with_header == {"POST /customers", "POST /campaigns", "POST /campaigns/{campaign_id}/send"}
+    assert with_header == {
+        "POST /customers",
+        "POST /campaigns",
+        "POST /campaigns/{campaign_id}/send",
+        "POST /campaigns/{campaign_id}/retry-failed",
+    }
     for operation in with_header:
         method, path = operation.split()
         assert "409" in spec["paths"][path][method.lower()]["responses"]

@@ -40,11 +40,26 @@ def test_the_tables_name_every_status():
         (lifecycle.MESSAGE_TRANSITIONS, MessageStatus.ALL),
     ):
         assert all(targets <= set(statuses) for targets in transitions.values())
-    # An attempt's outcome leaves only `pending` (the send job's record applies to nothing else), a
-    # receipt's only `sent`; delivered, undelivered and failed are final.
+    # An attempt's outcome leaves only `pending` (or a canceled message the provider took), a receipt's
+    # only `sent`; failed and undelivered go back only to pending (retry-failed); delivered is final, and
+    # canceled and sent campaigns stay so but for retry-failed.
     ways_out = {s: targets for s, targets in lifecycle.MESSAGE_TRANSITIONS.items() if targets}
-    assert list(ways_out) == [MessageStatus.PENDING, MessageStatus.SENT]
-    assert ways_out[MessageStatus.PENDING] == {MessageStatus.PENDING, MessageStatus.SENT, MessageStatus.FAILED}
+    assert list(ways_out) == [
+        MessageStatus.PENDING,
+        MessageStatus.SENT,
+        MessageStatus.UNDELIVERED,
+        MessageStatus.FAILED,
+        MessageStatus.CANCELED,
+    ]
+    assert ways_out[MessageStatus.PENDING] == {
+        MessageStatus.PENDING,
+        MessageStatus.SENT,
+        MessageStatus.FAILED,
+        MessageStatus.CANCELED,
+    }
+    assert ways_out[MessageStatus.UNDELIVERED] == ways_out[MessageStatus.FAILED] == {MessageStatus.PENDING}
+    assert ways_out[MessageStatus.CANCELED] == {MessageStatus.SENT}
+    assert lifecycle.CAMPAIGN_TRANSITIONS[CampaignStatus.CANCELED] == frozenset()
 
 
 def test_a_due_trigger_moves_a_scheduled_campaign_once_and_never_early(app, clock):

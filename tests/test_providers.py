@@ -6,10 +6,14 @@ from __future__ import annotations
 import time
 
 import pytest
+from rq import Queue
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
 from app.extensions import db
+from app.messaging.providers.africastalking import receipt_from_form as africastalking_receipt
+from app.messaging.providers.twilio import receipt_from_form as twilio_receipt
+from app.messaging.providers.whatsapp_cloud import receipts_from_payload as whatsapp_receipts
 from app.messaging.queueing import message_job_id
 from app.messaging.reconcile import reconcile
 from app.models import DeliveryReceipt, OutboundMessage
@@ -217,15 +221,131 @@ def test_a_throttled_attempt_waits_and_uses_no_retry(
 
 
 @pytest.mark.parametrize("provider", list(FAKE))
-def test_an_account_refusal_is_recorded_as_such_and_retried(app, client, use_provider, fake_providers, work, provider):
+def test_an_account_refusal_pauses_the_campaign_and_burns_no_retry(
+    app, client, use_provider, fake_providers, work, redis_conn, provider
+):
     use_provider(provider)
     customer, campaign = one_message(app, provider)
+    others = [make_customer().id for _ in range(3)]
     _, _, outcome, code = REFUSALS[provider]
     fake_providers.script(FAKE[provider], customer.phone, outcome, accept())
-    send(client, campaign.id, [customer.id])
+    send(client, campaign.id, [customer.id, *others])
     work()
-    [row] = messages(client, campaign.id)
-    assert (row["status"], row["retry_count"], row["error_class"], row["error_code"]) == ("sent", 1, "account", code)
+
+    paused = detail(client, campaign.id)
+    assert paused["status"] == "paused"
+    rows = messages(client, campaign.id)
+    assert paused["status_reason"] == f"paused: the provider refused the account: {rows[0]['last_error']}"
+    assert [(r["status"], r["retry_count"]) for r in rows] == [("pending", 0)] * 4  # nothing burned into failed
+    assert (rows[0]["error_class"], rows[0]["error_code"]) == ("account", code)
+    assert len(fake_providers.requests(FAKE[provider])) == 1  # the other jobs found the campaign paused
+    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
+    assert registry.count == 0 and Queue(app.config["SEND_QUEUE"], connection=redis_conn).count == 0  # no retry
+
+    # Fixed (the fake now accepts): resume sends each message once.
+    resumed = client.post(f"/campaigns/{campaign.id}/resume")
+    assert (resumed.status_code, resumed.get_json()["status"], resumed.get_json()["status_reason"]) == (
+        200,
+        "sending",
+        None,
+    )
+    work()
+    assert detail(client, campaign.id)["status"] == "sent"
+    assert [(r["status"], r["retry_count"]) for r in messages(client, campaign.id)] == [("sent", 0)] * 4
+    assert len(fake_providers.requests(FAKE[provider])) == 5
+
+
+def test_retry_failed_sends_again_the_transient_failures_only(app, client, use_provider, fake_providers, work):
+    use_provider("twilio")
+    campaign = make_campaign(channel="sms", base_template="Hi {first_name}")
+    invalid, flaky, off, unknown, fine = (make_customer() for _ in range(5))
+    fake_providers.script("twilio", invalid.phone, refuse(21211))  # permanent at send time
+    fake_providers.script("twilio", flaky.phone, *[server_error(503)] * 4, accept())  # fails its 4 attempts
+    send(client, campaign.id, [c.id for c in (invalid, flaky, off, unknown, fine)])
+    work()
+    by_customer = {r["customer_id"]: r for r in messages(client, campaign.id)}
+    old_sid = by_customer[off.id]["provider_message_id"]
+    fake_providers.send_receipt("twilio", old_sid, "undelivered", error_code=30003)  # handset off: transient
+    fake_providers.send_receipt(
+        "twilio", by_customer[unknown.id]["provider_message_id"], "undelivered", error_code=30005
+    )
+    fake_providers.send_receipt("twilio", by_customer[fine.id]["provider_message_id"], "delivered")
+    before = detail(client, campaign.id)
+    assert before["status"] == "sent"
+    assert before["stats"] == stats(total=5, failed=2, undelivered=2, delivered=1)
+    by_customer = {r["customer_id"]: r for r in messages(client, campaign.id)}
+    assert by_customer[off.id]["error_class"] == "transient" and by_customer[unknown.id]["error_class"] == "permanent"
+
+    key = {"Idempotency-Key": "retry-1"}
+    answer = client.post(f"/campaigns/{campaign.id}/retry-failed", headers=key)
+    assert answer.status_code == 200, answer.get_json()
+    body = answer.get_json()
+    assert (body["requeued"], body["not_retryable"]) == (2, 2)
+    assert (body["campaign"]["status"], body["campaign"]["stats"]) == (
+        "sending",
+        stats(total=5, pending=2, failed=1, undelivered=1, delivered=1),
+    )
+    again = client.post(f"/campaigns/{campaign.id}/retry-failed", headers=key)
+    assert again.get_json() == body and again.headers["Idempotent-Replayed"] == "true"
+    work()
+
+    by_customer = {r["customer_id"]: r for r in messages(client, campaign.id)}
+    assert [by_customer[c.id]["status"] for c in (invalid, flaky, off, unknown, fine)] == [
+        "failed",
+        "sent",
+        "sent",
+        "undelivered",
+        "delivered",
+    ]
+    assert (by_customer[flaky.id]["retry_count"], by_customer[off.id]["retry_count"]) == (0, 0)
+    new_sid = by_customer[off.id]["provider_message_id"]
+    assert new_sid and new_sid != old_sid  # the old provider id is replaced
+    late = fake_providers.send_receipt("twilio", old_sid, "failed", error_code=30008)  # a late one for the old id
+    assert late.json() == {"applied": 0, "unchanged": 0, "kept": 1, "ignored": 0}
+    assert detail(client, campaign.id)["status"] == "sent"
+    # Nothing transient is left: a new retry requeues nothing and leaves the campaign as it is.
+    assert client.post(f"/campaigns/{campaign.id}/retry-failed").get_json()["requeued"] == 0
+    assert detail(client, campaign.id)["status"] == "sent"
+
+
+@pytest.mark.parametrize(
+    ("parse", "permanent", "transient"),
+    [
+        (
+            lambda code: africastalking_receipt({"id": "ATX", "status": "Failed", "failureReason": code}),
+            "UserInBlackList",
+            "AbsentSubscriber",
+        ),
+        (
+            lambda code: twilio_receipt({"MessageSid": "SM1", "MessageStatus": "undelivered", "ErrorCode": code}),
+            "30005",
+            "30003",
+        ),
+        (
+            lambda code: whatsapp_receipts(
+                {
+                    "entry": [
+                        {
+                            "changes": [
+                                {
+                                    "value": {
+                                        "statuses": [{"id": "w", "status": "failed", "errors": [{"code": int(code)}]}]
+                                    }
+                                }
+                            ]
+                        }
+                    ]
+                }
+            )[0],
+            "131026",
+            "131049",
+        ),
+    ],
+    ids=["africastalking", "twilio", "whatsapp_cloud"],
+)
+def test_a_failure_receipt_is_classed_from_the_providers_code(parse, permanent, transient):
+    assert parse(permanent).error_class == "permanent"
+    assert parse(transient).error_class == "transient"
 
 
 def test_a_provider_that_hangs_times_out_and_the_retry_sends(app, client, use_provider, fake_providers, work):

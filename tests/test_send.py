@@ -8,6 +8,7 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
 from rq.job import Job
+from sqlalchemy import func, select
 
 from app.extensions import db
 from app.messaging.queueing import message_job_id
@@ -62,13 +63,15 @@ def test_unknown_campaign_is_404(client):
     assert response.status_code == 404
 
 
-@pytest.mark.parametrize("status", ["sent", "failed"])
-def test_finished_campaign_is_409(client, status):
+@pytest.mark.parametrize("status", ["sent", "failed", "paused", "canceled"])
+def test_finished_paused_or_canceled_campaign_is_409(client, status):
     ids = make_customers(1)
     campaign = make_campaign(status=status)
     response = client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
     assert response.status_code == 409
-    assert status in response.get_json()["message"]
+    assert f"is {status};" in response.get_json()["message"]
+    assert response.get_json()["campaign_status"] == status
+    assert db.session.scalar(select(func.count()).select_from(OutboundMessage)) == 0
 
 
 def test_ids_of_no_customer_are_listed_and_nothing_is_created(client, redis_conn):

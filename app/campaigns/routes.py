@@ -10,6 +10,7 @@ from app.campaigns.schemas import (
     MessageSchema,
     PreviewRequestSchema,
     PreviewSchema,
+    RetryFailedResultSchema,
     SendResultSchema,
     SendSchema,
 )
@@ -81,3 +82,46 @@ def personalized_preview(data, campaign_id):
 def messages(query, campaign_id):
     """List the campaign's outbound messages, newest first"""
     return service.list_messages(campaign_id, **query)
+
+
+# The delivery controls (docs/api.md#pause-resume-cancel): each answers the campaign as GET does. A control
+# repeated on a campaign already where it leads answers it unchanged; one its status does not allow is a 409.
+
+
+@bp.route(CAMPAIGN + "/pause", methods=["POST"])
+@bp.response(200, CampaignDetailSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+@bp.alt_response(409, schema=ErrorSchema, description="Campaign is not sending, scheduled or paused")
+def pause(campaign_id):
+    """Pause a sending or scheduled campaign: no further message goes to a provider until it is resumed"""
+    return service.pause_campaign(campaign_id)
+
+
+@bp.route(CAMPAIGN + "/resume", methods=["POST"])
+@bp.response(200, CampaignDetailSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+@bp.alt_response(409, schema=ErrorSchema, description="Campaign is not paused, sending or scheduled")
+def resume(campaign_id):
+    """Resume a paused campaign: its pending messages are queued again (or it waits for its scheduled time)"""
+    return service.resume_campaign(campaign_id)
+
+
+@bp.route(CAMPAIGN + "/cancel", methods=["POST"])
+@bp.response(200, CampaignDetailSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+@bp.alt_response(409, schema=ErrorSchema, description="Campaign already sent or failed")
+def cancel(campaign_id):
+    """Cancel a campaign for good: its pending messages are canceled; sends in flight finish"""
+    return service.cancel_campaign(campaign_id)
+
+
+@bp.route(CAMPAIGN + "/retry-failed", methods=["POST"])
+@idempotent(bp)
+@bp.response(200, RetryFailedResultSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+@bp.alt_response(
+    409, schema=ErrorSchema, description="Campaign not sending, sent or failed; or Idempotency-Key conflict"
+)
+def retry_failed(campaign_id):
+    """Send again the failed and undelivered messages whose failure was not permanent, with fresh retries"""
+    return service.retry_failed(campaign_id)

@@ -13,6 +13,7 @@ class StatsSchema(Schema):
     delivered = fields.Integer(required=True)
     undelivered = fields.Integer(required=True)
     failed = fields.Integer(required=True, metadata={"description": "Never accepted, or refused for good."})
+    canceled = fields.Integer(required=True, metadata={"description": "Still pending when the campaign was canceled."})
     read = fields.Integer(required=True, metadata={"description": "Delivered ones read (WhatsApp, Twilio)."})
 
 
@@ -53,7 +54,12 @@ class CampaignSchema(Schema):
     )
     status = fields.String(dump_only=True, metadata={"enum": list(CampaignStatus.ALL)})
     status_reason = fields.String(
-        dump_only=True, allow_none=True, metadata={"description": "Why it failed, when no message says."}
+        dump_only=True,
+        allow_none=True,
+        metadata={
+            "description": "Why it failed, when no message says; or why a provider's account-level refusal "
+            "paused it (balance, credentials, sender id, template): fix that, then resume."
+        },
     )
     created_at = UTCDateTime(dump_only=True)
     updated_at = UTCDateTime(dump_only=True)
@@ -143,3 +149,21 @@ class MessageSchema(Schema):
 
 class MessageQuerySchema(PageQuerySchema):
     status = fields.String(validate=validate.OneOf(MessageStatus.ALL))
+
+
+class RetryFailedResultSchema(Schema):
+    campaign = fields.Nested(CampaignDetailSchema, required=True)
+    requeued = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Failed or undelivered messages whose failure was not permanent: pending again with "
+            "fresh retries, and queued."
+        },
+    )
+    not_retryable = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Failed or undelivered messages left as they are: their failure is permanent (invalid "
+            "number, opted out, blacklisted, too long, customer gone)."
+        },
+    )

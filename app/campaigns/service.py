@@ -1,5 +1,6 @@
-"""Campaigns: create, edit, schedule, send and preview. One transaction per call; jobs and triggers
-are handed to Redis only after the commit."""
+"""Campaigns: create, edit, schedule, send, preview, and the delivery controls (pause, resume, cancel,
+retry the failed ones). One transaction per call; jobs and triggers are handed to Redis only after the
+commit."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from sqlalchemy import ColumnElement, func, select, true
 
 from app import clock
 from app.customers.service import get_customer
+from app.database import statement_budget
 from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
 from app.messaging import lifecycle, queueing, recipients, scheduling
 from app.messaging.stats import campaign_stats
 from app.messaging.templates import over_limit, render, unknown_placeholders
-from app.models import Campaign, CampaignStatus, Channel, Customer, MessageStatus, OutboundMessage
+from app.models import Campaign, CampaignStatus, Channel, Customer, ErrorClass, MessageStatus, OutboundMessage
 from app.pagination import paginate
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,8 @@ def update_campaign(campaign_id: int, data: Mapping) -> Campaign:
     if campaign.status not in CampaignStatus.EDITABLE:
         db.session.rollback()
         raise ConflictError(
-            f"campaign {campaign_id} is {campaign.status}; only draft or scheduled campaigns can be changed"
+            f"campaign {campaign_id} is {campaign.status}; only draft or scheduled campaigns can be changed",
+            campaign_status=campaign.status,
         )
     channel = data.get("channel", campaign.channel)
     check_template(data.get("base_template", campaign.base_template), channel)
@@ -163,7 +166,8 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
     try:
         if campaign.status not in CampaignStatus.SENDABLE:
             raise ConflictError(
-                f"campaign {campaign_id} is {campaign.status}; only draft, scheduled or sending campaigns can be sent"
+                f"campaign {campaign_id} is {campaign.status}; only draft, scheduled or sending campaigns can be sent",
+                campaign_status=campaign.status,
             )
         audience_filter = _audience_filter(customer_ids, audience)
         rows = recipients.create_pending_messages(campaign.id, audience_filter)
@@ -231,3 +235,126 @@ def preview(campaign_id: int, customer_id: int) -> dict:
         "customer_id": customer.id,
         "rendered_message": render(campaign.base_template, fields),
     }
+
+
+# Delivery controls: pause, resume, cancel and retry-failed. Each locks the campaign row first, so that
+# two controls (or a control and a send) on one campaign run one after another: the second sees what the
+# first did. A control repeated on a campaign already where it leads changes nothing and answers it as it
+# is; a control its status does not allow is a 409 naming that status.
+
+
+def _not_allowed(campaign: Campaign, action: str, allowed: tuple[str, ...]) -> ConflictError:
+    names = ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
+    return ConflictError(
+        f"campaign {campaign.id} is {campaign.status}; only {names} campaigns can {action}",
+        campaign_status=campaign.status,
+    )
+
+
+def _answer(campaign_id: int) -> Campaign:
+    """The campaign as it is now, with its stats (after the commit of a control)."""
+    campaign = get_campaign(campaign_id)
+    db.session.refresh(campaign)
+    return with_stats(campaign)
+
+
+def pause_campaign(campaign_id: int) -> Campaign:
+    """Sending or scheduled -> paused. Send jobs that run from then on leave their message pending; a
+    send already past its check finishes and is recorded. The scheduled trigger stays: it does nothing
+    while the campaign is paused."""
+    campaign = get_campaign(campaign_id, lock=True)
+    try:
+        if campaign.status != CampaignStatus.PAUSED and not lifecycle.pause(campaign.id):
+            raise _not_allowed(campaign, "be paused", CampaignStatus.PAUSABLE)
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    return _answer(campaign_id)
+
+
+def resume_campaign(campaign_id: int) -> Campaign:
+    """Paused -> sending, its pending messages queued again; or scheduled, keeping its trigger, when its
+    `scheduled_at` is still ahead. The message rows are the truth: only pending ones are queued, and a
+    job queued twice sends once (it locks the row and sends only a pending message)."""
+    campaign = get_campaign(campaign_id, lock=True)
+    try:
+        if campaign.status in (CampaignStatus.SENDING, CampaignStatus.SCHEDULED):
+            db.session.commit()  # resumed already
+            return _answer(campaign_id)
+        if campaign.status != CampaignStatus.PAUSED:
+            raise _not_allowed(campaign, "be resumed", (CampaignStatus.PAUSED,))
+        status = lifecycle.resume(campaign.id)
+        count = _pending_count(campaign.id) if status == CampaignStatus.SENDING else 0
+        scheduled_at = campaign.scheduled_at
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    if status == CampaignStatus.SCHEDULED:
+        scheduling.sync_dispatch(campaign_id, scheduled_at)  # put back a trigger Redis may have lost
+    else:
+        scheduling.sync_dispatch(campaign_id, None)
+        if count:
+            _enqueue_after_commit(campaign_id, count, None)
+        else:
+            lifecycle.finish_campaign(campaign_id)  # everything went out before the pause
+    return _answer(campaign_id)
+
+
+def cancel_campaign(campaign_id: int) -> Campaign:
+    """Draft, scheduled, sending or paused -> canceled, for good; its pending messages canceled in one
+    statement. Sends in flight finish and are recorded (a message the provider took stays `sent`); jobs
+    still queued find their message canceled and do nothing."""
+    campaign = get_campaign(campaign_id, lock=True)
+    try:
+        if campaign.status != CampaignStatus.CANCELED:
+            with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
+                if lifecycle.cancel(campaign.id) is None:
+                    raise _not_allowed(campaign, "be canceled", CampaignStatus.CANCELABLE)
+            had_trigger = campaign.scheduled_at is not None
+        else:
+            had_trigger = False
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    if had_trigger:
+        scheduling.sync_dispatch(campaign_id, None)
+    return _answer(campaign_id)
+
+
+def retry_failed(campaign_id: int) -> dict:
+    """Send again the campaign's failed and undelivered messages whose failure is not permanent: back to
+    pending with fresh retries, queued, and the campaign back to sending. Permanent failures (an invalid
+    number, opted out, blacklisted, a message too long, a customer gone) stay as they are; both are counted."""
+    campaign = get_campaign(campaign_id, lock=True)
+    try:
+        if campaign.status not in CampaignStatus.RETRYABLE:
+            raise _not_allowed(campaign, "have their failed messages sent again", CampaignStatus.RETRYABLE)
+        retryable = func.coalesce(OutboundMessage.error_class, "") != ErrorClass.PERMANENT
+        with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
+            rows = lifecycle.retry_failed_messages(campaign.id, retryable)
+        if rows.count:
+            lifecycle.reopen_for_retry(campaign.id)
+        not_retryable = db.session.scalar(
+            select(func.count()).where(
+                OutboundMessage.campaign_id == campaign.id,
+                OutboundMessage.status.in_((MessageStatus.FAILED, MessageStatus.UNDELIVERED)),
+            )
+        )
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    if rows.count:
+        _enqueue_after_commit(campaign_id, rows.count, rows)
+    return {"campaign": _answer(campaign_id), "requeued": rows.count, "not_retryable": not_retryable}
+
+
+def _pending_count(campaign_id: int) -> int:
+    return db.session.scalar(
+        select(func.count()).where(
+            OutboundMessage.campaign_id == campaign_id, OutboundMessage.status == MessageStatus.PENDING
+        )
+    )

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from flask import current_app
 from rq import Retry, get_current_job
 
 from app.messaging import lifecycle, receipts, throttle
-from app.messaging.message_store import Outcome, open_store, record_through_outage
+from app.messaging.message_store import MessageStore, Outcome, open_store, record_through_outage
 from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
 from app.messaging.providers.http import LATE_FOR_SLOT
 from app.messaging.queueing import enqueue_messages, pending_messages
 from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import dispatch_due_campaign
 from app.messaging.templates import over_limit, placeholder_values, render
-from app.models import Channel, ErrorClass, MessageStatus
+from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,13 @@ def send_outbound_message(message_id: int) -> str | Retry:
     A message that is not pending (already sent, or failed for good) is left alone, and a message whose
     row another worker holds is skipped: a job that runs twice never sends twice. What the provider says
     decides the rest (docs/providers.md): taken, the message is `sent` with the provider's id; refused
-    for good (`permanent`), `failed` at once; a `transient` refusal (an `account` one too, for now) is
-    retried by RQ's Retry, the last one failing the message; a `throttled` one is tried again after the
-    provider's Retry-After, without using a retry (the job returns RQ's `Retry` to postpone itself).
+    for good (`permanent`), `failed` at once; a `transient` refusal is retried by RQ's Retry, the last one
+    failing the message; a `throttled` one is tried again after the provider's Retry-After, without using
+    a retry (the job returns RQ's `Retry` to postpone itself); an `account` one (balance, credentials,
+    sender id, template) would refuse every other message too: the message stays pending with the retries
+    it had, the campaign is paused with the provider's words in `status_reason`, and the job ends without
+    a retry. A job whose campaign is not `sending` (paused) sends nothing and records nothing: the
+    message stays pending, and the job ends (resume queues it again).
     Database work: a locked read, then the update, its commit and the completion check (two round trips
     on PostgreSQL, see `message_store`). If the database becomes unavailable after the attempt, the
     record is retried for `RECORD_RETRY_WINDOW` seconds: only a longer outage leaves the message pending,
@@ -49,14 +54,17 @@ def send_outbound_message(message_id: int) -> str | Retry:
         if row is None:
             return "skipped: missing, or being sent by another worker"
         campaign_id = row["campaign_id"]
-        outcome = _attempt_and_decide(message_id, row) if row["status"] == MessageStatus.PENDING else None
+        outcome = _attempt_and_decide(store, message_id, row) if row["status"] == MessageStatus.PENDING else None
         if isinstance(outcome, Retry):  # no slot at the provider soon: handed back, the message untouched
             return outcome
-        if outcome is not None:
+        if outcome is not None and not outcome.held:
             recorded = record_through_outage(store, message_id, campaign_id, outcome, _record_window())
     if outcome is None:
         lifecycle.finish_campaign(campaign_id)  # the run that recorded it may have died before this step
         return f"skipped: already {row['status']}"
+    if outcome.held:
+        # No retry, no re-queue: resuming the campaign queues its pending messages again.
+        return f"held: campaign {row['campaign_status']}"
     if recorded.receipt_waiting:
         receipts.apply_waiting(outcome.provider, outcome.provider_message_id)
     extra = {"campaign_id": campaign_id, "message_id": message_id, "status": outcome.status}
@@ -64,6 +72,11 @@ def send_outbound_message(message_id: int) -> str | Retry:
         delay = _postpone_delay(outcome)
         log.info("provider asked to slow down; trying again later", extra={**extra, "delay": delay})
         return Retry(max=MAX_POSTPONEMENTS, interval=delay)
+    if outcome.error_class == ErrorClass.ACCOUNT and outcome.status == MessageStatus.PENDING:
+        reason = f"paused: the provider refused the account: {outcome.error}"
+        if lifecycle.pause_for_account(campaign_id, reason):
+            log.warning("provider refused the account; campaign paused", extra={**extra, "error": outcome.error})
+        return "held: account refused, campaign paused"
     if outcome.status == MessageStatus.PENDING:
         log.info("send attempt failed; RQ will retry", extra={**extra, "error": outcome.error})
         raise SendAttemptFailed(f"message {message_id}: {outcome.error}")
@@ -73,6 +86,9 @@ def send_outbound_message(message_id: int) -> str | Retry:
     return outcome.status
 
 
+# Seconds of waiting for a slot at the provider after which the campaign's status is read again before the
+# send (a pause must stop sends within a second; the wait may be up to `throttle.MAX_WAIT` a slot).
+RECHECK_AFTER = 0.25
 # A throttled message is postponed at most this many times (RQ counts them apart from its retries).
 MAX_POSTPONEMENTS = 100
 # Seconds to wait when the provider throttles without saying how long: doubled each time, up to the cap.
@@ -95,7 +111,7 @@ def _record_window() -> float:
     return min(config["RECORD_RETRY_WINDOW"], config["JOB_TIMEOUT"] / 2)
 
 
-def _attempt_and_decide(message_id: int, row: dict) -> Outcome | Retry:
+def _attempt_and_decide(store: MessageStore, message_id: int, row: dict) -> Outcome | Retry:
     """Send the message (unless its customer is gone, or it renders too long) and decide its outcome; or,
     when the provider account's throughput limit has no slot for it soon, the `Retry` that hands the job
     back for later, using none of its retries (`app.messaging.throttle`)."""
@@ -108,8 +124,11 @@ def _attempt_and_decide(message_id: int, row: dict) -> Outcome | Retry:
     if too_long:  # long values made it so: no provider would take it, now or on a retry
         error = f"the rendered message is {too_long}"
         return Outcome(MessageStatus.FAILED, retries, body, error, "too_long", ErrorClass.PERMANENT)
+    if row["campaign_status"] != CampaignStatus.SENDING:  # paused: as late as possible before the provider
+        return Outcome(MessageStatus.PENDING, retries, held=True)
     app = current_app._get_current_object()
     provider = get_provider(app, row["channel"])
+    checked = time.monotonic()
     for _ in range(throttle.LATE_TRIES):
         # The slot comes last, so that nothing slow (building the provider) separates it from the request.
         later = throttle.wait_for_slot(app, row["channel"])
@@ -117,6 +136,11 @@ def _attempt_and_decide(message_id: int, row: dict) -> Outcome | Retry:
             extra = {"campaign_id": row["campaign_id"], "message_id": message_id, "delay": later}
             log.info("no slot at the provider yet; trying again later", extra=extra)
             return Retry(max=MAX_POSTPONEMENTS, interval=max(1, math.ceil(later)))
+        if time.monotonic() - checked > RECHECK_AFTER:  # a pause may have come while it waited for its slot
+            row["campaign_status"] = store.campaign_status(row["campaign_id"])
+            if row["campaign_status"] != CampaignStatus.SENDING:
+                return Outcome(MessageStatus.PENDING, retries, held=True)
+            checked = time.monotonic()
         result = _attempt(provider, message_id, row, body)
         if result.error_code != LATE_FOR_SLOT:
             break
@@ -130,6 +154,10 @@ def _attempt_and_decide(message_id: int, row: dict) -> Outcome | Retry:
     if result.error_class == ErrorClass.THROTTLED:
         # Stays pending with the retries it had; the job postpones itself.
         return Outcome(MessageStatus.PENDING, retries, body, **refused, retry_after=result.retry_after)
+    if result.error_class == ErrorClass.ACCOUNT:
+        # Every message of the campaign would be refused the same way until a person acts: stays pending
+        # with the retries it had, and the job pauses the campaign instead of burning them.
+        return Outcome(MessageStatus.PENDING, retries, body, **refused)
     if result.error_class != ErrorClass.PERMANENT and _rq_will_retry():
         return Outcome(MessageStatus.PENDING, retries + 1, body, **refused)
     return Outcome(MessageStatus.FAILED, retries, body, **refused)

@@ -11,29 +11,45 @@ from __future__ import annotations
 import functools
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, bindparam, exists, func, select, update
+from sqlalchemy import ColumnElement, String, and_, bindparam, exists, func, or_, select, update
 
 from app import clock
 from app.extensions import db
+from app.messaging.recipients import NewRows
 from app.models import Campaign, CampaignStatus, MessageStatus, OutboundMessage
 
 # Status -> the statuses it may move to.
 CAMPAIGN_TRANSITIONS: dict[str, frozenset[str]] = {
-    CampaignStatus.DRAFT: frozenset({CampaignStatus.SCHEDULED, CampaignStatus.SENDING}),
-    CampaignStatus.SCHEDULED: frozenset({CampaignStatus.DRAFT, CampaignStatus.SENDING}),
-    CampaignStatus.SENDING: frozenset({CampaignStatus.SENT, CampaignStatus.FAILED}),
-    CampaignStatus.SENT: frozenset(),
-    CampaignStatus.FAILED: frozenset(),
+    CampaignStatus.DRAFT: frozenset({CampaignStatus.SCHEDULED, CampaignStatus.SENDING, CampaignStatus.CANCELED}),
+    CampaignStatus.SCHEDULED: frozenset(
+        {CampaignStatus.DRAFT, CampaignStatus.SENDING, CampaignStatus.PAUSED, CampaignStatus.CANCELED}
+    ),
+    CampaignStatus.SENDING: frozenset(
+        {CampaignStatus.SENT, CampaignStatus.FAILED, CampaignStatus.PAUSED, CampaignStatus.CANCELED}
+    ),
+    # Resumed: sending, or scheduled again when its time is still ahead.
+    CampaignStatus.PAUSED: frozenset({CampaignStatus.SENDING, CampaignStatus.SCHEDULED, CampaignStatus.CANCELED}),
+    # retry-failed sends its failed messages again.
+    CampaignStatus.SENT: frozenset({CampaignStatus.SENDING}),
+    CampaignStatus.FAILED: frozenset({CampaignStatus.SENDING}),
+    CampaignStatus.CANCELED: frozenset(),
 }
 MESSAGE_TRANSITIONS: dict[str, frozenset[str]] = {
-    # An attempt's outcome; one that RQ retries leaves the message pending (retry_count + 1).
-    MessageStatus.PENDING: frozenset({MessageStatus.PENDING, MessageStatus.SENT, MessageStatus.FAILED}),
+    # An attempt's outcome; one that RQ retries, or that a paused campaign holds, leaves the message
+    # pending. A campaign's cancel cancels it.
+    MessageStatus.PENDING: frozenset(
+        {MessageStatus.PENDING, MessageStatus.SENT, MessageStatus.FAILED, MessageStatus.CANCELED}
+    ),
     # The provider's receipts. Never a step back: a late `sent` after `delivered`, or a repeated receipt,
     # changes nothing (a `read` one only sets `read_at` on a delivered message).
     MessageStatus.SENT: frozenset({MessageStatus.DELIVERED, MessageStatus.UNDELIVERED, MessageStatus.FAILED}),
     MessageStatus.DELIVERED: frozenset(),
-    MessageStatus.UNDELIVERED: frozenset(),
-    MessageStatus.FAILED: frozenset(),
+    # retry-failed: a transient failure is tried again, with fresh retries.
+    MessageStatus.UNDELIVERED: frozenset({MessageStatus.PENDING}),
+    MessageStatus.FAILED: frozenset({MessageStatus.PENDING}),
+    # The record of an attempt that was in flight when its campaign was canceled, and that the provider
+    # took: the message did go out, and says so.
+    MessageStatus.CANCELED: frozenset({MessageStatus.SENT}),
 }
 
 
@@ -58,13 +74,111 @@ def set_schedule(campaign_id: int, scheduled_at: datetime | None) -> str:
     """A draft or scheduled campaign's new `scheduled_at`: scheduled when it has a time, draft when it
     has none. Returns the status it now has; in the caller's transaction, on its locked row."""
     target = CampaignStatus.SCHEDULED if scheduled_at is not None else CampaignStatus.DRAFT
-    move_campaign(campaign_id, target, status_reason=None)  # no move when it already has that status
+    # No move when it already has that status.
+    move_campaign(campaign_id, target, Campaign.status.in_(CampaignStatus.EDITABLE), status_reason=None)
     return target
 
 
 def start_sending(campaign_id: int) -> bool:
     """Draft or scheduled -> sending, in the caller's transaction. True when this call made the move."""
-    return move_campaign(campaign_id, CampaignStatus.SENDING, status_reason=None)
+    return move_campaign(
+        campaign_id, CampaignStatus.SENDING, Campaign.status.in_(CampaignStatus.EDITABLE), status_reason=None
+    )
+
+
+def pause(campaign_id: int) -> bool:
+    """Sending or scheduled -> paused, in the caller's transaction (on its locked row). Send jobs that run
+    while it is paused leave their message pending (`send_outbound_message`)."""
+    return move_campaign(
+        campaign_id, CampaignStatus.PAUSED, Campaign.status.in_(CampaignStatus.PAUSABLE), status_reason=None
+    )
+
+
+def pause_for_account(campaign_id: int, reason: str) -> bool:
+    """Sending -> paused because the provider refused the account (balance, credentials, sender id,
+    template): every other message would be refused too. Commits; True when this call made the move (of
+    several workers refused at once, one does)."""
+    moved = move_campaign(
+        campaign_id, CampaignStatus.PAUSED, Campaign.status == CampaignStatus.SENDING, status_reason=reason[:2000]
+    )
+    db.session.commit()
+    return moved
+
+
+def resume(campaign_id: int, now: datetime | None = None) -> str | None:
+    """Paused -> scheduled when its `scheduled_at` is still ahead, else sending; in the caller's
+    transaction, on its locked row. Returns the new status, or None when it was not paused."""
+    now = now or clock.now()
+    ahead = and_(Campaign.scheduled_at.is_not(None), Campaign.scheduled_at > now)
+    paused = Campaign.status == CampaignStatus.PAUSED
+    if move_campaign(campaign_id, CampaignStatus.SCHEDULED, paused, ahead, status_reason=None):
+        return CampaignStatus.SCHEDULED
+    if move_campaign(campaign_id, CampaignStatus.SENDING, paused, status_reason=None):
+        return CampaignStatus.SENDING
+    return None
+
+
+def cancel(campaign_id: int) -> int | None:
+    """Draft, scheduled, sending or paused -> canceled, and its pending messages canceled in one UPDATE,
+    in the caller's transaction. Returns how many messages were canceled, or None when the campaign did
+    not move.
+
+    The UPDATE waits for the rows that send jobs hold locked (a send in flight) and then sees their
+    record: a message the provider took stays `sent`, one whose attempt failed and was left pending for
+    a retry is canceled."""
+    if not move_campaign(
+        campaign_id, CampaignStatus.CANCELED, Campaign.status.in_(CampaignStatus.CANCELABLE), status_reason=None
+    ):
+        return None
+    return db.session.execute(
+        update(OutboundMessage)
+        .where(OutboundMessage.campaign_id == campaign_id, OutboundMessage.status == MessageStatus.PENDING)
+        .values(status=MessageStatus.CANCELED, updated_at=clock.now())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+
+
+def reopen_for_retry(campaign_id: int) -> bool:
+    """Sent or failed -> sending, for retry-failed, in the caller's transaction (a sending campaign stays
+    as it is). True when this call made the move."""
+    return move_campaign(
+        campaign_id,
+        CampaignStatus.SENDING,
+        Campaign.status.in_((CampaignStatus.SENT, CampaignStatus.FAILED)),
+        status_reason=None,
+    )
+
+
+def retry_failed_messages(campaign_id: int, retryable: ColumnElement[bool]) -> NewRows:
+    """Failed or undelivered messages matching `retryable` -> pending, with fresh retries, in one UPDATE in
+    the caller's transaction; returns how many and their id range (for queueing them). Their provider
+    and provider id are cleared: the new attempt records its own, and a late receipt for the old id finds
+    no message to change (it is kept, unmatched)."""
+    stmt = (
+        update(OutboundMessage)
+        .where(
+            OutboundMessage.campaign_id == campaign_id,
+            OutboundMessage.status.in_((MessageStatus.FAILED, MessageStatus.UNDELIVERED)),
+            retryable,
+        )
+        .values(
+            status=MessageStatus.PENDING,
+            retry_count=0,
+            provider=None,
+            provider_message_id=None,
+            read_at=None,
+            updated_at=clock.now(),
+        )
+        .returning(OutboundMessage.id)
+        .execution_options(synchronize_session=False)
+    )
+    if db.session.get_bind().dialect.name == "postgresql":
+        # Counted in the database: a large retry sends back three numbers, not every id.
+        moved = stmt.cte("moved")
+        count, first, last = db.session.execute(select(func.count(), func.min(moved.c.id), func.max(moved.c.id))).one()
+        return NewRows(count, first, last)
+    ids = db.session.scalars(stmt).all()
+    return NewRows(len(ids), min(ids, default=None), max(ids, default=None))
 
 
 def start_due_campaign(campaign_id: int, now: datetime | None = None) -> bool:
@@ -140,11 +254,22 @@ def finish_campaign(campaign_id: int, pending_checked: bool = False) -> str | No
 
 
 # An attempt's outcome (`sent`, `failed`, or still `pending` with a retry used). Only a pending message
-# takes one (a plain `=` keeps the statement's SQL fixed, which the send job's store compiles once): a
-# record retried after its row lock was lost (a database outage) must not overwrite a later attempt's.
+# takes one (plain comparisons keep the statement's SQL fixed, which the send job's store compiles once):
+# a record retried after its row lock was lost (a database outage) must not overwrite a later attempt's.
+# The one exception is a message canceled meanwhile that the provider took: it did go out, and its
+# record says so (a cancel waits for the row lock of a send in flight, so only a lost lock gets here).
 RECORD_ATTEMPT = (
     update(OutboundMessage)
-    .where(OutboundMessage.id == bindparam("message_id"), OutboundMessage.status == MessageStatus.PENDING)
+    .where(
+        OutboundMessage.id == bindparam("message_id"),
+        or_(
+            OutboundMessage.status == MessageStatus.PENDING,
+            and_(
+                OutboundMessage.status == MessageStatus.CANCELED,
+                bindparam("new_status", type_=String) == MessageStatus.SENT,
+            ),
+        ),
+    )
     .values(
         status=bindparam("new_status"),
         rendered_content=bindparam("body"),
@@ -177,6 +302,7 @@ def _receipt_move(target: str):
             status=target,
             updated_at=bindparam("now"),
             error_code=func.coalesce(bindparam("error_code"), _MESSAGES.c.error_code),
+            error_class=func.coalesce(bindparam("error_class"), _MESSAGES.c.error_class),
             last_error=func.coalesce(bindparam("error"), _MESSAGES.c.last_error),
         )
     )
@@ -197,14 +323,16 @@ def apply_receipt(
     read: bool = False,
     error_code: str | None = None,
     error: str | None = None,
+    error_class: str | None = None,
 ) -> bool | None:
     """A delivery receipt, in the caller's transaction: the message with this provider id moves to
     `status` if the table allows it from where it is (never a step back), and a `read` receipt also sets
-    `read_at` on a delivered message. True when it changed the message, False when the message took
+    `read_at` on a delivered message; a failure's `error_class` (permanent or transient) decides whether
+    retry-failed sends it again. True when it changed the message, False when the message took
     nothing (a repeat, a late or out-of-order receipt), None when no message has this provider id."""
     connection = db.session.connection()
     key = {"by_provider": provider, "by_provider_message_id": provider_message_id}
-    params = {**key, "now": clock.now(), "error_code": error_code, "error": error}
+    params = {**key, "now": clock.now(), "error_code": error_code, "error": error, "error_class": error_class}
     moved = connection.execute(_receipt_move(status), params).rowcount
     if read:
         moved += connection.execute(_RECEIPT_READ, params).rowcount

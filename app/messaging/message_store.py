@@ -34,6 +34,8 @@ LOAD_FOR_SEND = (
         OutboundMessage.status,
         OutboundMessage.retry_count,
         OutboundMessage.campaign_id,
+        # A paused (or canceled) campaign's job sends nothing: checked just before the provider call.
+        Campaign.status.label("campaign_status"),
         Campaign.channel,
         Campaign.base_template,
         Campaign.whatsapp_template,
@@ -55,7 +57,7 @@ LOAD_FOR_SEND = (
 class Outcome:
     """What an attempt ends in: the message's new status (`pending` when it is tried again), the retries
     it has used, the body sent, and what the provider said: its name and message id when it took it, the
-    error, its code and class when it did not."""
+    error, its code and class when it did not. A `held` one made no attempt: the message stays as it is."""
 
     status: str
     retries_used: int
@@ -66,6 +68,7 @@ class Outcome:
     provider: str | None = None
     provider_message_id: str | None = None
     retry_after: float | None = None  # a throttled attempt: seconds the provider asked to wait (not stored)
+    held: bool = False  # the campaign is not sending (paused): nothing was attempted, nothing is recorded
 
 
 # A receipt that arrived before the provider id it names was recorded (a fast provider beats the commit).
@@ -104,7 +107,13 @@ def _record_params(message_id: int, campaign_id: int, outcome: Outcome, now: dat
     }
 
 
+CAMPAIGN_STATUS = select(Campaign.status).where(Campaign.id == bindparam("campaign_id"))
+
+
 class MessageStore(Protocol):
+    def campaign_status(self, campaign_id: int) -> str | None:
+        """The campaign's status now, read on the store's connection (within its transaction)."""
+
     def load(self, message_id: int) -> dict | None:
         """The message's fields locked for this send, or None (missing, or another worker holds it)."""
 
@@ -129,6 +138,9 @@ class _ClosedOnExit:
 
 class SessionStore(_ClosedOnExit):
     """Through the session: for SQLite, where locks and round trips cost nothing."""
+
+    def campaign_status(self, campaign_id: int) -> str | None:
+        return db.session.connection().execute(CAMPAIGN_STATUS, {"campaign_id": campaign_id}).scalar()
 
     def load(self, message_id: int) -> dict | None:
         row = db.session.connection().execute(LOAD_FOR_SEND, {"message_id": message_id}).one_or_none()
@@ -165,6 +177,11 @@ class PipelineStore(_ClosedOnExit):
         self._pooled = db.engine.raw_connection()
         self._conn = self._pooled.driver_connection
         self._cursor = self._conn.cursor(row_factory=dict_row)
+
+    def campaign_status(self, campaign_id: int) -> str | None:
+        self._cursor.execute(*_sql("campaign_status", CAMPAIGN_STATUS, {"campaign_id": campaign_id}), prepare=True)
+        row = self._cursor.fetchone()
+        return None if row is None else row["status"]
 
     def load(self, message_id: int) -> dict | None:
         with self._conn.pipeline():

@@ -36,6 +36,7 @@ class Receipt:
     read: bool = False
     error_code: str | None = None
     error: str | None = None
+    error_class: str | None = None  # a failure's class from its code (providers' `receipt_error_class`)
 
 
 def record(receipts: list[Receipt]) -> dict[str, int]:
@@ -58,6 +59,7 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
                     status=receipt.status,
                     read=receipt.read,
                     error_code=receipt.error_code,
+                    error_class=receipt.error_class,
                     error=receipt.error,
                 )
             )
@@ -76,6 +78,7 @@ def _apply(receipt: Receipt) -> bool | None:
         read=receipt.read,
         error_code=receipt.error_code,
         error=receipt.error,
+        error_class=receipt.error_class,
     )
 
 
@@ -93,7 +96,15 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
     applied_ids = []
     for kept in db.session.scalars(stmt.limit(current_app.config["RECONCILE_BATCH_SIZE"])):
         outcome = _apply(
-            Receipt(kept.provider, kept.provider_message_id, kept.status, kept.read, kept.error_code, kept.error)
+            Receipt(
+                kept.provider,
+                kept.provider_message_id,
+                kept.status,
+                kept.read,
+                kept.error_code,
+                kept.error,
+                kept.error_class,
+            )
         )
         if outcome is not None:
             applied_ids.append(kept.id)

@@ -102,6 +102,25 @@ def _result(data: dict) -> SendResult:
     return SendResult.refused(CLASSES.get(code, ErrorClass.TRANSIENT), f"Africa's Talking: {status}", code)
 
 
+# A failed or rejected report's `failureReason` -> permanent: the subscriber can never receive it, so
+# retry-failed does not send it again. Any other reason (InsufficientCredit, DeliveryFailure,
+# AbsentSubscriber, UserIsInactive, ...) is transient.
+RECEIPT_PERMANENT = {
+    "UserInBlackList",  # the subscriber blacklisted the sender
+    "UserInBlacklist",
+    "DoNotDisturbRejection",  # the subscriber's do-not-disturb setting
+    "UserDoesNotExist",
+    "NotNetworkSubscriber",
+    "UserNotSubscribedToProduct",
+    "InvalidPhoneNumber",
+}
+
+
+def receipt_error_class(reason: str | None) -> str:
+    """The class of a failed or rejected report's `failureReason`."""
+    return ErrorClass.PERMANENT if reason in RECEIPT_PERMANENT else ErrorClass.TRANSIENT
+
+
 # Delivery report `status` -> the message status it means; Sent, Submitted and Buffered change nothing.
 RECEIPT_STATUSES = {
     "Success": MessageStatus.DELIVERED,
@@ -121,5 +140,10 @@ def receipt_from_form(form: Mapping[str, str]) -> Receipt | None:
     error = f"Africa's Talking: {form['status']}" + (f": {reason}" if reason else "")
     failed = status != MessageStatus.DELIVERED
     return Receipt(
-        AfricasTalking.name, message_id, status, error_code=reason if failed else None, error=error if failed else None
+        AfricasTalking.name,
+        message_id,
+        status,
+        error_code=reason if failed else None,
+        error=error if failed else None,
+        error_class=receipt_error_class(reason) if failed else None,
     )

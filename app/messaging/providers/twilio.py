@@ -93,6 +93,25 @@ class Twilio:
         return SendResult.refused(error_class, error, code, retry_after(response))
 
 
+# A failed or undelivered receipt's `ErrorCode` -> permanent: the number can never receive it, so
+# retry-failed does not send it again. Any other code (30003 handset off or out of coverage, 30001 queue
+# overflow, 30008 unknown, ...) is transient.
+RECEIPT_PERMANENT = {
+    "30004",  # message blocked: the recipient blocked the sender
+    "30005",  # unknown destination handset: the number does not exist
+    "30006",  # landline or unreachable carrier
+    "30007",  # carrier violation: filtered as spam, and would be again
+    "21610",  # the recipient replied STOP
+    "21211",  # invalid `To`
+    "21614",  # `To` is not a mobile number
+}
+
+
+def receipt_error_class(code: str | None) -> str:
+    """The class of a failed or undelivered receipt's `ErrorCode`."""
+    return ErrorClass.PERMANENT if code in RECEIPT_PERMANENT else ErrorClass.TRANSIENT
+
+
 # Status callback `MessageStatus` -> the message status it means (`read` is delivered, and read); queued,
 # sending, sent, accepted and scheduled change nothing.
 RECEIPT_STATUSES = {
@@ -123,5 +142,11 @@ def receipt_from_form(form: Mapping[str, str]) -> Receipt | None:
     failed = status != MessageStatus.DELIVERED
     error = f"Twilio: {twilio_status}" + (f" ({code})" if code else "") if failed else None
     return Receipt(
-        Twilio.name, sid, status, read=twilio_status == "read", error_code=code if failed else None, error=error
+        Twilio.name,
+        sid,
+        status,
+        read=twilio_status == "read",
+        error_code=code if failed else None,
+        error=error,
+        error_class=receipt_error_class(code) if failed else None,
     )

@@ -97,6 +97,23 @@ def payload(message: OutgoingMessage) -> dict:
     return {"messaging_product": "whatsapp", "to": to, "type": "template", "template": template}
 
 
+# A failed status's first error code -> permanent: the recipient can never receive this message, so
+# retry-failed does not send it again. Any other code (131049 held back by Meta, 131000, 131053, ...) is
+# transient.
+RECEIPT_PERMANENT = {
+    "131026",  # message undeliverable (no WhatsApp account, old app, ...)
+    "131047",  # more than 24 h since the customer's last message: only a template would go
+    "131050",  # the user stopped marketing messages
+    "131051",  # unsupported message type
+    "131021",  # the recipient is the sender
+}
+
+
+def receipt_error_class(code: str | None) -> str:
+    """The class of a failed status's first error code."""
+    return ErrorClass.PERMANENT if code in RECEIPT_PERMANENT else ErrorClass.TRANSIENT
+
+
 # A status's `status` -> the message status it means (`read` is delivered, and read); `sent` changes nothing.
 RECEIPT_STATUSES = {
     "delivered": MessageStatus.DELIVERED,
@@ -146,6 +163,7 @@ def receipts_from_payload(payload: object) -> list[Receipt]:
                 read=status.get("status") == "read",
                 error_code=code,
                 error=error,
+                error_class=receipt_error_class(code) if message_status == MessageStatus.FAILED else None,
             )
         )
     return found
