@@ -19,9 +19,10 @@ A send held up after its slot (a busy CPU, a slow reply from Redis) would arrive
 requests: a request that would leave more than `LATE` after its slot is not made, and the send takes a new
 slot (at most `LATE_TRIES` times, then it is handed back). `JITTER` keeps the requests' arrivals at the
 provider within the limit although each arrives later than its slot by a varying delay (the reply from
-Redis, the sleep's overshoot, a busy CPU, the request's way to the provider): `amount` slots span `period + JITTER`, so arrivals may drift apart by up to `JITTER` and
-still no window of `period` holds more than `amount`. 30 ms costs 3 % of a per-second limit (97/s of
-100/s at most) and 0.05 % of a per-minute one.
+Redis, the sleep's overshoot, a busy CPU, the request's way to the provider): `amount` slots span
+`period + JITTER`, so arrivals may drift apart by up to `JITTER` and still no window of `period` holds more
+than `amount`. 30 ms costs 3 % of a per-second limit (97/s of 100/s at most) and 0.05 % of a per-minute
+one.
 """
 
 from __future__ import annotations
