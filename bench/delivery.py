@@ -199,11 +199,13 @@ class Delivery(Bench):
         if os.environ.get("BENCH_ARRIVALS"):  # for a closer look: one arrival time a line
             Path(f"{os.environ['BENCH_ARRIVALS']}.{workers}").write_text("\n".join(map(repr, times)))
         seconds = times[-1] - times[0]
+        steady = [at for at in times if at >= times[0] + 1.0]  # the workers' start-up is not delivery
         return {
             "workers": workers,
             "messages": len(times),
             "seconds": seconds,
             "rate": (len(times) - 1) / seconds if seconds else 0.0,
+            "steady": (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else 0.0,
             "most_in_1s": most_in_any_window(times),
             "mb": memory.mb,
         }
@@ -250,11 +252,14 @@ def main() -> None:
         f"\n{args.messages} messages a run; fake provider answering after {args.latency * 1000:.0f} ms; "
         f"SMS_RATE_LIMIT={args.limit}; default WORKER_CONCURRENCY.\n"
     )
-    print("| workers | messages | seconds | msg/s at the provider | most in any 1 s | peak RSS of the workers (MB) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| workers | messages | seconds | msg/s at the provider | msg/s after the first second | most in any 1 s "
+        "| peak RSS of the workers (MB) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(
-            f"| {row['workers']} | {row['messages']} | {row['seconds']:.1f} | {row['rate']:.1f} "
+            f"| {row['workers']} | {row['messages']} | {row['seconds']:.1f} | {row['rate']:.1f} | {row['steady']:.1f} "
             f"| {row['most_in_1s']} | {row['mb']:.0f} |"
         )
     if floors:
