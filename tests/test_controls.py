@@ -117,7 +117,8 @@ def test_worker_processes_stop_within_a_second_of_a_pause_and_resume_sends_each_
 ):
     campaign = make_campaign()
     send(client, campaign.id, 300)
-    workers = [spawn_worker(burst=False, MOCK_SENDER_LATENCY=0.02) for _ in range(2)]
+    # About 80 sends a second between them: the campaign outlasts the three cycles below.
+    workers = [spawn_worker(burst=False, MOCK_SENDER_LATENCY=0.05, WORKER_CONCURRENCY=2) for _ in range(2)]
     wait_for(lambda: len(read_send_log(send_log)) >= 20, timeout=60)
     for _ in range(3):
         control(client, campaign.id, "pause")
