@@ -214,6 +214,9 @@ def test_estimate_counts_customers_an_opt_out_filter_excludes(client, monkeypatc
     assert (answer["recipients"], answer["skipped_opted_out"], answer["segments"]) == (1, 1, 1)
     answer = estimate(client, campaign.id, {"customer_ids": [keep.id]})
     assert (answer["recipients"], answer["skipped_opted_out"]) == (1, 0)
+    # The send applies the same filter: it creates the one message the estimate counted.
+    assert client.post(f"/campaigns/{campaign.id}/send", json={"audience": {"all": True}}).status_code == 202
+    assert db.session.scalars(select(OutboundMessage.customer_id)).all() == [keep.id]
 
 
 def test_estimate_errors_are_those_of_send(client):

@@ -199,6 +199,9 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 campaign_status=campaign.status,
             )
         audience_filter = _audience_filter(customer_ids, audience)
+        opt_out = recipients.opt_out_filter(campaign.channel)  # the estimate applies the same one
+        if opt_out is not None:
+            audience_filter = and_(audience_filter, opt_out)
         rows = recipients.create_pending_messages(campaign.id, audience_filter)
         if campaign.status == CampaignStatus.SCHEDULED and campaign.scheduled_at > clock.now():
             db.session.commit()

@@ -7,9 +7,13 @@ holds 160 septets; a longer body is split into parts of 153 (7 go to the concate
 other character forces UCS-2 for the whole body: UTF-16 code units, 70 in one SMS, 67 per part, a
 character outside the Basic Multilingual Plane (most emoji) taking two units.
 
+Only the codec's tables are used, as sets: its encoder builds the bytes a character at a time, far
+slower than a set comparison and a count, and an estimate needs no bytes.
+
 A part never ends between an escape and its character, nor between the two halves of a surrogate
-pair: a pair that would straddle the boundary starts the next part, which leaves the one before a unit
-short (as handsets and Twilio's segment calculator do). So 152 plain characters, a `€` and 152 more
+pair (a part must decode on its own): a pair that would straddle the boundary starts the next part,
+which leaves the one before a unit short. This is the count we chose where `ceil(units / 153)` would
+be one short. So 152 plain characters, a `€` and 152 more
 (306 septets) take three parts, not `ceil(306 / 153) = 2`: the `€` does not fit in the first part's
 last septet and moves to the second, pushing its last character into a third.
 """
