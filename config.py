@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -168,6 +169,29 @@ def optional_rate_limit(raw: str) -> str | None:
     return raw
 
 
+def optional_price(raw: str) -> Decimal | None:
+    """A price per unit as a decimal number (`0.8`), kept exact; empty: none."""
+    if not raw:
+        return None
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ValueError("must be a decimal number such as 0.8") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError("must be a decimal number of 0 or more, such as 0.8")
+    return value
+
+
+def optional_currency(raw: str) -> str | None:
+    """An ISO 4217 currency code (`KES`, `USD`); empty: none."""
+    if not raw:
+        return None
+    code = raw.upper()
+    if len(code) != 3 or not code.isascii() or not code.isalpha():
+        raise ValueError("must be an ISO 4217 currency code of three letters, such as KES")
+    return code
+
+
 def phone_region(raw: str) -> str:
     region = raw.upper()
     if region not in phonenumbers.SUPPORTED_REGIONS:
@@ -269,6 +293,10 @@ SETTINGS: tuple[Setting, ...] = (
             integer(0)),
     # Sending
     Setting("MAX_SEND_IDS", "10000", "most `customer_ids` in one send; use an audience beyond", integer(1)),
+    Setting("SMS_SEGMENT_PRICE", "", "what one SMS segment costs (a decimal number, e.g. `0.8`), for the `cost` "
+            "of `POST /campaigns/{id}/estimate`; set with CURRENCY, or neither", optional_price),
+    Setting("CURRENCY", "", "the ISO 4217 code of SMS_SEGMENT_PRICE (e.g. `KES`); set with it, or neither",
+            optional_currency),
     # Providers (docs/providers.md): a campaign's channel picks one.
     Setting("SMS_PROVIDER", "mock", "who sends SMS: `mock`, `africastalking` or `twilio`",
             choice("mock", "africastalking", "twilio")),
@@ -426,6 +454,9 @@ def check_settings(config: Mapping[str, object]) -> None:
                 f"DATABASE_POOL_SIZE: {config['DATABASE_POOL_SIZE']} is below {threads} ({config[threads]}): "
                 "each thread holds a connection while it serves a request or sends a message"
             )
+    for name, other in (("SMS_SEGMENT_PRICE", "CURRENCY"), ("CURRENCY", "SMS_SEGMENT_PRICE")):
+        if config.get(name) is not None and config.get(other) is None:
+            raise SettingsError(f"{other}: required when {name} is set (an estimate's cost needs both)")
     budget = config["PROVIDER_CONNECT_TIMEOUT"] + config["PROVIDER_READ_TIMEOUT"]
     if budget * 2 > config["JOB_TIMEOUT"]:
         raise SettingsError(

@@ -221,6 +221,9 @@ class OutboundMessage(db.Model):
     customer_id: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING)
     rendered_content: Mapped[str | None] = mapped_column(Text)
+    # The SMS segments the rendered body takes (app.messaging.segments), set with it by the send job; null
+    # for WhatsApp and for a message never rendered.
+    segments: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     # The provider's code for the last error (`21211`, `131047`, `InvalidPhoneNumber`, ...), and its class.
     error_code: Mapped[str | None] = mapped_column(String(64))

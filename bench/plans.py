@@ -33,6 +33,7 @@ def api_queries(campaign_id: int) -> dict[str, str]:
     from app import create_app
     from app.extensions import db
     from app.messaging.message_store import LAST_PENDING
+    from app.messaging.stats import stats_query
     from app.models import MessageStatus, OutboundMessage
 
     app = create_app(
@@ -41,9 +42,7 @@ def api_queries(campaign_id: int) -> dict[str, str]:
     with app.app_context():
         listing = select(OutboundMessage).where(OutboundMessage.campaign_id == campaign_id)
         queries = {
-            "stats (GROUP BY status)": select(OutboundMessage.status, func.count())
-            .where(OutboundMessage.campaign_id == campaign_id)
-            .group_by(OutboundMessage.status),
+            "stats (GROUP BY status)": stats_query(campaign_id),
             "messages page 1": listing.order_by(OutboundMessage.id.desc()).limit(20),
             "messages page 1, status=failed": listing.where(OutboundMessage.status == MessageStatus.FAILED)
             .order_by(OutboundMessage.id.desc())

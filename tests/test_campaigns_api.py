@@ -132,6 +132,11 @@ def test_preview_renders_without_storing_or_queueing(client, app, redis_conn):
         "campaign_id": campaign.id,
         "customer_id": customer.id,
         "rendered_message": "Hi [unknown], check out Shoes",
+        "encoding": "GSM-7",
+        "characters": 29,
+        "units": 31,  # `[` and `]` are GSM-7 extension characters: two septets each
+        "segments": 1,
+        "non_gsm_characters": [],
     }
     assert client.get(f"/campaigns/{campaign.id}").get_json()["stats"]["total"] == 0
     assert redis_conn.keys("rq:queue:*") == []

@@ -30,6 +30,7 @@ OPERATIONS = [
     ("get", "/campaigns/{campaign_id}"),
     ("patch", "/campaigns/{campaign_id}"),
     ("post", "/campaigns/{campaign_id}/send"),
+    ("post", "/campaigns/{campaign_id}/estimate"),
     ("post", "/campaigns/{campaign_id}/personalized-preview"),
     ("get", "/campaigns/{campaign_id}/messages"),
     ("post", "/campaigns/{campaign_id}/pause"),

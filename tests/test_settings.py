@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,11 @@ def loaded(**environ) -> dict:
         ("DATABASE_POOL_SIZE", "20", "below WORKER_CONCURRENCY (24)"),
         ("WORKER_CONCURRENCY", "0", "between 1 and 256"),
         ("PROVIDER_MAX_CONNECTIONS", "10", "below WORKER_CONCURRENCY (24)"),
+        ("SMS_SEGMENT_PRICE", "cheap", "a decimal number such as 0.8"),
+        ("SMS_SEGMENT_PRICE", "-0.5", "0 or more"),
+        ("SMS_SEGMENT_PRICE", "NaN", "0 or more"),
+        ("CURRENCY", "shilling", "ISO 4217"),
+        ("CURRENCY", "K3S", "ISO 4217"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_setting(name, value, says):
@@ -62,6 +68,17 @@ def test_a_bad_value_is_refused_naming_the_setting(name, value, says):
         check_settings(loaded(**{name: value}))
     assert str(refused.value).startswith(f"{name}: ")
     assert says in str(refused.value)
+
+
+def test_segment_price_and_currency_are_set_both_or_neither():
+    with pytest.raises(SettingsError, match=r"^CURRENCY: required when SMS_SEGMENT_PRICE is set"):
+        check_settings(loaded(SMS_SEGMENT_PRICE="0.8"))
+    with pytest.raises(SettingsError, match=r"^SMS_SEGMENT_PRICE: required when CURRENCY is set"):
+        check_settings(loaded(CURRENCY="KES"))
+    both = loaded(SMS_SEGMENT_PRICE="0.80", CURRENCY="kes")
+    check_settings(both)
+    assert (both["SMS_SEGMENT_PRICE"], both["CURRENCY"]) == (Decimal("0.80"), "KES")
+    assert (loaded()["SMS_SEGMENT_PRICE"], loaded()["CURRENCY"]) == (None, None)
 
 
 def test_queues_must_name_the_send_or_control_queue():

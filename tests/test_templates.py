@@ -1,6 +1,6 @@
 import pytest
 
-from app.messaging.templates import render, unknown_placeholders
+from app.messaging.templates import compile_template, fixed_text, render, unknown_placeholders
 
 
 def test_render_fills_every_placeholder():
@@ -33,3 +33,31 @@ def test_unknown_placeholders_are_named_once_in_order():
 def test_text_without_placeholders_is_left_alone():
     assert unknown_placeholders("50% off, today only") == []
     assert render("50% off", {}) == "50% off"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "Hi {first_name}, check out {preferred_product}",
+        "{location}{location} {last_name}",
+        "Braces { and } stay, {first_name} }{",
+        "No placeholder at all",
+        "",
+        "{first_name}",
+    ],
+)
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("Amina", "Otieno", "Sneakers", "Nairobi"),
+        (None, "", "   ", "{location}"),
+        ("Zoë’s 😀", 42, None, "Kisumu"),
+    ],
+)
+def test_a_compiled_template_renders_as_render_does(template, values):
+    names = ("first_name", "last_name", "preferred_product", "location")
+    assert compile_template(template, names)(values) == render(template, dict(zip(names, values, strict=True)))
+
+
+def test_fixed_text_drops_only_the_known_placeholders():
+    assert fixed_text("Hi {first_name}, {location} { here }") == "Hi ,  { here }"

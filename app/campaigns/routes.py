@@ -6,6 +6,7 @@ from app.campaigns.schemas import (
     CampaignDetailSchema,
     CampaignQuerySchema,
     CampaignSchema,
+    EstimateSchema,
     MessageQuerySchema,
     MessageSchema,
     PreviewRequestSchema,
@@ -64,6 +65,16 @@ class CampaignById(MethodView):
 def send(data, campaign_id):
     """Send the campaign to customers (ids, or an audience)"""
     return service.send_campaign(campaign_id, **data)
+
+
+@bp.route(CAMPAIGN + "/estimate", methods=["POST"])
+@bp.arguments(SendSchema)
+@bp.response(200, EstimateSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+@bp.alt_response(409, schema=ErrorSchema, description="Campaign can no longer be sent")
+def estimate(data, campaign_id):
+    """Count what sending with this body would send, and its cost; stores and queues nothing"""
+    return service.estimate(campaign_id, **data)
 
 
 @bp.route(CAMPAIGN + "/personalized-preview", methods=["POST"])

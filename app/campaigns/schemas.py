@@ -15,6 +15,35 @@ class StatsSchema(Schema):
     failed = fields.Integer(required=True, metadata={"description": "Never accepted, or refused for good."})
     canceled = fields.Integer(required=True, metadata={"description": "Still pending when the campaign was canceled."})
     read = fields.Integer(required=True, metadata={"description": "Delivered ones read (WhatsApp, Twilio)."})
+    segments_sent = fields.Integer(
+        required=True,
+        metadata={"description": "SMS segments of the messages a provider accepted (sent, delivered, undelivered)."},
+    )
+
+
+class EncodingSchema(Schema):
+    """How an SMS body is encoded and billed (docs/api.md#sms-encoding-and-segments)."""
+
+    encoding = fields.String(required=True, metadata={"enum": ["GSM-7", "UCS-2"]})
+    characters = fields.Integer(required=True, metadata={"description": "Characters (Unicode code points)."})
+    units = fields.Integer(
+        required=True,
+        metadata={"description": "Septets for GSM-7 (an extension character counts 2), UTF-16 code units for UCS-2."},
+    )
+    segments = fields.Integer(required=True, metadata={"description": "SMS parts billed: 160/153 or 70/67."})
+    non_gsm_characters = fields.List(
+        fields.String(),
+        required=True,
+        metadata={"description": "The characters that force UCS-2, once each, in order of appearance."},
+    )
+
+
+class TemplateEncodingSchema(EncodingSchema):
+    warning = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Set when the fixed text alone makes every message UCS-2 or longer than one SMS."},
+    )
 
 
 class WhatsAppTemplateSchema(Schema):
@@ -67,6 +96,14 @@ class CampaignSchema(Schema):
 
 class CampaignDetailSchema(CampaignSchema):
     stats = fields.Nested(StatsSchema, dump_only=True)
+    template_encoding = fields.Nested(
+        TemplateEncodingSchema,
+        dump_only=True,
+        metadata={
+            "description": "SMS only: the encoding and segments of the template's fixed text (placeholders "
+            "removed), with a warning; never an error."
+        },
+    )
 
 
 class CampaignQuerySchema(PageQuerySchema):
@@ -129,6 +166,56 @@ class PreviewSchema(Schema):
     campaign_id = fields.Integer(required=True)
     customer_id = fields.Integer(required=True)
     rendered_message = fields.String(required=True)
+    # SMS only (absent for WhatsApp): how the rendered message is encoded and billed.
+    encoding = fields.String(metadata={"enum": ["GSM-7", "UCS-2"], "description": "SMS only."})
+    characters = fields.Integer(metadata={"description": "SMS only: characters (Unicode code points)."})
+    units = fields.Integer(metadata={"description": "SMS only: septets (GSM-7) or UTF-16 code units (UCS-2)."})
+    segments = fields.Integer(metadata={"description": "SMS only: the SMS parts it is billed as."})
+    non_gsm_characters = fields.List(
+        fields.String(), metadata={"description": "SMS only: the characters that force UCS-2, once each."}
+    )
+
+
+class EncodingCountSchema(Schema):
+    messages = fields.Integer(required=True)
+    segments = fields.Integer(required=True)
+
+
+class ByEncodingSchema(Schema):
+    gsm_7 = fields.Nested(EncodingCountSchema, required=True, attribute="GSM-7", data_key="GSM-7")
+    ucs_2 = fields.Nested(EncodingCountSchema, required=True, attribute="UCS-2", data_key="UCS-2")
+
+
+class EstimateSchema(Schema):
+    campaign_id = fields.Integer(required=True)
+    channel = fields.String(required=True, metadata={"enum": list(Channel.ALL)})
+    recipients = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Customers a send with this body would add now: matching, not yet messaged in the "
+            "campaign, not opted out."
+        },
+    )
+    skipped_opted_out = fields.Integer(required=True, metadata={"description": "Matching customers opted out."})
+    segments = fields.Integer(required=True, allow_none=True, metadata={"description": "SMS only: in all."})
+    by_encoding = fields.Nested(
+        ByEncodingSchema,
+        required=True,
+        allow_none=True,
+        metadata={"description": "SMS only: messages and segments per encoding."},
+    )
+    too_long = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "SMS only: messages over 1,600 characters once rendered; failed unsent, not counted."},
+    )
+    cost = fields.Decimal(
+        required=True,
+        allow_none=True,
+        as_string=True,
+        metadata={"description": "segments x SMS_SEGMENT_PRICE, exact; null when it is not set, or for WhatsApp."},
+    )
+    currency = fields.String(required=True, allow_none=True, metadata={"description": "CURRENCY (ISO 4217)."})
 
 
 class MessageSchema(Schema):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from flask import current_app
-from sqlalchemy import ColumnElement, func, select, true
+from sqlalchemy import ColumnElement, and_, func, select, true
 
 from app import clock
 from app.customers.service import get_customer
@@ -17,8 +17,16 @@ from app.database import statement_budget
 from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
 from app.messaging import lifecycle, queueing, recipients, scheduling
+from app.messaging.segments import GSM_7, UCS_2, encode_info, measure
 from app.messaging.stats import campaign_stats
-from app.messaging.templates import over_limit, render, unknown_placeholders
+from app.messaging.templates import (
+    CHANNEL_LIMITS,
+    compile_template,
+    fixed_text,
+    over_limit,
+    render,
+    unknown_placeholders,
+)
 from app.models import Campaign, CampaignStatus, Channel, Customer, ErrorClass, MessageStatus, OutboundMessage
 from app.pagination import paginate
 
@@ -39,9 +47,30 @@ def get_campaign(campaign_id: int, lock: bool = False) -> Campaign:
 
 
 def with_stats(campaign: Campaign) -> Campaign:
-    """`campaign` with its message `stats` attached, for the detail view."""
+    """`campaign` with its message `stats` attached, for the detail view; an SMS campaign also with its
+    `template_encoding`."""
     campaign.stats = campaign_stats(campaign.id)
+    if campaign.channel == Channel.SMS:
+        campaign.template_encoding = template_encoding(campaign.base_template)
     return campaign
+
+
+def template_encoding(template: str) -> dict:
+    """The encoding and segments of the template's fixed text (placeholders removed: what every message
+    carries whoever it goes to), with a `warning` when that alone makes every message UCS-2 or longer than
+    one SMS, and null otherwise. A warning, never an error: the business may mean it, and pays for it.
+    Customers' values can only add to this (the preview and the estimate count them)."""
+    info = encode_info(fixed_text(template))
+    warnings = []
+    if info.encoding == UCS_2:
+        shown = " ".join(info.non_gsm_characters[:10])
+        warnings.append(
+            f"{shown} {'is' if len(info.non_gsm_characters) == 1 else 'are'} not in the GSM-7 alphabet: every "
+            "message goes as UCS-2, 70 characters per SMS instead of 160 (67 instead of 153 per part)"
+        )
+    if info.segments > 1:
+        warnings.append(f"the fixed text alone takes {info.segments} SMS segments per message")
+    return {**info.as_dict(), "warning": "; ".join(warnings) or None}
 
 
 def check_template(template: str, channel: str) -> None:
@@ -170,6 +199,9 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 campaign_status=campaign.status,
             )
         audience_filter = _audience_filter(customer_ids, audience)
+        opt_out = recipients.opt_out_filter(campaign.channel)  # the estimate applies the same one
+        if opt_out is not None:
+            audience_filter = and_(audience_filter, opt_out)
         rows = recipients.create_pending_messages(campaign.id, audience_filter)
         if campaign.status == CampaignStatus.SCHEDULED and campaign.scheduled_at > clock.now():
             db.session.commit()
@@ -227,13 +259,83 @@ def _enqueue_after_commit(campaign_id: int, count: int, rows: recipients.NewRows
 
 
 def preview(campaign_id: int, customer_id: int) -> dict:
+    """The message the customer would get; for an SMS campaign also its encoding and segments."""
     campaign = get_campaign(campaign_id)
     customer = get_customer(customer_id)
-    fields = {name: getattr(customer, name) for name in ("first_name", "last_name", "preferred_product", "location")}
+    fields = {name: getattr(customer, name) for name in recipients.RENDER_FIELDS}
+    body = render(campaign.base_template, fields)
+    answer = {"campaign_id": campaign.id, "customer_id": customer.id, "rendered_message": body}
+    if campaign.channel == Channel.SMS:
+        answer.update(encode_info(body).as_dict())
+    return answer
+
+
+def estimate(campaign_id: int, customer_ids: list[int] | None = None, audience: Mapping | None = None) -> dict:
+    """What `/send` with the same body would send now, and what it would cost; stores and queues nothing.
+
+    The recipients are resolved as `/send` resolves them (the same 404, 409 and 422), less the customers
+    already messaged in the campaign (a send would not add them again) and those an opt-out excludes.
+    For SMS each one's message is rendered and counted, streamed from the database in chunks: memory stays
+    flat however large the audience. A message over the SMS limit is counted in `too_long`, not in the
+    segments: the send job fails it without sending it."""
+    campaign = get_campaign(campaign_id)
+    try:
+        if campaign.status not in CampaignStatus.SENDABLE:
+            raise ConflictError(
+                f"campaign {campaign_id} is {campaign.status}; only draft, scheduled or sending campaigns can be "
+                "sent, so estimated",
+                campaign_status=campaign.status,
+            )
+        targeted = and_(_audience_filter(customer_ids, audience), recipients.not_yet_messaged(campaign.id))
+        opt_out = recipients.opt_out_filter(campaign.channel)
+        kept = targeted if opt_out is None else and_(targeted, opt_out)
+        answer = {
+            "campaign_id": campaign.id,
+            "channel": campaign.channel,
+            "skipped_opted_out": 0,
+            "segments": None,
+            "by_encoding": None,
+            "too_long": None,
+            "cost": None,
+            "currency": None,
+        }
+        if campaign.channel != Channel.SMS:
+            answer["recipients"] = recipients.count_customers(kept)
+        else:
+            answer.update(_count_sms(campaign.base_template, kept))
+        if opt_out is not None:
+            answer["skipped_opted_out"] = recipients.count_customers(targeted) - answer["recipients"]
+    finally:
+        db.session.rollback()  # read only: end the transaction (and its cursor) here
+    price, currency = current_app.config["SMS_SEGMENT_PRICE"], current_app.config["CURRENCY"]
+    if answer["segments"] is not None and price is not None:
+        answer["cost"] = price * answer["segments"]  # exact: a Decimal times a whole number
+        answer["currency"] = currency
+    return answer
+
+
+def _count_sms(template: str, where: ColumnElement[bool]) -> dict:
+    """Recipients, segments and their split by encoding, rendering each recipient's message in turn."""
+    limit = CHANNEL_LIMITS[Channel.SMS]
+    render_row = compile_template(template, recipients.RENDER_FIELDS)
+    messages = {GSM_7: 0, UCS_2: 0}
+    segments = {GSM_7: 0, UCS_2: 0}
+    count = too_long = 0
+    for row in recipients.stream_recipient_fields(where):
+        count += 1
+        body = render_row(row)
+        if len(body) > limit:
+            too_long += 1
+            continue
+        encoding, _, parts = measure(body)
+        messages[encoding] += 1
+        segments[encoding] += parts
+    by_encoding = {name: {"messages": messages[name], "segments": segments[name]} for name in (GSM_7, UCS_2)}
     return {
-        "campaign_id": campaign.id,
-        "customer_id": customer.id,
-        "rendered_message": render(campaign.base_template, fields),
+        "recipients": count,
+        "segments": sum(b["segments"] for b in by_encoding.values()),
+        "by_encoding": by_encoding,
+        "too_long": too_long,
     }
 
 

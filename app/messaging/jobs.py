@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -16,6 +17,7 @@ from app.messaging.providers.http import LATE_FOR_SLOT
 from app.messaging.queueing import enqueue_messages, pending_messages
 from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import dispatch_due_campaign
+from app.messaging.segments import segments
 from app.messaging.templates import over_limit, placeholder_values, render
 from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus
 
@@ -60,6 +62,9 @@ def send_outbound_message(message_id: int) -> str | Retry:
         outcome = _attempt_and_decide(store, message_id, row) if row["status"] == MessageStatus.PENDING else None
         if isinstance(outcome, Retry):  # no slot at the provider soon: handed back, the message untouched
             return outcome
+        if outcome is not None and outcome.body is not None and row["channel"] == Channel.SMS:
+            # Stored with the body it counts: the segments billed for it (stats sum the accepted ones).
+            outcome = dataclasses.replace(outcome, segments=segments(outcome.body))
         if outcome is not None and not outcome.held:
             recorded = record_through_outage(store, message_id, campaign_id, outcome, _record_window())
     if outcome is None:

@@ -273,6 +273,7 @@ RECORD_ATTEMPT = (
     .values(
         status=bindparam("new_status"),
         rendered_content=bindparam("body"),
+        segments=bindparam("segments"),
         # A success keeps the last error, its code and class, for the record.
         last_error=func.coalesce(bindparam("error"), OutboundMessage.last_error),
         error_code=func.coalesce(bindparam("error_code"), OutboundMessage.error_code),

@@ -56,8 +56,9 @@ LOAD_FOR_SEND = (
 @dataclass(frozen=True)
 class Outcome:
     """What an attempt ends in: the message's new status (`pending` when it is tried again), the retries
-    it has used, the body sent, and what the provider said: its name and message id when it took it, the
-    error, its code and class when it did not. A `held` one made no attempt: the message stays as it is."""
+    it has used, the body sent (and its SMS segments), and what the provider said: its name and message id
+    when it took it, the error, its code and class when it did not. A `held` one made no attempt: the
+    message stays as it is."""
 
     status: str
     retries_used: int
@@ -69,6 +70,7 @@ class Outcome:
     provider_message_id: str | None = None
     retry_after: float | None = None  # a throttled attempt: seconds the provider asked to wait (not stored)
     held: bool = False  # the campaign is not sending (paused): nothing was attempted, nothing is recorded
+    segments: int | None = None  # an SMS body's segments; None for WhatsApp, or when nothing was rendered
 
 
 # A receipt that arrived before the provider id it names was recorded (a fast provider beats the commit).
@@ -97,6 +99,7 @@ def _record_params(message_id: int, campaign_id: int, outcome: Outcome, now: dat
         "campaign_id": campaign_id,
         "new_status": outcome.status,
         "body": outcome.body,
+        "segments": outcome.segments,
         "error": outcome.error,
         "error_code": outcome.error_code,
         "error_class": outcome.error_class,

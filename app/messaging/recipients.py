@@ -69,3 +69,40 @@ def create_pending_messages(campaign_id: int, audience: ColumnElement[bool]) -> 
         first = message_id if first is None else min(first, message_id)
         last = message_id if last is None else max(last, message_id)
     return NewRows(count, first, last)
+
+
+# The fields a message renders from, in the order `stream_recipient_fields` yields them.
+RENDER_FIELDS = ("first_name", "last_name", "preferred_product", "location")
+
+
+def opt_out_filter(channel: str) -> ColumnElement[bool] | None:
+    """The customers of `audience` who may receive `channel`, or None while there is no opt-out to apply.
+
+    The one place a per-channel opt-out plugs in: the estimate counts the customers it excludes as
+    `skipped_opted_out`, and streams only those it keeps."""
+    return None
+
+
+def not_yet_messaged(campaign_id: int) -> ColumnElement[bool]:
+    """Customers without a message in the campaign: a send adds only these (`ON CONFLICT DO NOTHING`)."""
+    existing = select(OutboundMessage.id).where(
+        OutboundMessage.customer_id == Customer.id, OutboundMessage.campaign_id == campaign_id
+    )
+    return ~existing.exists()
+
+
+def count_customers(where: ColumnElement[bool]) -> int:
+    return db.session.scalar(select(func.count()).select_from(Customer).where(where))
+
+
+def stream_recipient_fields(where: ColumnElement[bool], chunk: int = 5000):
+    """The render fields of each customer matching `where`, as tuples in `RENDER_FIELDS` order, fetched
+    `chunk` rows at a time (a server-side cursor on PostgreSQL): 100k recipients never sit in memory at
+    once. No lock is taken: nothing is written from them."""
+    stmt = select(*(getattr(Customer, name) for name in RENDER_FIELDS)).where(where)
+    # Core, on the session's connection (its transaction): rows come back as plain tuples, without the ORM.
+    result = db.session.connection().execute(stmt.execution_options(yield_per=chunk))
+    try:
+        yield from result
+    finally:
+        result.close()
