@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from app.customers.optouts import not_opted_out
+from app.customers.optouts import inbound_phone, not_opted_out
 from app.extensions import db
 from app.models import Customer, CustomerOptOut, OutboundMessage
 from config import SettingsError, check_settings
@@ -99,6 +99,21 @@ def test_text_that_is_not_exactly_a_keyword_is_ignored(app, use_provider, fake_p
     answer = fake_providers.africastalking_inbound(customer.phone, text)
     assert (answer.status, answer.json()) == (200, {"opted_out": 0, "opted_in": 0, "ignored": 1})
     assert opt_outs(customer.id) == {}
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("+254711000222", "+254711000222"),  # Twilio, Africa's Talking
+        ("254711000222", "+254711000222"),  # WhatsApp
+        (" 0711000222 ", "+254711000222"),  # national, in DEFAULT_PHONE_REGION
+        ("", None),
+        ("STOP", None),
+        ("12", None),
+    ],
+)
+def test_inbound_numbers_are_matched_in_e164(app, given, stored):
+    assert inbound_phone(given) == stored
 
 
 def test_an_unknown_number_is_answered_200_and_ignored(app, use_provider, fake_providers):

@@ -76,11 +76,12 @@ def opt_outs_of(customer_ids: Iterable[int]) -> dict[int, dict[str, dict]]:
 
 def inbound_phone(raw: str) -> str | None:
     """An inbound sender's number in E.164, as customers store it: Twilio and Africa's Talking send
-    `+254...`, WhatsApp `254...` (no plus). None when it is no phone number."""
+    `+254...`, WhatsApp `254...` (international, without the plus); a national `07...` is read in
+    `DEFAULT_PHONE_REGION`. None when it is no phone number."""
     raw = (raw or "").strip()
     if not raw:
         return None
-    candidate = raw if raw.startswith("+") else f"+{raw}"
+    candidate = raw if raw.startswith(("+", "0")) else f"+{raw}"
     try:
         return normalize_phone(candidate, current_app.config["DEFAULT_PHONE_REGION"])
     except InvalidPhone:
