@@ -341,3 +341,10 @@ def test_twilio_21610_at_send_time_opts_the_customer_out_of_sms(app, client, use
     assert send(client, later.id, customer_ids=[replied_stop.id, fine.id])["skipped_opted_out"] == 1
     work()
     assert [r.params["To"] for r in fake_providers.requests("twilio")] == [fine.phone]
+
+
+def test_deleting_a_customer_deletes_their_opt_outs(app, client):
+    customer = make_customer()
+    client.post(f"/customers/{customer.id}/opt-out", json={"channel": "sms"})
+    assert client.delete(f"/customers/{customer.id}").status_code == 204
+    assert opt_outs(customer.id) == {}
