@@ -348,3 +348,18 @@ def test_deleting_a_customer_deletes_their_opt_outs(app, client):
     client.post(f"/customers/{customer.id}/opt-out", json={"channel": "sms"})
     assert client.delete(f"/customers/{customer.id}").status_code == 204
     assert opt_outs(customer.id) == {}
+
+
+def test_an_import_run_as_a_job_takes_the_opt_out_columns(app, client, work):
+    app.config["IMPORT_SYNC_MAX_BYTES"] = 1000
+    app.config["IMPORT_BATCH_SIZE"] = 50
+    lines = [f"+2547115{n:05d},{'yes' if n % 3 == 0 else ''},{'1' if n % 5 == 0 else 'no'}" for n in range(120)]
+    body = "phone,opted_out_sms,opted_out_whatsapp\n" + "\n".join(lines) + "\n"
+    response = client.post("/customers/import", data=body.encode(), content_type="text/csv")
+    assert response.status_code == 202, response.get_json()
+    work()
+    done = client.get(response.headers["Location"]).get_json()
+    assert (done["status"], done["report"]["created"], done["report"]["invalid"]) == ("done", 120, 0)
+    sms = client.get("/customers?opted_out=sms&page_size=100").get_json()["pagination"]["total"]
+    whatsapp = client.get("/customers?opted_out=whatsapp&page_size=100").get_json()["pagination"]["total"]
+    assert (sms, whatsapp) == (40, 24)
