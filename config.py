@@ -107,6 +107,18 @@ def str_list(raw: str) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
 
+def keywords(raw: str) -> list[str]:
+    """`"STOP, stopall"` -> `["STOP", "STOPALL"]`: at least one word, each letters and digits only (a
+    keyword is the whole text of a reply, matched in any case)."""
+    values = [word.upper() for word in str_list(raw)]
+    if not values:
+        raise ValueError("must name at least one keyword")
+    bad = [word for word in values if not word.isalnum()]
+    if bad:
+        raise ValueError(f"keywords are single words of letters and digits, not {bad[0]!r}")
+    return values
+
+
 def queue_name(raw: str) -> str:
     if not raw.replace("_", "").replace("-", "").replace(".", "").replace(":", "").isalnum():
         raise ValueError("must be a name of letters, digits, '_', '-', '.' or ':'")
@@ -306,6 +318,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Twilio's `StatusCallback` and to check Twilio's signatures behind a proxy", http_url),
     Setting("WEBHOOK_TOKEN", "", "the secret Africa's Talking callbacks must carry as `?token=` (it does not sign "
             "them)", secret=True),
+    Setting("OPT_OUT_KEYWORDS", "STOP,STOPALL,UNSUBSCRIBE,CANCEL,END,QUIT", "comma-separated words that, as "
+            "the whole text of a message a customer sends us (trimmed, any case), opt them out of that channel",
+            keywords),
+    Setting("OPT_IN_KEYWORDS", "START,UNSTOP", "comma-separated words that opt a customer back in to the "
+            "channel they send them on; none may be an opt-out keyword", keywords),
     Setting("PROVIDER_CONNECT_TIMEOUT", "5", "seconds to connect to a provider's API", number(0.1, 60)),
     Setting("PROVIDER_READ_TIMEOUT", "15", "seconds to wait for a provider's answer; past it the attempt is a "
             "transient failure (the provider may have taken it: see docs/providers.md)", number(0.1, 120)),
@@ -438,6 +455,9 @@ def check_settings(config: Mapping[str, object]) -> None:
     missing = [name for name in config["QUEUES"] if name not in (config["SEND_QUEUE"], config["CONTROL_QUEUE"])]
     if missing:
         raise SettingsError(f"QUEUES: {', '.join(missing)} is neither SEND_QUEUE nor CONTROL_QUEUE")
+    both = sorted(set(config["OPT_OUT_KEYWORDS"]) & set(config["OPT_IN_KEYWORDS"]))
+    if both:
+        raise SettingsError(f"OPT_IN_KEYWORDS: {', '.join(both)} is also in OPT_OUT_KEYWORDS")
     for provider in (config["SMS_PROVIDER"], config["WHATSAPP_PROVIDER"]):
         for names in PROVIDER_REQUIRES.get(provider, ()):
             if not any(config.get(name) for name in names):

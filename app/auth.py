@@ -36,7 +36,10 @@ PUBLIC_ENDPOINTS = frozenset(
         "docs_assets.static",
         # Providers prove who they are with their own signature or token (app.webhooks).
         "webhooks.africastalking_delivery",
+        "webhooks.africastalking_inbound",
+        "webhooks.africastalking_opt_out",
         "webhooks.twilio_status",
+        "webhooks.twilio_inbound",
         "webhooks.whatsapp_verify",
         "webhooks.whatsapp_statuses",
     }

@@ -1,4 +1,4 @@
-"""The tables: customers (and their imports), campaigns and their outbound messages; API keys and
+"""The tables: customers (their opt-outs and imports), campaigns and their outbound messages; API keys and
 idempotency keys."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app import clock
 from app.extensions import db
@@ -108,6 +108,34 @@ class Customer(db.Model):
     preferred_product: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # Shown with the customer; a page of customers loads theirs in one more query. Written only through
+    # `app.customers.optouts` (statements, not the ORM), and deleted with the customer by the database.
+    opt_outs: Mapped[list[CustomerOptOut]] = relationship(lazy="selectin", viewonly=True)
+
+
+class OptOutSource:
+    """Where a customer's opt-out came from (docs/providers.md)."""
+
+    KEYWORD = "keyword"  # they replied an opt-out keyword (STOP, ...) to one of our numbers
+    PROVIDER = "provider"  # the provider told us: Africa's Talking's opt-out notification, Twilio's 21610
+    API = "api"  # POST /customers/{id}/opt-out
+    IMPORT = "import"  # an import's `opted_out_sms` / `opted_out_whatsapp` column
+    ALL = (KEYWORD, PROVIDER, API, IMPORT)
+
+
+class CustomerOptOut(db.Model):
+    """A customer who must not be messaged on a channel: one row per (customer, channel), deleted when they
+    opt back in. A table of its own rather than columns on customers: opt-outs are few next to customers,
+    so the send's `NOT EXISTS` is a hash anti-join against a small table (or an index probe per customer),
+    and customers' rows and their indexes are untouched by opt-outs arriving from webhooks."""
+
+    __tablename__ = "customer_opt_outs"
+
+    # The primary key serves the send's anti-join probe (customer_id, channel) and the customer's own list.
+    customer_id: Mapped[int] = mapped_column(Integer, ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16), primary_key=True)
+    opted_out_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    source: Mapped[str] = mapped_column(String(16))
 
 
 class ImportStatus:

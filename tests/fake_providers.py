@@ -789,6 +789,106 @@ class FakeProviders:
         base = (callback_base_url or self._callback_url("")).rstrip("/")
         return self._post("whatsapp", f"{base}/webhooks/whatsapp?{query}", b"", {}, method="GET")
 
+    # -- messages customers send (replies, STOP and START)
+
+    def africastalking_inbound(
+        self, from_: str, text: str, *, to: str = "12345", token: Any = _UNSET, url: str | None = None
+    ) -> CallbackResult:
+        """An SMS a customer sent to the account's short code or number, as Africa's Talking forwards it: a
+        form POST of from, to, text, date, id, linkId and networkCode to
+        {callback_base_url}/webhooks/africastalking/inbound?token=<webhook_token> (`token` as for receipts)."""
+        params = {
+            "from": from_,
+            "to": to,
+            "text": text,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "id": secrets.token_hex(16),
+            "linkId": secrets.token_hex(8),
+            "networkCode": self.network_code,
+        }
+        return self._post_africastalking("/webhooks/africastalking/inbound", params, token, url)
+
+    def africastalking_opt_out(
+        self, phone: str, *, sender_id: str = "ACME", token: Any = _UNSET, url: str | None = None
+    ) -> CallbackResult:
+        """Africa's Talking's bulk-SMS opt-out notification (the subscriber opted out of the sender id): a
+        form POST of senderId and phoneNumber to {callback_base_url}/webhooks/africastalking/opt-out?token=."""
+        params = {"senderId": sender_id, "phoneNumber": phone}
+        return self._post_africastalking("/webhooks/africastalking/opt-out", params, token, url)
+
+    def _post_africastalking(self, path: str, params: dict[str, str], token: Any, url: str | None) -> CallbackResult:
+        token = self.webhook_token if token is _UNSET else token
+        if url is None:
+            url = self._callback_url(path)
+            if token is not None:
+                url += "?" + urlencode({"token": token})
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        return self._post("africastalking", url, urlencode(params).encode(), headers)
+
+    def twilio_inbound(
+        self,
+        from_: str,
+        body: str,
+        *,
+        to: str | None = None,
+        sign: bool = True,
+        auth_token: str | None = None,
+        url: str | None = None,
+    ) -> CallbackResult:
+        """An SMS a customer sent to the Twilio number, as Twilio's incoming-message webhook posts it: a form
+        POST of MessageSid, SmsSid, SmsMessageSid, AccountSid, From, To, Body, NumMedia, NumSegments and
+        ApiVersion to {callback_base_url}/webhooks/twilio/inbound, signed in X-Twilio-Signature over the
+        exact URL like its status callbacks (`sign=False`: unsigned; `auth_token`: another secret)."""
+        sid = "SM" + secrets.token_hex(16)
+        params = {
+            "AccountSid": self.twilio_account_sid,
+            "ApiVersion": "2010-04-01",
+            "Body": body,
+            "From": from_,
+            "MessageSid": sid,
+            "NumMedia": "0",
+            "NumSegments": "1",
+            "SmsMessageSid": sid,
+            "SmsSid": sid,
+            "SmsStatus": "received",
+            "To": to or self.twilio_service_from,
+        }
+        url = url or self._callback_url("/webhooks/twilio/inbound")
+        headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "TwilioProxy/1.1"}
+        if sign:
+            headers["X-Twilio-Signature"] = RequestValidator(auth_token or self.twilio_auth_token).compute_signature(
+                url, params
+            )
+        return self._post("twilio", url, urlencode(params).encode(), headers)
+
+    def whatsapp_inbound(
+        self,
+        messages: Iterable[tuple[str, str]],
+        *,
+        statuses: Iterable[tuple[str, str]] = (),
+        sign: bool = True,
+        app_secret: str | None = None,
+        url: str | None = None,
+    ) -> CallbackResult:
+        """Meta's messages webhook carrying text messages customers sent, `(wa_id, text)` (`wa_id`: the number
+        without `+`), with their `contacts`, and `statuses` of sent messages `(wamid, status)` in the same post
+        when given; signed as `whatsapp_receipt`."""
+        messages = list(messages)
+        inbound = [
+            {
+                "from": wa_id,
+                "id": "wamid." + secrets.token_hex(24),
+                "timestamp": str(int(time.time())),
+                "type": "text",
+                "text": {"body": text},
+            }
+            for wa_id, text in messages
+        ]
+        contacts = [{"profile": {"name": "Customer"}, "wa_id": wa_id} for wa_id, _ in messages]
+        receipts = [self._whatsapp_status(wamid, status) for wamid, status in statuses]
+        extra = {"contacts": contacts, "messages": inbound} if inbound else {}
+        return self._post_whatsapp(receipts, sign, app_secret, url, extra)
+
     def _whatsapp_status(
         self, wamid: str, status: str, errors: list[int | dict] | None = None, recipient_id: str | None = None
     ) -> dict[str, Any]:
@@ -813,16 +913,23 @@ class FakeProviders:
         return entry
 
     def _post_whatsapp(
-        self, statuses: list[dict[str, Any]], sign: bool = True, app_secret: str | None = None, url: str | None = None
+        self,
+        statuses: list[dict[str, Any]],
+        sign: bool = True,
+        app_secret: str | None = None,
+        url: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> CallbackResult:
-        value = {
+        value: dict[str, Any] = {
             "messaging_product": "whatsapp",
             "metadata": {
                 "display_phone_number": self.whatsapp_display_phone_number,
                 "phone_number_id": self.whatsapp_phone_number_id,
             },
-            "statuses": statuses,
+            **(extra or {}),
         }
+        if statuses or not extra:
+            value["statuses"] = statuses
         envelope = {
             "object": "whatsapp_business_account",
             "entry": [{"id": self.whatsapp_business_account_id, "changes": [{"value": value, "field": "messages"}]}],

@@ -393,7 +393,13 @@ def test_many_whatsapp_statuses_in_one_post(app, client, use_provider, fake_prov
     answer = fake_providers.send_receipts(
         "whatsapp", [(wamids[0], "delivered"), (wamids[1], "failed", [131026]), (wamids[2], "sent")]
     )
-    assert answer.json() == {"applied": 2, "unchanged": 0, "kept": 0, "ignored": 1}
+    assert answer.json() == {
+        "applied": 2,
+        "unchanged": 0,
+        "kept": 0,
+        "ignored": 1,
+        "inbound": {"opted_out": 0, "opted_in": 0, "ignored": 0},
+    }
     assert detail(client, campaign.id)["stats"] == stats(total=3, sent=1, delivered=1, failed=1)
     failed = next(m for m in messages(client, campaign.id) if m["status"] == "failed")
     assert failed["error_code"] == "131026"

@@ -151,6 +151,13 @@ class SendResultSchema(Schema):
             "reconciler queues them (within RECONCILE_INTERVAL + STALE_AFTER). 0 normally."
         },
     )
+    skipped_opted_out = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Customers of the audience (or ids) opted out of the campaign's channel: no message "
+            "was created for them."
+        },
+    )
     status = fields.String(required=True)
     messages_scheduled = fields.Integer(
         metadata={"description": "Recipients stored for a campaign scheduled in the future."}

@@ -12,6 +12,7 @@ from flask import current_app
 from sqlalchemy import ColumnElement, and_, func, select, true
 
 from app import clock
+from app.customers import optouts
 from app.customers.service import get_customer
 from app.database import statement_budget
 from app.errors import ConflictError, NotFoundError, ValidationFailed
@@ -199,10 +200,9 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 campaign_status=campaign.status,
             )
         audience_filter = _audience_filter(customer_ids, audience)
-        opt_out = recipients.opt_out_filter(campaign.channel)  # the estimate applies the same one
-        if opt_out is not None:
-            audience_filter = and_(audience_filter, opt_out)
-        rows = recipients.create_pending_messages(campaign.id, audience_filter)
+        rows = recipients.create_pending_messages(campaign.id, audience_filter, campaign.channel)
+        # Read in the same transaction, after the insert: the opted-out among the audience it left out.
+        skipped = optouts.count_opted_out(audience_filter, campaign.channel)
         if campaign.status == CampaignStatus.SCHEDULED and campaign.scheduled_at > clock.now():
             db.session.commit()
             return {
@@ -210,6 +210,7 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 "messages_queued": 0,
                 "messages_left_for_reconciler": 0,
                 "messages_scheduled": rows.count,
+                "skipped_opted_out": skipped,
                 "status": campaign.status,
                 "scheduled_at": campaign.scheduled_at,
             }
@@ -222,6 +223,11 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 )
             )
             if not count:
+                if skipped:
+                    raise ValidationFailed(
+                        f"every customer of the audience is opted out of {campaign.channel}: nothing to send",
+                        skipped_opted_out=skipped,
+                    )
                 raise ValidationFailed("the audience matches no customer: nothing to send")
             lifecycle.start_sending(campaign.id)  # under the campaign's row lock: it moves
         else:
@@ -237,6 +243,7 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
         "campaign_id": campaign.id,
         "messages_queued": queued,
         "messages_left_for_reconciler": max(count - queued, 0),
+        "skipped_opted_out": skipped,
         "status": CampaignStatus.SENDING,
     }
 

@@ -4,7 +4,10 @@ by phone in batches.
 What an import writes:
 - only the columns the header names: a column the file does not have is left as it is;
 - an empty cell keeps the stored value (a new customer gets null); a field is cleared with PATCH;
-- lines for the same phone merge the same way: a later non-empty value wins.
+- lines for the same phone merge the same way: a later non-empty value wins;
+- the optional `opted_out_sms` and `opted_out_whatsapp` columns opt the customer out of that channel
+  (`true`, `1`, `yes`; source `import`, a customer already opted out keeps their first time and source) or
+  back in (`false`, `0`, `no`); empty keeps their opt-out as it is.
 
 Good rows are kept when some are bad; a bad row is reported with the line its record began on. Memory
 stays flat whatever the file: one batch of rows is held, and no record longer than `MAX_RECORD_BYTES`.
@@ -28,16 +31,30 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError
 
 from app import clock
+from app.customers import optouts
 from app.customers.phones import InvalidPhone, normalize_phone
 from app.errors import ValidationFailed
 from app.extensions import db
-from app.models import Customer
+from app.models import Channel, Customer, OptOutSource
 from app.text import text_problem
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("phone", "first_name", "last_name", "location", "preferred_product")
-MAX_LENGTHS = {"first_name": 100, "last_name": 100, "location": 100, "preferred_product": 200, "phone": 32}
+# Optional columns that set the customer's opt-out of a channel rather than a field of theirs.
+OPT_OUT_COLUMNS = {"opted_out_sms": Channel.SMS, "opted_out_whatsapp": Channel.WHATSAPP}
+ALL_COLUMNS = (*COLUMNS, *OPT_OUT_COLUMNS)
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+MAX_LENGTHS = {
+    "first_name": 100,
+    "last_name": 100,
+    "location": 100,
+    "preferred_product": 200,
+    "phone": 32,
+    "opted_out_sms": 5,
+    "opted_out_whatsapp": 5,
+}
 MAX_REPORTED_ERRORS = 1000
 # The longest record a valid row needs, with room to spare: every column at its limit in 4-byte UTF-8
 # characters, each doubled by CSV quoting, with its quotes and comma; twice that for padding.
@@ -127,7 +144,7 @@ def _listed(names: list[str]) -> str:
 def read_header(source: LineSource) -> tuple[str, ...]:
     """The column names of the header record; `ValidationFailed` (a 422) when it is missing, has no
     `phone`, an unknown column or a column twice."""
-    expected = ",".join(COLUMNS)
+    expected = ",".join(COLUMNS) + " (optional: " + ", ".join(OPT_OUT_COLUMNS) + ")"
     source.start_record()
     try:
         header = [h.strip().lower() for h in next(csv.reader(source))]
@@ -137,7 +154,7 @@ def read_header(source: LineSource) -> tuple[str, ...]:
         raise ValidationFailed(f"CSV header: longer than {source.limit} bytes; expected columns: {expected}") from None
     except csv.Error as exc:
         raise ValidationFailed(f"CSV header: not CSV ({exc}); expected columns: {expected}") from None
-    unknown = [h for h in header if h not in COLUMNS]
+    unknown = [h for h in header if h not in ALL_COLUMNS]
     problems = []
     if "phone" not in header:
         problems.append("no phone column")
@@ -168,6 +185,9 @@ def _parse(header: tuple[str, ...], values: list[str], region: str) -> dict:
         problem = text_problem(value)
         if problem:
             raise ValueError(f"{name}: {problem}")
+        if name in OPT_OUT_COLUMNS:
+            row[name] = _flag(name, value)
+            continue
         if len(value) > MAX_LENGTHS[name]:
             raise ValueError(f"{name}: longer than {MAX_LENGTHS[name]} characters")
         row[name] = value or None
@@ -178,6 +198,19 @@ def _parse(header: tuple[str, ...], values: list[str], region: str) -> dict:
     except InvalidPhone as exc:
         raise ValueError(f"phone: {exc}") from None
     return row
+
+
+def _flag(name: str, value: str) -> bool | None:
+    """An opt-out cell: True (opt out), False (opt back in), None (empty: keep as it is)."""
+    word = value.lower()
+    if not word:
+        return None
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    shown = value if len(value) <= MAX_LISTED_NAME else value[:MAX_LISTED_NAME] + "..."
+    raise ValueError(f"{name}: {shown!r} is not one of true/false, 1/0, yes/no (or empty)")
 
 
 @dataclass
@@ -273,18 +306,38 @@ def _upsert(rows: list[dict], columns: tuple[str, ...]) -> int:
         return sum(db.session.execute(stmt, {**arrays, "now": now}).scalars())
     # SQLite has one writer at a time: a read before the write counts exactly.
     existing = db.session.scalar(select(func.count()).where(_customers.c.phone.in_([row["phone"] for row in rows])))
-    db.session.execute(stmt, [{**row, "created_at": now, "updated_at": now} for row in rows])
+    db.session.execute(stmt, [{**{c: row[c] for c in columns}, "created_at": now, "updated_at": now} for row in rows])
     return len(rows) - existing
 
 
-def write_batch(batch: Batch, columns: tuple[str, ...], report: ImportReport) -> None:
-    """Upsert the batch's rows in the caller's transaction, in phone order, and count them in `report`.
+def _write_opt_outs(rows: list[dict], header: tuple[str, ...]) -> None:
+    """The opt-out columns of written rows: opt out or back in by phone, in the caller's transaction."""
+    for column in (c for c in header if c in OPT_OUT_COLUMNS):
+        flagged = {True: [], False: []}
+        for row in rows:
+            if row.get(column) is not None:
+                flagged[row[column]].append(row["phone"])
+        for value, phones in flagged.items():
+            if not phones:
+                continue
+            ids = db.session.scalars(select(Customer.id).where(Customer.phone.in_(phones))).all()
+            channel = OPT_OUT_COLUMNS[column]
+            if value:
+                optouts.opt_out_ids(ids, channel, OptOutSource.IMPORT)
+            else:
+                optouts.opt_in_ids(ids, channel)
+
+
+def write_batch(batch: Batch, header: tuple[str, ...], report: ImportReport) -> None:
+    """Upsert the batch's rows in the caller's transaction, in phone order, and count them in `report`;
+    then apply their opt-out columns.
 
     If the database refuses the batch, its rows are written one by one, each in a savepoint, so that a
     refused row costs only itself; it is reported with its line."""
     phones = sorted(batch.rows)
     if not phones:
         return
+    columns = tuple(c for c in header if c not in OPT_OUT_COLUMNS)
     try:
         with db.session.begin_nested():
             created = _upsert([batch.rows[p] for p in phones], columns)
@@ -301,6 +354,7 @@ def write_batch(batch: Batch, columns: tuple[str, ...], report: ImportReport) ->
                 report.reject(batch.lines[phone], "the database refused this row")
     report.created += created
     report.updated += len(written) - created + sum(batch.repeats.get(p, 0) for p in written)
+    _write_opt_outs([batch.rows[p] for p in written], header)
 
 
 def import_customers(stream: IO[bytes], progress: Callable[[int], None] | None = None) -> ImportReport:

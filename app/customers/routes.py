@@ -7,7 +7,13 @@ from app.blueprint import Blueprint
 from app.bodies import spool
 from app.customers import imports, service
 from app.customers.importer import COLUMNS
-from app.customers.schemas import CustomerImportSchema, CustomerQuerySchema, CustomerSchema, ImportReportSchema
+from app.customers.schemas import (
+    CustomerImportSchema,
+    CustomerQuerySchema,
+    CustomerSchema,
+    ImportReportSchema,
+    OptOutRequestSchema,
+)
 from app.errors import ValidationFailed
 from app.idempotency import idempotent
 from app.models import CustomerImport
@@ -55,6 +61,24 @@ class CustomerById(MethodView):
     def delete(self, customer_id):
         """Delete a customer who has no messages"""
         service.delete_customer(customer_id)
+
+
+@bp.route("/<int(max=2147483647):customer_id>/opt-out", methods=["POST"])
+@bp.arguments(OptOutRequestSchema)
+@bp.response(200, CustomerSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown customer")
+def opt_out(data, customer_id):
+    """Opt the customer out of a channel: no campaign messages them there (idempotent: the first time is kept)"""
+    return service.opt_out(customer_id, data["channel"])
+
+
+@bp.route("/<int(max=2147483647):customer_id>/opt-in", methods=["POST"])
+@bp.arguments(OptOutRequestSchema)
+@bp.response(200, CustomerSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown customer")
+def opt_in(data, customer_id):
+    """Opt the customer back in to a channel (idempotent)"""
+    return service.opt_in(customer_id, data["channel"])
 
 
 CSV_BODY = {

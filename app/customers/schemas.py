@@ -1,6 +1,6 @@
 from marshmallow import Schema, fields, validate
 
-from app.models import ImportStatus
+from app.models import Channel, ImportStatus
 from app.schemas import PageQuerySchema, Text, UTCDateTime
 
 
@@ -17,12 +17,37 @@ class CustomerSchema(Schema):
     last_name = _name(100)
     location = _name(100)
     preferred_product = _name(200)
+    opt_outs = fields.Method(
+        "_opt_outs",
+        dump_only=True,
+        metadata={
+            "type": "object",
+            "description": "The channels the customer opted out of, each with when and where it came from "
+            '(`keyword`, `provider`, `api`, `import`): `{"sms": {"opted_out_at": "...", "source": "keyword"}}`. '
+            "No campaign messages them there.",
+            "example": {"sms": {"opted_out_at": "2026-12-03T14:00:00+00:00", "source": "keyword"}},
+        },
+    )
     created_at = UTCDateTime(dump_only=True)
     updated_at = UTCDateTime(dump_only=True)
+
+    def _opt_outs(self, customer) -> dict:
+        return {
+            o.channel: {"opted_out_at": o.opted_out_at.isoformat(), "source": o.source}
+            for o in sorted(customer.opt_outs, key=lambda o: o.channel)
+        }
 
 
 class CustomerQuerySchema(PageQuerySchema):
     location = Text(validate=validate.Length(max=100))
+    opted_out = fields.String(
+        validate=validate.OneOf(Channel.ALL),
+        metadata={"description": "Only customers opted out of this channel (`sms` or `whatsapp`)."},
+    )
+
+
+class OptOutRequestSchema(Schema):
+    channel = fields.String(required=True, validate=validate.OneOf(Channel.ALL))
 
 
 class ImportErrorSchema(Schema):

@@ -8,10 +8,11 @@ from flask import current_app
 from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
 
+from app.customers import optouts
 from app.customers.phones import InvalidPhone, normalize_phone
 from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
-from app.models import Customer, OutboundMessage
+from app.models import Customer, OptOutSource, OutboundMessage
 from app.pagination import paginate
 
 
@@ -85,8 +86,29 @@ def delete_customer(customer_id: int) -> None:
         raise ConflictError(f"customer {customer_id} has messages in campaigns; their history is kept")
 
 
-def list_customers(page: int, page_size: int, location: str | None = None) -> dict:
+def list_customers(page: int, page_size: int, location: str | None = None, opted_out: str | None = None) -> dict:
     stmt = select(Customer).order_by(Customer.id.desc())
     if location is not None:
         stmt = stmt.where(Customer.location == location)
+    if opted_out is not None:
+        stmt = stmt.where(optouts.opted_out(opted_out))
     return paginate(stmt, page, page_size)
+
+
+def opt_out(customer_id: int, channel: str) -> Customer:
+    """Opt the customer out of `channel` (source `api`); opting out again keeps the first time and source.
+    Messages of theirs still queued on that channel are canceled when their send job runs."""
+    customer = get_customer(customer_id)
+    optouts.opt_out_ids([customer.id], channel, OptOutSource.API)
+    db.session.commit()
+    db.session.refresh(customer)
+    return customer
+
+
+def opt_in(customer_id: int, channel: str) -> Customer:
+    """Opt the customer back in to `channel`; a customer not opted out stays as they are."""
+    customer = get_customer(customer_id)
+    optouts.opt_in_ids([customer.id], channel)
+    db.session.commit()
+    db.session.refresh(customer)
+    return customer

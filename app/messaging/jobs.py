@@ -10,6 +10,8 @@ import time
 from flask import current_app
 from rq import Retry, get_current_job
 
+from app.customers import optouts
+from app.extensions import db
 from app.messaging import lifecycle, receipts, throttle
 from app.messaging.message_store import MessageStore, Outcome, open_store, record_through_outage
 from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
@@ -19,7 +21,7 @@ from app.messaging.reconcile import reconcile
 from app.messaging.scheduling import dispatch_due_campaign
 from app.messaging.segments import segments
 from app.messaging.templates import over_limit, placeholder_values, render
-from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus
+from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus, OptOutSource
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,10 @@ def send_outbound_message(message_id: int) -> str | Retry:
     sender id, template) would refuse every other message too: the message stays pending with the retries
     it had, the campaign is paused with the provider's words in `status_reason`, and the job ends without
     a retry. A job whose campaign is not `sending` (paused) sends nothing and records nothing: the
-    message stays pending, and the job ends (resume queues it again). Under a throughput limit the send
+    message stays pending, and the job ends (resume queues it again). A message whose customer has opted
+    out of the channel since it was queued is `canceled` ("recipient opted out") without a provider call;
+    a provider's refusal saying the recipient opted out with it (Twilio 21610) fails the message for good
+    and opts the customer out (source `provider`). Under a throughput limit the send
     first takes its slot at the provider (`app.messaging.throttle`): a slot more than a second away hands
     the job back for later, the message untouched and no retry used; after a wait of more than
     `RECHECK_AFTER` the campaign's status is read again; a send held up past its slot takes a new one.
@@ -75,6 +80,8 @@ def send_outbound_message(message_id: int) -> str | Retry:
         return f"held: campaign {row['campaign_status']}"
     if recorded.receipt_waiting:
         receipts.apply_waiting(outcome.provider, outcome.provider_message_id)
+    if outcome.recipient_opted_out:
+        _opt_out_at_provider(row, message_id)
     extra = {"campaign_id": campaign_id, "message_id": message_id, "status": outcome.status}
     if outcome.error_class == ErrorClass.THROTTLED:
         delay = _postpone_delay(outcome)
@@ -94,6 +101,8 @@ def send_outbound_message(message_id: int) -> str | Retry:
     return outcome.status
 
 
+# The `last_error` of a message canceled because its customer opted out after it was queued.
+OPTED_OUT_REASON = "recipient opted out"
 # Seconds of waiting for a slot at the provider after which the campaign's status is read again before the
 # send (a pause must stop sends within a second; the wait may be up to `throttle.MAX_WAIT` a slot).
 RECHECK_AFTER = 0.25
@@ -112,6 +121,22 @@ def _postpone_delay(outcome: Outcome) -> int:
     return min(THROTTLE_BACKOFF * 2**postponed, THROTTLE_BACKOFF_CAP)
 
 
+def _opt_out_at_provider(row: dict, message_id: int) -> None:
+    """The provider refused the message because its recipient opted out with it: record the opt-out here
+    too (source `provider`), so that later sends leave them out before reaching the provider."""
+    changed = optouts.opt_out_ids([row["customer_id"]], row["channel"], OptOutSource.PROVIDER)
+    db.session.commit()
+    log.info(
+        "the provider says the recipient opted out; customer opted out",
+        extra={
+            "message_id": message_id,
+            "customer_id": row["customer_id"],
+            "channel": row["channel"],
+            "changed": bool(changed),
+        },
+    )
+
+
 def _record_window() -> float:
     """How long to keep trying to record an attempt through a database outage: `RECORD_RETRY_WINDOW`, and
     never more than half of the job's timeout, so that RQ does not stop the job while it records."""
@@ -127,6 +152,8 @@ def _attempt_and_decide(store: MessageStore, message_id: int, row: dict) -> Outc
     if row["phone"] is None:
         gone = {"error_code": "customer_gone", "error_class": ErrorClass.PERMANENT}
         return Outcome(MessageStatus.FAILED, retries, error="the customer no longer exists", **gone)
+    if row["opted_out"]:  # since it was queued: never sent, whatever the campaign's status
+        return Outcome(MessageStatus.CANCELED, retries, error=OPTED_OUT_REASON, error_code="opted_out")
     body = render(row["base_template"], row)
     too_long = over_limit(body, row["channel"])
     if too_long:  # long values made it so: no provider would take it, now or on a retry
@@ -154,6 +181,9 @@ def _attempt_and_decide(store: MessageStore, message_id: int, row: dict) -> Outc
             break
     else:  # late for every slot it took: the worker is overloaded; back to the queue
         return Retry(max=MAX_POSTPONEMENTS, interval=1)
+    if result.recipient_opted_out:
+        refused = {"error": result.error, "error_code": result.error_code, "error_class": result.error_class}
+        return Outcome(MessageStatus.FAILED, retries, body, **refused, recipient_opted_out=True)
     if result.ok:
         return Outcome(
             MessageStatus.SENT, retries, body, provider=provider.name, provider_message_id=result.provider_message_id

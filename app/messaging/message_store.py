@@ -18,14 +18,14 @@ from typing import Protocol, Self
 
 import psycopg
 from psycopg.rows import dict_row
-from sqlalchemy import bindparam, select
+from sqlalchemy import and_, bindparam, exists, select
 from sqlalchemy.engine import Compiled
 
 from app import clock
 from app.database import describe, is_unavailable
 from app.extensions import db
 from app.messaging.lifecycle import LAST_PENDING, RECORD_ATTEMPT, pending_exists_now
-from app.models import Campaign, Customer, DeliveryReceipt, OutboundMessage
+from app.models import Campaign, Customer, CustomerOptOut, DeliveryReceipt, OutboundMessage
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,17 @@ LOAD_FOR_SEND = (
         OutboundMessage.status,
         OutboundMessage.retry_count,
         OutboundMessage.campaign_id,
+        OutboundMessage.customer_id,
+        # A customer who opted out of the channel after the message was queued is not messaged: the
+        # message is canceled instead (one primary-key probe, in the same round trip).
+        exists()
+        .where(
+            and_(
+                CustomerOptOut.customer_id == OutboundMessage.customer_id,
+                CustomerOptOut.channel == Campaign.channel,
+            )
+        )
+        .label("opted_out"),
         # A paused (or canceled) campaign's job sends nothing: checked just before the provider call.
         Campaign.status.label("campaign_status"),
         Campaign.channel,
@@ -71,6 +82,7 @@ class Outcome:
     retry_after: float | None = None  # a throttled attempt: seconds the provider asked to wait (not stored)
     held: bool = False  # the campaign is not sending (paused): nothing was attempted, nothing is recorded
     segments: int | None = None  # an SMS body's segments; None for WhatsApp, or when nothing was rendered
+    recipient_opted_out: bool = False  # the provider says the recipient opted out with it (not stored)
 
 
 # A receipt that arrived before the provider id it names was recorded (a fast provider beats the commit).

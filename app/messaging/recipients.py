@@ -2,7 +2,8 @@
 
 Rows are created by one `INSERT ... SELECT ... ON CONFLICT DO NOTHING`, so a customer has at most one
 message per campaign however often `/send` is called, and the web process never holds a list of
-recipients.
+recipients. Customers opted out of the campaign's channel are left out by the same statement (an
+anti-join against their opt-outs, `app.customers.optouts.not_opted_out`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from sqlalchemy import ColumnElement, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app import clock
+from app.customers.optouts import not_opted_out
 from app.database import statement_budget
 from app.extensions import db
 from app.models import Customer, MessageStatus, OutboundMessage
@@ -28,8 +30,9 @@ class NewRows:
     last_id: int | None
 
 
-def create_pending_messages(campaign_id: int, audience: ColumnElement[bool]) -> NewRows:
-    """Insert a pending message for every customer matching `audience` who has none in the campaign.
+def create_pending_messages(campaign_id: int, audience: ColumnElement[bool], channel: str) -> NewRows:
+    """Insert a pending message for every customer matching `audience` who has none in the campaign and
+    is not opted out of `channel`.
 
     One statement, in the caller's transaction; the caller commits. On PostgreSQL it runs with
     `SEND_STATEMENT_TIMEOUT` for the rest of the transaction: a million recipients take about 9 s.
@@ -42,7 +45,7 @@ def create_pending_messages(campaign_id: int, audience: ColumnElement[bool]) -> 
         literal(0),
         literal(now, OutboundMessage.created_at.type),
         literal(now, OutboundMessage.updated_at.type),
-    ).where(audience)
+    ).where(audience, not_opted_out(channel))
     # A key-share lock on each customer read, held until the commit: a concurrent delete of one of them
     # waits for this send and then sees its message (app.customers.service.delete_customer).
     source = source.with_for_update(read=True, key_share=True)
@@ -76,11 +79,10 @@ RENDER_FIELDS = ("first_name", "last_name", "preferred_product", "location")
 
 
 def opt_out_filter(channel: str) -> ColumnElement[bool] | None:
-    """The customers of `audience` who may receive `channel`, or None while there is no opt-out to apply.
-
-    The one place a per-channel opt-out plugs in: the estimate counts the customers it excludes as
-    `skipped_opted_out`, and streams only those it keeps."""
-    return None
+    """The customers who may receive `channel` (not opted out of it; `create_pending_messages` applies the
+    same): the estimate counts the customers it excludes as `skipped_opted_out`, and streams only those it
+    keeps. None would apply no opt-out."""
+    return not_opted_out(channel)
 
 
 def not_yet_messaged(campaign_id: int) -> ColumnElement[bool]:

@@ -41,6 +41,9 @@ class SendResult:
     error_code: str | None = None
     error: str | None = None
     retry_after: float | None = None  # seconds the provider asked to wait (throttled)
+    # The provider refused because the recipient opted out with it (Twilio 21610: they replied STOP):
+    # the customer is opted out of the channel here too, so that no campaign tries again.
+    recipient_opted_out: bool = False
 
     @classmethod
     def accepted(cls, provider_message_id: str | None) -> SendResult:

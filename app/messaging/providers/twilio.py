@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from flask import Flask
 
@@ -19,10 +20,12 @@ from app.messaging.receipts import Receipt
 from app.models import ErrorClass, MessageStatus
 
 STATUS_CALLBACK_PATH = "/webhooks/twilio/status"
+# The refusal of a recipient who replied STOP to the sender (Twilio keeps its own opt-out list).
+OPTED_OUT = 21610
 # code -> class. Other 4xx codes are permanent (the request itself is refused), 5xx transient.
 CLASSES = {
     21211: ErrorClass.PERMANENT,  # invalid `To`
-    21610: ErrorClass.PERMANENT,  # the recipient replied STOP
+    21610: ErrorClass.PERMANENT,  # the recipient replied STOP: also opts the customer out (OPTED_OUT)
     21614: ErrorClass.PERMANENT,  # `To` is not a mobile number
     21612: ErrorClass.PERMANENT,  # cannot route to this number
     21408: ErrorClass.PERMANENT,  # region not enabled for this number
@@ -90,7 +93,8 @@ class Twilio:
             default = ErrorClass.TRANSIENT if response.status_code >= 500 else ErrorClass.PERMANENT
             error_class = CLASSES.get(code, default)
         error = f"Twilio {code}: {body.get('message') or response.reason_phrase}"
-        return SendResult.refused(error_class, error, code, retry_after(response))
+        result = SendResult.refused(error_class, error, code, retry_after(response))
+        return replace(result, recipient_opted_out=True) if code == OPTED_OUT else result
 
 
 # A failed or undelivered receipt's `ErrorCode` -> permanent: the number can never receive it, so

@@ -169,14 +169,31 @@ def receipts_from_payload(payload: object) -> list[Receipt]:
     return found
 
 
-def statuses(payload: object) -> list[dict]:
-    """Every status object of a webhook post, whatever else it holds (tolerant of missing parts)."""
-    statuses: list[dict] = []
+def _items(payload: object, key: str) -> list[dict]:
+    """Every object under `value.<key>` of a webhook post, whatever else it holds (tolerant of missing parts)."""
+    found: list[dict] = []
     entries = payload.get("entry") if isinstance(payload, dict) else None
     for entry in entries if isinstance(entries, list) else []:
         changes = entry.get("changes") if isinstance(entry, dict) else None
         for change in changes if isinstance(changes, list) else []:
             value = change.get("value") if isinstance(change, dict) else None
-            items = value.get("statuses") if isinstance(value, dict) else None
-            statuses.extend(item for item in (items if isinstance(items, list) else []) if isinstance(item, dict))
-    return statuses
+            items = value.get(key) if isinstance(value, dict) else None
+            found.extend(item for item in (items if isinstance(items, list) else []) if isinstance(item, dict))
+    return found
+
+
+def statuses(payload: object) -> list[dict]:
+    """Every status object of a webhook post (delivery receipts)."""
+    return _items(payload, "statuses")
+
+
+def inbound_texts(payload: object) -> list[tuple[str, str]]:
+    """`(from, text)` of every text message a customer sent us in a webhook post (`messages[]`, type
+    `text`; `from` is the number without `+`). Other types (images, buttons, ...) carry no keyword."""
+    texts = []
+    for message in _items(payload, "messages"):
+        sender, text = message.get("from"), message.get("text")
+        body = text.get("body") if isinstance(text, dict) else None
+        if isinstance(sender, str) and isinstance(body, str):
+            texts.append((sender, body))
+    return texts
