@@ -93,7 +93,13 @@ def test_repeat_send_replays_and_enqueues_nothing_more(client, redis_conn, send_
     assert (
         again.get_json()
         == first.get_json()
-        == {"campaign_id": campaign_id, "messages_queued": 3, "messages_left_for_reconciler": 0, "status": "sending"}
+        == {
+            "campaign_id": campaign_id,
+            "messages_queued": 3,
+            "messages_left_for_reconciler": 0,
+            "skipped_opted_out": 0,
+            "status": "sending",
+        }
     )
     assert len(jobs) == 3 and send_queue.job_ids == []
     assert count(OutboundMessage) == 3
