@@ -235,6 +235,23 @@ def test_a_paused_campaign_holds_before_quiet_hours_are_looked_at(app, client, c
     assert [(m.status, m.not_before) for m in messages(campaign.id)] == [("pending", None)]
 
 
+def test_waiting_messages_queued_again_by_a_resume_wait_again(app, client, clock, night, redis_conn, work, send_log):
+    clock.current = EVENING
+    campaign = make_campaign()
+    send_to(client, campaign.id, make_customers(2))
+    work()
+    assert client.post(f"/campaigns/{campaign.id}/pause").status_code == 200
+    clock.advance(hours=2)  # 22:05 in Nairobi
+    assert client.post(f"/campaigns/{campaign.id}/resume").status_code == 200
+    work()  # the jobs the resume queued run, and find the night still on
+    assert read_send_log(send_log) == []
+    assert {(m.status, m.retry_count, m.not_before) for m in messages(campaign.id)} == {("pending", 0, MORNING)}
+    assert detail(client, campaign.id)["stats"]["waiting_quiet_hours"] == 2
+    clock.current = MORNING
+    run_postponed(app, redis_conn, work)
+    assert len(read_send_log(send_log)) == 2
+
+
 # --- surviving a flushed Redis ---
 
 
