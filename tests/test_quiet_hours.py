@@ -247,6 +247,11 @@ def test_waiting_messages_queued_again_by_a_resume_wait_again(app, client, clock
     assert read_send_log(send_log) == []
     assert {(m.status, m.retry_count, m.not_before) for m in messages(campaign.id)} == {("pending", 0, MORNING)}
     assert detail(client, campaign.id)["stats"]["waiting_quiet_hours"] == 2
+    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
+    wait = (MORNING - clock.now()).total_seconds()  # ten hours now, from the second hold
+    for message in messages(campaign.id):
+        due = registry.get_scheduled_time(message_job_id(message.id)).timestamp()
+        assert abs(due - (time.time() + wait)) < 60
     clock.current = MORNING
     run_postponed(app, redis_conn, work)
     assert len(read_send_log(send_log)) == 2
