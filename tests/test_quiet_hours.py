@@ -14,6 +14,7 @@ from rq.registry import ScheduledJobRegistry
 from sqlalchemy import select
 
 from app.extensions import db
+from app.messaging import throttle
 from app.messaging.queueing import message_job_id
 from app.messaging.quiet_hours import recipient_zone, window_end
 from app.messaging.reconcile import reconcile
@@ -255,6 +256,24 @@ def test_waiting_messages_queued_again_by_a_resume_wait_again(app, client, clock
     clock.current = MORNING
     run_postponed(app, redis_conn, work)
     assert len(read_send_log(send_log)) == 2
+
+
+@pytest.mark.real_only
+def test_a_held_message_takes_no_slot_of_the_throughput_limit(app, client, clock, night, redis_conn, work, send_log):
+    """Checked before the slot: messages waiting out the night leave the limit's slots to those that go."""
+    app.config["SMS_RATE_LIMIT"] = "100/second"
+    slots = f"{throttle.KEY_PREFIX}:*"
+    clock.current = EVENING
+    campaign = make_campaign()
+    send_to(client, campaign.id, make_customers(5))
+    work()
+    assert read_send_log(send_log) == []
+    assert list(redis_conn.scan_iter(slots)) == []  # no slot was taken
+    day = make_campaign(respect_quiet_hours=False)
+    send_to(client, day.id, make_customers(1))
+    work()
+    assert len(read_send_log(send_log)) == 1
+    assert list(redis_conn.scan_iter(slots)) != []  # the one that went took one
 
 
 # --- surviving a flushed Redis ---
