@@ -132,6 +132,7 @@ def test_inside_the_window_nothing_is_sent_and_the_job_comes_back_at_its_end(
     assert abs(due - (time.time() + (MORNING - EVENING).total_seconds())) < 60
     job = Job.fetch(job_id, connection=redis_conn)
     assert job.retries_left == app.config["MAX_RETRIES"]  # no retry of the message's was used
+    assert redis_conn.ttl(job.key) == -1  # the job waits the whole night without expiring
 
     clock.current = MORNING + timedelta(seconds=1)
     assert run_postponed(app, redis_conn, work) == [job_id]
