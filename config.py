@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from dotenv import load_dotenv
@@ -211,6 +213,48 @@ def phone_region(raw: str) -> str:
     return region
 
 
+@dataclass(frozen=True)
+class TimeWindow:
+    """A daily window of local time, `start` included, `end` excluded; it crosses midnight when `end`
+    comes before `start` (`20:00-08:00`)."""
+
+    start: time
+    end: time
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+def _clock_time(raw: str) -> time:
+    hours, sep, minutes = raw.partition(":")
+    if not sep or len(hours) != 2 or len(minutes) != 2 or not (hours + minutes).isdigit():
+        raise ValueError
+    return time(int(hours), int(minutes))  # ValueError past 23:59
+
+
+def quiet_hours(raw: str) -> TimeWindow | None:
+    """`HH:MM-HH:MM` in the recipient's local time (it may cross midnight); empty: none."""
+    if not raw:
+        return None
+    start, sep, end = raw.replace(" ", "").partition("-")
+    try:
+        window = TimeWindow(_clock_time(start), _clock_time(end))
+    except ValueError:
+        raise ValueError("must be a window such as 20:00-08:00 (HH:MM-HH:MM, 24-hour), or empty for none") from None
+    if not sep or window.start == window.end:
+        raise ValueError("must be a window such as 20:00-08:00 whose start and end differ, or empty for none")
+    return window
+
+
+def time_zone(raw: str) -> str:
+    """An IANA time zone name known to this system (`Africa/Nairobi`)."""
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("must be an IANA time zone such as Africa/Nairobi") from None
+    return raw
+
+
 def database_url(raw: str) -> str:
     """The SQLAlchemy URL for `raw`: PostgreSQL through psycopg 3 (Heroku's `postgres://` accepted), or
     SQLite; empty is a SQLite file in the instance folder."""
@@ -334,6 +378,11 @@ SETTINGS: tuple[Setting, ...] = (
             optional_rate_limit),
     Setting("WHATSAPP_RATE_LIMIT", "", "most WhatsApp messages sent per provider account (phone number id), by all "
             "workers together (e.g. `80/second`); empty: unlimited", optional_rate_limit),
+    Setting("QUIET_HOURS", "", "a daily window (`HH:MM-HH:MM`, in the recipient's local time; it may cross "
+            "midnight, e.g. `20:00-08:00`) in which no message of a campaign that respects quiet hours is sent: it "
+            "waits for the window's end; empty: none", quiet_hours),
+    Setting("DEFAULT_TIMEZONE", "Africa/Nairobi", "the recipient's time zone for QUIET_HOURS when their number "
+            "maps to no time zone, or to several", time_zone),
     Setting("AFRICASTALKING_USERNAME", "", "Africa's Talking username (`sandbox` for the sandbox)"),
     Setting("AFRICASTALKING_API_KEY", "", "Africa's Talking API key", secret=True),
     Setting("AFRICASTALKING_SENDER_ID", "", "optional `from`: a sender id or short code of the account", optional),

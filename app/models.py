@@ -211,6 +211,9 @@ class Campaign(db.Model):
     # An approved WhatsApp template, `{"name": ..., "language": ...}`, sent with one body parameter per
     # placeholder of `base_template`; without it WhatsApp messages go as text.
     whatsapp_template: Mapped[dict | None] = mapped_column(JSON)
+    # Whether QUIET_HOURS hold its messages (in each recipient's local time); false for what may go at
+    # night (a one-time code, an outage notice).
+    respect_quiet_hours: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     # Why a campaign ended `failed` when no message says it (e.g. it reached its time with no recipients),
     # or why it was paused by a provider's account-level refusal.
     status_reason: Mapped[str | None] = mapped_column(Text)
@@ -228,6 +231,14 @@ class OutboundMessage(db.Model):
         Index("ix_outbound_messages_campaign_status", "campaign_id", "status", "id"),
         # The unfiltered listing, newest first, without sorting a million rows.
         Index("ix_outbound_messages_campaign_id", "campaign_id", "id"),
+        # Stats count the messages waiting out quiet hours: few rows, and only pending ones with a time.
+        Index(
+            "ix_outbound_messages_waiting",
+            "campaign_id",
+            "not_before",
+            postgresql_where=text("status = 'pending' AND not_before IS NOT NULL"),
+            sqlite_where=text("status = 'pending' AND not_before IS NOT NULL"),
+        ),
         # A delivery receipt finds its message by the provider's id; one message per id and provider.
         Index(
             "uq_outbound_messages_provider_message_id",
@@ -261,6 +272,9 @@ class OutboundMessage(db.Model):
     provider: Mapped[str | None] = mapped_column(String(32))
     provider_message_id: Mapped[str | None] = mapped_column(String(128))
     read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a read WhatsApp message stays delivered
+    # When a message held by quiet hours may go (the window's end in its recipient's time zone); kept after
+    # it goes, as a record. Set by the send job (`lifecycle.HOLD_UNTIL`), never a status change.
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -33,7 +33,7 @@ def api_queries(campaign_id: int) -> dict[str, str]:
     from app import create_app
     from app.extensions import db
     from app.messaging.message_store import LAST_PENDING
-    from app.messaging.stats import stats_query
+    from app.messaging.stats import stats_query, waiting_quiet_hours_query
     from app.models import MessageStatus, OutboundMessage
 
     app = create_app(
@@ -43,6 +43,7 @@ def api_queries(campaign_id: int) -> dict[str, str]:
         listing = select(OutboundMessage).where(OutboundMessage.campaign_id == campaign_id)
         queries = {
             "stats (GROUP BY status)": stats_query(campaign_id),
+            "stats waiting_quiet_hours": waiting_quiet_hours_query(campaign_id),
             "messages page 1": listing.order_by(OutboundMessage.id.desc()).limit(20),
             "messages page 1, status=failed": listing.where(OutboundMessage.status == MessageStatus.FAILED)
             .order_by(OutboundMessage.id.desc())
@@ -100,9 +101,12 @@ def main() -> None:
         )
         for campaign_id, count in ((1, n // 10), (2, n)):
             conn.execute(
-                "INSERT INTO outbound_messages (campaign_id, customer_id, status, retry_count, created_at, updated_at) "
+                "INSERT INTO outbound_messages (campaign_id, customer_id, status, retry_count, not_before, created_at, "
+                "updated_at) "
                 "SELECT %s, id, CASE WHEN id %% 100 = 0 THEN 'failed' WHEN id %% 10 = 0 THEN 'pending' ELSE 'sent' END,"
-                " 0, now(), now() FROM customers WHERE id <= %s",
+                # Half the pending ones wait out quiet hours.
+                " 0, CASE WHEN id %% 20 = 0 AND id %% 100 <> 0 THEN now() + interval '10 hours' END, now(), now() "
+                "FROM customers WHERE id <= %s",
                 (campaign_id, count),
             )
         conn.execute("VACUUM ANALYZE")

@@ -74,7 +74,8 @@ def raw_request(
 
 def stats(**counts: int) -> dict[str, int]:
     """A campaign's `stats` as the API answers them: every status counted (0 unless given), `read` and `total`;
-    `segments_sent` is compared only when given (the tests of segments give it)."""
+    `segments_sent` is compared only when given (the tests of segments give it); `waiting_quiet_hours` is 0
+    unless given."""
     return {
         "segments_sent": ANY,
         "total": 0,
@@ -85,5 +86,6 @@ def stats(**counts: int) -> dict[str, int]:
         "failed": 0,
         "canceled": 0,
         "read": 0,
+        "waiting_quiet_hours": 0,
         **counts,
     }

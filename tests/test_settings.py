@@ -61,6 +61,13 @@ def loaded(**environ) -> dict:
         ("SMS_SEGMENT_PRICE", "NaN", "0 or more"),
         ("CURRENCY", "shilling", "ISO 4217"),
         ("CURRENCY", "K3S", "ISO 4217"),
+        ("QUIET_HOURS", "20:00", "such as 20:00-08:00"),
+        ("QUIET_HOURS", "8pm-8am", "such as 20:00-08:00"),
+        ("QUIET_HOURS", "24:00-08:00", "such as 20:00-08:00"),
+        ("QUIET_HOURS", "20:60-08:00", "such as 20:00-08:00"),
+        ("QUIET_HOURS", "20:00-20:00", "start and end differ"),
+        ("DEFAULT_TIMEZONE", "Mars/Olympus", "IANA time zone"),
+        ("DEFAULT_TIMEZONE", "../etc/passwd", "IANA time zone"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_setting(name, value, says):

@@ -19,6 +19,13 @@ class StatsSchema(Schema):
         required=True,
         metadata={"description": "SMS segments of the messages a provider accepted (sent, delivered, undelivered)."},
     )
+    waiting_quiet_hours = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Pending messages held by QUIET_HOURS in their recipient's time zone, until their "
+            "not_before (counted in pending too)."
+        },
+    )
 
 
 class EncodingSchema(Schema):
@@ -79,6 +86,12 @@ class CampaignSchema(Schema):
             "description": "WhatsApp only: an approved template, sent with one body parameter per placeholder of "
             "base_template, in order. Without it messages go as text, which Meta delivers only within 24 h of the "
             "customer's last message."
+        },
+    )
+    respect_quiet_hours = fields.Boolean(
+        metadata={
+            "description": "Default true: no message goes inside QUIET_HOURS in its recipient's local time (it "
+            "waits for the window's end). false: sent at any hour (one-time codes, outage notices)."
         },
     )
     status = fields.String(dump_only=True, metadata={"enum": list(CampaignStatus.ALL)})
@@ -237,6 +250,13 @@ class MessageSchema(Schema):
     provider = fields.String(allow_none=True, metadata={"description": "Who took it: mock, africastalking, ..."})
     provider_message_id = fields.String(allow_none=True, metadata={"description": "The provider's id for it."})
     read_at = UTCDateTime(allow_none=True)
+    not_before = UTCDateTime(
+        allow_none=True,
+        metadata={
+            "description": "Set when quiet hours held it: the time it may go (the window's end where its "
+            "recipient is). Kept once it goes."
+        },
+    )
     created_at = UTCDateTime()
     updated_at = UTCDateTime()
 

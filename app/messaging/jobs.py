@@ -10,9 +10,10 @@ import time
 from flask import current_app
 from rq import Retry, get_current_job
 
+from app import clock
 from app.customers import optouts
 from app.extensions import db
-from app.messaging import lifecycle, receipts, throttle
+from app.messaging import lifecycle, quiet_hours, receipts, throttle
 from app.messaging.message_store import MessageStore, Outcome, open_store, record_through_outage
 from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
 from app.messaging.providers.http import LATE_FOR_SLOT
@@ -54,6 +55,9 @@ def send_outbound_message(message_id: int) -> str | Retry:
     first takes its slot at the provider (`app.messaging.throttle`): a slot more than a second away hands
     the job back for later, the message untouched and no retry used; after a wait of more than
     `RECHECK_AFTER` the campaign's status is read again; a send held up past its slot takes a new one.
+    Inside QUIET_HOURS in the recipient's time zone (a campaign that respects them), checked beside the
+    pause, nothing is sent: the message records when it may go (`not_before`), stays pending with its
+    retries, and the job hands itself back to run then.
     Database work: a locked read, then the update, its commit and the completion check (two round trips
     on PostgreSQL, see `message_store`). If the database becomes unavailable after the attempt, the
     record is retried for `RECORD_RETRY_WINDOW` seconds: only a longer outage leaves the message pending,
@@ -161,6 +165,10 @@ def _attempt_and_decide(store: MessageStore, message_id: int, row: dict) -> Outc
         return Outcome(MessageStatus.FAILED, retries, body, error, "too_long", ErrorClass.PERMANENT)
     if row["campaign_status"] != CampaignStatus.SENDING:  # paused: as late as possible before the provider
         return Outcome(MessageStatus.PENDING, retries, held=True)
+    if row["respect_quiet_hours"]:  # also before the throughput slot: a held message takes none
+        later = _quiet_hours_hold(store, message_id, row)
+        if later is not None:
+            return later
     app = current_app._get_current_object()
     provider = get_provider(app, row["channel"])
     checked = time.monotonic()
@@ -199,6 +207,28 @@ def _attempt_and_decide(store: MessageStore, message_id: int, row: dict) -> Outc
     if result.error_class != ErrorClass.PERMANENT and _rq_will_retry():
         return Outcome(MessageStatus.PENDING, retries + 1, body, **refused)
     return Outcome(MessageStatus.FAILED, retries, body, **refused)
+
+
+def _quiet_hours_hold(store: MessageStore, message_id: int, row: dict) -> Retry | None:
+    """Inside QUIET_HOURS where the recipient is: record on the message when it may go (`not_before`, the
+    window's end; it stays pending with the retries it had) and return the `Retry` that runs the job again
+    then. None outside the window.
+
+    The job hands itself back rather than enqueue a new job at that time: RQ moves a job that returns
+    `Retry` into its scheduled registry in the same step that ends this run, under the same id, so the
+    wait is one entry in a sorted set (no busy loop, however long the night) and nothing this run writes
+    afterwards can overwrite it, as the end of this run would overwrite a job of the same id enqueued from
+    inside it. These hand-backs count toward `MAX_POSTPONEMENTS` with the throttled ones: one a night."""
+    config = current_app.config
+    now = clock.now()
+    until = quiet_hours.quiet_until(row["phone"], now, config["QUIET_HOURS"], config["DEFAULT_TIMEZONE"])
+    if until is None:
+        return None
+    store.hold(message_id, until)
+    delay = max(1, math.ceil((until - now).total_seconds()))
+    extra = {"campaign_id": row["campaign_id"], "message_id": message_id, "not_before": until.isoformat()}
+    log.info("quiet hours where the recipient is; the message waits", extra={**extra, "delay": delay})
+    return Retry(max=MAX_POSTPONEMENTS, interval=delay)
 
 
 def _attempt(provider: Provider, message_id: int, row: dict, body: str) -> SendResult:

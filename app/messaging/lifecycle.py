@@ -286,6 +286,17 @@ RECORD_ATTEMPT = (
 )
 
 
+# A message held by quiet hours: it stays pending, with the time it may go and no retry used. Only a
+# pending one is held (the send job holds its row lock; the condition keeps a record retried after a lost
+# lock from touching a later outcome). Not a status change; `updated_at` moves, so the reconciler sees it
+# was just handled (and leaves it until `not_before` anyway, `app.messaging.reconcile`).
+HOLD_UNTIL = (
+    update(OutboundMessage)
+    .where(OutboundMessage.id == bindparam("message_id"), OutboundMessage.status == MessageStatus.PENDING)
+    .values(not_before=bindparam("not_before"), updated_at=bindparam("now"))
+)
+
+
 _MESSAGES = OutboundMessage.__table__
 _BY_PROVIDER_ID = and_(
     _MESSAGES.c.provider == bindparam("by_provider"),

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Compiled
 from app import clock
 from app.database import describe, is_unavailable
 from app.extensions import db
-from app.messaging.lifecycle import LAST_PENDING, RECORD_ATTEMPT, pending_exists_now
+from app.messaging.lifecycle import HOLD_UNTIL, LAST_PENDING, RECORD_ATTEMPT, pending_exists_now
 from app.models import Campaign, Customer, CustomerOptOut, DeliveryReceipt, OutboundMessage
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ LOAD_FOR_SEND = (
         Campaign.channel,
         Campaign.base_template,
         Campaign.whatsapp_template,
+        # Whether QUIET_HOURS hold this message (checked beside the pause, before the provider call).
+        Campaign.respect_quiet_hours,
         Customer.phone,
         Customer.first_name,
         Customer.last_name,
@@ -135,6 +137,9 @@ class MessageStore(Protocol):
     def record(self, params: dict) -> Recorded:
         """Write the attempt, commit, and say what is left to do after it."""
 
+    def hold(self, message_id: int, not_before: datetime) -> bool:
+        """Keep the pending message until `not_before` (quiet hours) and commit; True when it was held."""
+
     def close(self) -> None:
         """End the transaction if one is open (rolled back) and give the connection back; idempotent."""
 
@@ -167,6 +172,12 @@ class SessionStore(_ClosedOnExit):
         waiting = params["provider_message_id"] is not None and db.session.scalar(WAITING_RECEIPT, params) is not None
         db.session.commit()
         return Recorded(pending_exists_now(params["campaign_id"]), waiting)
+
+    def hold(self, message_id: int, not_before: datetime) -> bool:
+        params = {"message_id": message_id, "not_before": not_before, "now": clock.now()}
+        held = db.session.connection().execute(HOLD_UNTIL, params).rowcount == 1
+        db.session.commit()
+        return held
 
     def close(self) -> None:
         db.session.rollback()
@@ -216,6 +227,13 @@ class PipelineStore(_ClosedOnExit):
             self._conn.commit()
         pending_left = self._cursor.fetchone() is not None
         return Recorded(pending_left, receipts and waiting.fetchone() is not None)
+
+    def hold(self, message_id: int, not_before: datetime) -> bool:
+        params = {"message_id": message_id, "not_before": not_before, "now": clock.now()}
+        with self._conn.pipeline():  # the update and its commit in one round trip
+            self._cursor.execute(*_sql("hold", HOLD_UNTIL, params), prepare=True)
+            self._conn.commit()
+        return self._cursor.rowcount == 1
 
     def close(self) -> None:
         if self._pooled is None:

@@ -3,7 +3,8 @@
 It runs every `RECONCILE_INTERVAL` seconds and
 1. dispatches due `scheduled` campaigns that nothing dispatched (scheduler down, Redis flushed);
 2. re-enqueues pending messages of `sending` campaigns untouched for `STALE_AFTER` seconds whose job
-   is not waiting in Redis (a crash between commit and enqueue, a flushed Redis, a killed worker);
+   is not waiting in Redis (a crash between commit and enqueue, a flushed Redis, a killed worker); a
+   message waiting out quiet hours counts as untouched only from its `not_before`;
 3. finishes `sending` campaigns with nothing pending;
 4. applies delivery receipts kept because their message's provider id was not recorded yet;
 5. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
@@ -21,7 +22,7 @@ from datetime import timedelta
 from flask import current_app
 from rq import Queue
 from rq.job import Job, JobStatus
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from app import clock
 from app.customers import imports
@@ -113,6 +114,9 @@ def requeue_stale_messages(campaign_id: int) -> int:
                 OutboundMessage.status == MessageStatus.PENDING,
                 OutboundMessage.id > after,
                 OutboundMessage.updated_at < cutoff,
+                # A message waiting out quiet hours is not lost before its time: its job is scheduled for
+                # `not_before`, and is given `STALE_AFTER` from then, like any job from its last touch.
+                or_(OutboundMessage.not_before.is_(None), OutboundMessage.not_before < cutoff),
             )
             .order_by(OutboundMessage.id)
             .limit(batch_size)

@@ -1,0 +1,349 @@
+"""Quiet hours (`QUIET_HOURS`, in the recipient's local time, from their number): no message of a campaign
+that respects them reaches a provider inside the window; it waits, pending with its retries, for the
+window's end, its job scheduled in RQ for then, and the wait survives a flushed Redis."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry
+from sqlalchemy import select
+
+from app.extensions import db
+from app.messaging import throttle
+from app.messaging.queueing import message_job_id
+from app.messaging.quiet_hours import recipient_zone, window_end
+from app.messaging.reconcile import reconcile
+from app.models import OutboundMessage
+from config import TimeWindow, quiet_hours
+from tests.conftest import read_send_log, wait_for
+from tests.factories import make_campaign, make_customer, make_customers
+from tests.helpers import stats as expected_stats
+from tests.test_providers import run_postponed
+
+NAIROBI = ZoneInfo("Africa/Nairobi")  # UTC+3 all year
+NIGHT = quiet_hours("20:00-08:00")
+# 20:05 in Nairobi; 08:00 there the next morning is 05:00 UTC.
+EVENING = datetime(2030, 1, 1, 17, 5, tzinfo=UTC)
+MORNING = datetime(2030, 1, 2, 5, 0, tzinfo=UTC)
+
+
+def utc(*args) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def messages(campaign_id: int) -> list[OutboundMessage]:
+    db.session.rollback()
+    return list(db.session.scalars(select(OutboundMessage).where(OutboundMessage.campaign_id == campaign_id)))
+
+
+def send_to(client, campaign_id: int, ids: list[int]) -> None:
+    response = client.post(f"/campaigns/{campaign_id}/send", json={"customer_ids": ids})
+    assert response.status_code == 202, response.get_json()
+
+
+def detail(client, campaign_id: int) -> dict:
+    return client.get(f"/campaigns/{campaign_id}").get_json()
+
+
+@pytest.fixture
+def night(app):
+    """Quiet hours from 20:00 to 08:00, Nairobi by default."""
+    app.config.update(QUIET_HOURS=NIGHT, DEFAULT_TIMEZONE="Africa/Nairobi")
+
+
+# --- the window and the recipient's time zone ---
+
+
+def test_the_setting_reads_a_window_that_may_cross_midnight():
+    assert quiet_hours("") is None
+    assert quiet_hours("20:00-08:00") == TimeWindow(datetime.min.time().replace(hour=20), NIGHT.end)
+    assert str(quiet_hours(" 13:30 - 14:00 ")) == "13:30-14:00"
+
+
+@pytest.mark.parametrize(
+    ("phone", "zone"),
+    [
+        ("+254712345678", "Africa/Nairobi"),  # Kenya: one zone
+        ("+12125551234", "America/New_York"),  # a New York number: one zone
+        ("+18005551234", "Asia/Tokyo"),  # US toll-free: zones hours apart, the default
+        ("+79161234567", "Asia/Tokyo"),  # a Russian mobile: from Kaliningrad to Kamchatka
+        ("+15555550100", "Asia/Tokyo"),  # a number libphonenumber cannot place
+        ("not a number", "Asia/Tokyo"),
+        ("+447911123456", "Europe/Guernsey"),  # a British mobile: four zones keeping the same time
+    ],
+)
+def test_the_time_zone_comes_from_the_number(phone, zone):
+    assert recipient_zone(phone, EVENING, "Asia/Tokyo") == ZoneInfo(zone)
+
+
+@pytest.mark.parametrize(
+    ("local", "window", "ends"),
+    [
+        (datetime(2030, 1, 1, 20, 5), "20:00-08:00", datetime(2030, 1, 2, 8, 0)),  # evening: tomorrow
+        (datetime(2030, 1, 1, 20, 0), "20:00-08:00", datetime(2030, 1, 2, 8, 0)),  # the start is inside
+        (datetime(2030, 1, 1, 23, 59), "20:00-08:00", datetime(2030, 1, 2, 8, 0)),
+        (datetime(2030, 1, 2, 0, 30), "20:00-08:00", datetime(2030, 1, 2, 8, 0)),  # after midnight: today
+        (datetime(2030, 1, 2, 7, 59), "20:00-08:00", datetime(2030, 1, 2, 8, 0)),
+        (datetime(2030, 1, 2, 8, 0), "20:00-08:00", None),  # the end is not
+        (datetime(2030, 1, 2, 12, 0), "20:00-08:00", None),
+        (datetime(2030, 1, 1, 19, 59), "20:00-08:00", None),
+        (datetime(2030, 1, 1, 13, 15), "13:00-14:00", datetime(2030, 1, 1, 14, 0)),  # within a day
+        (datetime(2030, 1, 1, 14, 0), "13:00-14:00", None),
+        (datetime(2030, 1, 1, 2, 0), "13:00-14:00", None),
+    ],
+)
+def test_the_window_ends_at_its_end_in_the_recipients_zone(local, window, ends):
+    now = local.replace(tzinfo=NAIROBI).astimezone(UTC)
+    expected = None if ends is None else ends.replace(tzinfo=NAIROBI).astimezone(UTC)
+    assert window_end(now, NAIROBI, quiet_hours(window)) == expected
+
+
+# --- the send job ---
+
+
+def test_inside_the_window_nothing_is_sent_and_the_job_comes_back_at_its_end(
+    app, client, clock, night, redis_conn, work, send_log
+):
+    clock.current = EVENING
+    customer = make_customer(phone="+254712000001")
+    campaign = make_campaign()
+    send_to(client, campaign.id, [customer.id])
+    work()
+
+    assert read_send_log(send_log) == []  # no provider call
+    [message] = messages(campaign.id)
+    assert (message.status, message.retry_count, message.not_before) == ("pending", 0, MORNING)
+    assert message.last_error is None and message.rendered_content is None
+    body = detail(client, campaign.id)
+    assert body["status"] == "sending"
+    assert body["stats"] == expected_stats(total=1, pending=1, waiting_quiet_hours=1)
+    listed = client.get(f"/campaigns/{campaign.id}/messages").get_json()["data"]
+    assert listed[0]["not_before"] == "2030-01-02T05:00:00+00:00"
+    # The job waits in RQ's schedule, for the window's end (RQ counts on the real clock).
+    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
+    job_id = message_job_id(message.id)
+    assert registry.get_job_ids() == [job_id]
+    due = registry.get_scheduled_time(job_id).timestamp()
+    assert abs(due - (time.time() + (MORNING - EVENING).total_seconds())) < 60
+    job = Job.fetch(job_id, connection=redis_conn)
+    assert job.retries_left == app.config["MAX_RETRIES"]  # no retry of the message's was used
+    assert redis_conn.ttl(job.key) == -1  # the job waits the whole night without expiring
+
+    clock.current = MORNING + timedelta(seconds=1)
+    assert run_postponed(app, redis_conn, work) == [job_id]
+    [attempt] = read_send_log(send_log)
+    assert attempt["message_id"] == message.id
+    [message] = messages(campaign.id)
+    assert (message.status, message.retry_count, message.not_before) == ("sent", 0, MORNING)
+    body = detail(client, campaign.id)
+    assert body["status"] == "sent"
+    assert body["stats"] == expected_stats(total=1, sent=1)
+
+
+def test_outside_the_window_it_sends(app, client, clock, night, work, send_log):
+    clock.current = utc(2030, 1, 1, 12, 0)  # 15:00 in Nairobi
+    ids = make_customers(3)
+    campaign = make_campaign()
+    send_to(client, campaign.id, ids)
+    work()
+    assert len(read_send_log(send_log)) == 3
+    assert [(m.status, m.not_before) for m in messages(campaign.id)] == [("sent", None)] * 3
+
+
+def test_each_recipient_is_held_by_their_own_night(app, client, clock, night, redis_conn, work, send_log):
+    # 10:00 UTC: 13:00 in Nairobi, 05:00 in New York.
+    clock.current = utc(2030, 1, 1, 10, 0)
+    kenyan = make_customer(phone="+254712000002")
+    new_yorker = make_customer(phone="+12125551234")
+    toll_free = make_customer(phone="+18005551234")  # no one zone: DEFAULT_TIMEZONE (Nairobi)
+    campaign = make_campaign()
+    send_to(client, campaign.id, [kenyan.id, new_yorker.id, toll_free.id])
+    work()
+    sent_to = {a["phone"] for a in read_send_log(send_log)}
+    assert sent_to == {kenyan.phone, toll_free.phone}
+    by_customer = {m.customer_id: m for m in messages(campaign.id)}
+    assert by_customer[new_yorker.id].status == "pending"
+    assert by_customer[new_yorker.id].not_before == utc(2030, 1, 1, 13, 0)  # 08:00 in New York
+
+    app.config["DEFAULT_TIMEZONE"] = "America/Los_Angeles"  # 02:00 there: the toll-free number would wait
+    other = make_customer(phone="+18005550123")
+    send_to(client, campaign.id, [other.id])
+    work()
+    [held] = [m for m in messages(campaign.id) if m.customer_id == other.id]
+    assert (held.status, held.not_before) == ("pending", utc(2030, 1, 1, 16, 0))
+
+
+def test_a_window_within_the_afternoon(app, client, clock, work, send_log):
+    app.config.update(QUIET_HOURS=quiet_hours("13:00-14:00"), DEFAULT_TIMEZONE="Africa/Nairobi")
+    clock.current = utc(2030, 1, 1, 10, 30)  # 13:30 in Nairobi
+    campaign = make_campaign()
+    send_to(client, campaign.id, make_customers(2))
+    work()
+    assert read_send_log(send_log) == []
+    assert {m.not_before for m in messages(campaign.id)} == {utc(2030, 1, 1, 11, 0)}
+
+
+def test_no_window_set_sends_at_night(app, client, clock, work, send_log):
+    assert app.config["QUIET_HOURS"] is None  # the default: off
+    clock.current = EVENING
+    campaign = make_campaign()
+    send_to(client, campaign.id, make_customers(2))
+    work()
+    assert len(read_send_log(send_log)) == 2
+
+
+def test_a_campaign_that_does_not_respect_quiet_hours_sends_at_night(app, client, clock, night, work, send_log):
+    clock.current = EVENING
+    created = client.post(
+        "/campaigns",
+        json={"name": "Code", "channel": "sms", "base_template": "Your code", "respect_quiet_hours": False},
+    )
+    assert created.status_code == 201
+    assert created.get_json()["respect_quiet_hours"] is False
+    campaign_id = created.get_json()["id"]
+    send_to(client, campaign_id, make_customers(2))
+    work()
+    assert len(read_send_log(send_log)) == 2
+    assert [(m.status, m.not_before) for m in messages(campaign_id)] == [("sent", None)] * 2
+
+
+def test_the_campaign_field_defaults_to_true_and_is_edited_and_checked(client):
+    created = client.post("/campaigns", json={"name": "Sale", "channel": "sms", "base_template": "Hi"}).get_json()
+    assert created["respect_quiet_hours"] is True
+    edited = client.patch(f"/campaigns/{created['id']}", json={"respect_quiet_hours": False})
+    assert edited.status_code == 200 and edited.get_json()["respect_quiet_hours"] is False
+    assert detail(client, created["id"])["respect_quiet_hours"] is False
+    for bad in ("sometimes", None, 7):
+        refused = client.patch(f"/campaigns/{created['id']}", json={"respect_quiet_hours": bad})
+        assert refused.status_code == 422
+        assert "respect_quiet_hours" in refused.get_json()["message"]
+    spec = client.get("/openapi.json").get_json()["components"]["schemas"]
+    assert spec["Campaign"]["properties"]["respect_quiet_hours"]["type"] == "boolean"
+    assert "not_before" in spec["Message"]["properties"]
+    assert "waiting_quiet_hours" in spec["Stats"]["properties"]
+
+
+def test_a_paused_campaign_holds_before_quiet_hours_are_looked_at(app, client, clock, night, work, send_log):
+    clock.current = EVENING
+    campaign = make_campaign()
+    send_to(client, campaign.id, make_customers(1))
+    assert client.post(f"/campaigns/{campaign.id}/pause").status_code == 200
+    work()
+    assert [(m.status, m.not_before) for m in messages(campaign.id)] == [("pending", None)]
+
+
+def test_waiting_messages_queued_again_by_a_resume_wait_again(app, client, clock, night, redis_conn, work, send_log):
+    clock.current = EVENING
+    campaign = make_campaign()
+    send_to(client, campaign.id, make_customers(2))
+    work()
+    assert client.post(f"/campaigns/{campaign.id}/pause").status_code == 200
+    clock.advance(hours=2)  # 22:05 in Nairobi
+    assert client.post(f"/campaigns/{campaign.id}/resume").status_code == 200
+    work()  # the jobs the resume queued run, and find the night still on
+    assert read_send_log(send_log) == []
+    assert {(m.status, m.retry_count, m.not_before) for m in messages(campaign.id)} == {("pending", 0, MORNING)}
+    assert detail(client, campaign.id)["stats"]["waiting_quiet_hours"] == 2
+    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
+    wait = (MORNING - clock.now()).total_seconds()  # ten hours now, from the second hold
+    for message in messages(campaign.id):
+        due = registry.get_scheduled_time(message_job_id(message.id)).timestamp()
+        assert abs(due - (time.time() + wait)) < 60
+    clock.current = MORNING
+    run_postponed(app, redis_conn, work)
+    assert len(read_send_log(send_log)) == 2
+
+
+@pytest.mark.real_only
+def test_a_held_message_takes_no_slot_of_the_throughput_limit(app, client, clock, night, redis_conn, work, send_log):
+    """Checked before the slot: messages waiting out the night leave the limit's slots to those that go."""
+    app.config["SMS_RATE_LIMIT"] = "100/second"
+    slots = f"{throttle.KEY_PREFIX}:*"
+    clock.current = EVENING
+    campaign = make_campaign()
+    send_to(client, campaign.id, make_customers(5))
+    work()
+    assert read_send_log(send_log) == []
+    assert list(redis_conn.scan_iter(slots)) == []  # no slot was taken
+    day = make_campaign(respect_quiet_hours=False)
+    send_to(client, day.id, make_customers(1))
+    work()
+    assert len(read_send_log(send_log)) == 1
+    assert list(redis_conn.scan_iter(slots)) != []  # the one that went took one
+
+
+# --- surviving a flushed Redis ---
+
+
+def test_after_a_redis_flush_the_reconciler_requeues_a_waiting_message_once_its_time_has_come(
+    app, client, clock, night, redis_conn, work, send_log
+):
+    clock.current = EVENING
+    campaign = make_campaign()
+    send_to(client, campaign.id, make_customers(2))
+    work()
+    assert {m.not_before for m in messages(campaign.id)} == {MORNING}
+    redis_conn.flushdb()  # the scheduled jobs are gone
+
+    stale_after = app.config["STALE_AFTER"]
+    clock.advance(seconds=stale_after + 1)
+    assert reconcile().requeued == 0  # untouched for long, but waiting for its time
+    clock.current = MORNING - timedelta(seconds=1)
+    assert reconcile().requeued == 0
+    clock.current = MORNING + timedelta(seconds=stale_after - 5)
+    assert reconcile().requeued == 0  # its job is given STALE_AFTER from its time, as any job
+    clock.current = MORNING + timedelta(seconds=stale_after + 1)
+    assert reconcile().requeued == 2
+    assert reconcile().requeued == 0  # queued: not again
+    work()
+    assert sorted(a["message_id"] for a in read_send_log(send_log)) == sorted(m.id for m in messages(campaign.id))
+    assert detail(client, campaign.id)["status"] == "sent"
+
+
+def test_a_waiting_message_whose_job_is_scheduled_is_left_alone(app, client, clock, night, redis_conn, work):
+    clock.current = EVENING
+    campaign = make_campaign()
+    send_to(client, campaign.id, make_customers(1))
+    work()
+    clock.current = MORNING + timedelta(seconds=app.config["STALE_AFTER"] + 1)
+    assert reconcile().requeued == 0  # its job is still in RQ's schedule: it will run
+
+
+# --- real worker processes ---
+
+
+@pytest.mark.real_only
+def test_a_night_campaign_runs_each_job_once_and_waits_in_the_schedule(app, client, redis_conn, spawn_worker, send_log):
+    """A worker process on the real clock: a window around now where the recipients are. Each job runs
+    once, holds its message and waits in RQ's schedule: no job runs again before the window's end."""
+    local = datetime.now(NAIROBI)
+    window = f"{(local - timedelta(hours=1)):%H:%M}-{(local + timedelta(hours=1)):%H:%M}"
+    ids = make_customers(200)
+    campaign = make_campaign()
+    send_to(client, campaign.id, ids)
+    worker = spawn_worker(QUIET_HOURS=window, DEFAULT_TIMEZONE="Africa/Nairobi")
+    assert worker.wait(timeout=120) == 0, worker.stderr.read().decode()[-2000:]
+
+    assert read_send_log(send_log) == []
+    held = messages(campaign.id)
+    assert len(held) == 200 and {(m.status, m.retry_count) for m in held} == {("pending", 0)}
+    ends = {m.not_before for m in held}
+    assert len(ends) == 1
+    [end] = ends
+    assert timedelta(minutes=58) < end - datetime.now(UTC) <= timedelta(hours=1)
+    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
+    assert sorted(registry.get_job_ids()) == sorted(message_job_id(m.id) for m in held)
+    jobs = Job.fetch_many([message_job_id(m.id) for m in held], connection=redis_conn)
+    assert {job.number_of_retries for job in jobs} == {1}  # each ran once
+    assert detail(client, campaign.id)["stats"]["waiting_quiet_hours"] == 200
+
+    # A second worker finds nothing to run before the window's end.
+    again = spawn_worker(QUIET_HOURS=window, DEFAULT_TIMEZONE="Africa/Nairobi")
+    assert again.wait(timeout=60) == 0
+    wait_for(lambda: len(registry.get_job_ids()) == 200, timeout=5)
+    assert read_send_log(send_log) == []
