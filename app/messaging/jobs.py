@@ -149,9 +149,10 @@ def _record_window() -> float:
 
 
 def _attempt_and_decide(store: MessageStore, message_id: int, row: dict) -> Outcome | Retry:
-    """Send the message (unless its customer is gone, or it renders too long) and decide its outcome; or,
-    when the provider account's throughput limit has no slot for it soon, the `Retry` that hands the job
-    back for later, using none of its retries (`app.messaging.throttle`)."""
+    """Send the message and decide its outcome. Before the provider, in this order: a customer gone or a
+    body too long fails it, an opt-out cancels it, a campaign not `sending` holds it, quiet hours where the
+    recipient is hold it until they end, and the throughput limit may hand the job back for later; those
+    two hand-backs are the `Retry` returned, using none of the message's retries."""
     retries = row["retry_count"]
     if row["phone"] is None:
         gone = {"error_code": "customer_gone", "error_class": ErrorClass.PERMANENT}
@@ -189,14 +190,13 @@ def _attempt_and_decide(store: MessageStore, message_id: int, row: dict) -> Outc
             break
     else:  # late for every slot it took: the worker is overloaded; back to the queue
         return Retry(max=MAX_POSTPONEMENTS, interval=1)
-    if result.recipient_opted_out:
-        refused = {"error": result.error, "error_code": result.error_code, "error_class": result.error_class}
-        return Outcome(MessageStatus.FAILED, retries, body, **refused, recipient_opted_out=True)
     if result.ok:
         return Outcome(
             MessageStatus.SENT, retries, body, provider=provider.name, provider_message_id=result.provider_message_id
         )
     refused = {"error": result.error, "error_code": result.error_code, "error_class": result.error_class}
+    if result.recipient_opted_out:
+        return Outcome(MessageStatus.FAILED, retries, body, **refused, recipient_opted_out=True)
     if result.error_class == ErrorClass.THROTTLED:
         # Stays pending with the retries it had; the job postpones itself.
         return Outcome(MessageStatus.PENDING, retries, body, **refused, retry_after=result.retry_after)
