@@ -428,6 +428,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKER_HEARTBEAT_INTERVAL", "10", "seconds an idle worker waits for a job before it heartbeats "
             "again; `/health` stops counting a worker whose heartbeat is this (or its job's timeout) plus 5 s "
             "overdue", integer(1, 300)),
+    Setting("STATS_FOLD_INTERVAL", "1", "seconds between the moves of the message count changes into each "
+            "campaign's kept counts (PostgreSQL), done by one worker at a time; the stats are exact either way, "
+            "this bounds what a read of them sums", number(0.05, 3600)),
     Setting("RECONCILE_BATCH_SIZE", "5000", "rows per batch in the reconciler and fan-out", integer(1)),
     # The API
     Setting("API_KEYS", "", "comma-separated API keys accepted besides the hashed keys in the database",

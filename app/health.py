@@ -4,8 +4,8 @@ and operators. Needs no API key; 503 when the database or Redis is down."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as ProbeTimeout
 
 from flask import Flask, current_app
@@ -44,51 +44,72 @@ class HealthSchema(Schema):
     )
 
 
-def _check(name: str, probe: Callable[[], object]) -> dict:
-    try:
-        probe()
-    except Exception:  # noqa: BLE001 - any failure means down; the log has the details, the client does not
-        log.warning("health check failed", extra={"dependency": name}, exc_info=True)
-        return {"ok": False, "error": f"{name} unreachable"}
-    return {"ok": True}
-
-
 # /health answers within 2 s even when the database hangs: the database probe gets this long.
 DATABASE_PROBE_TIMEOUT = 1.5
-# Probes run here, so that the answer need not wait for a connection attempt (at least 2 s in libpq) to
-# give up. Two threads: a probe stuck on a hung database holds one for a few seconds at most.
-_probes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="health-probe")
+# And Redis is reported down in under a second, stalled or gone: its probe (the ping and the counts) gets
+# this long, less than the web's REDIS_SOCKET_TIMEOUT (1 s), after which a stalled read would give up.
+REDIS_PROBE_TIMEOUT = 0.8
+# The probes run here, both at once, so that the answer need not wait for a connection attempt (at least
+# 2 s in libpq) or a stalled read to give up, nor for one probe before the other. Two threads per
+# dependency, apart, so that probes stuck on a hung Redis never delay the database's (or the reverse): a
+# stuck probe holds its thread for a few seconds at most.
+_probes = {
+    name: ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"health-{name}") for name in ("database", "redis")
+}
 
 
 def _probe_database(app: Flask) -> None:
+    """`SELECT 1`."""
     with app.app_context(), round_trip_budget(DATABASE_PROBE_TIMEOUT):
         with db.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
 
-def _ping_database() -> None:
-    """`SELECT 1`, answered within `DATABASE_PROBE_TIMEOUT` seconds or counted as down."""
-    probe = _probes.submit(_probe_database, current_app._get_current_object())
+def _probe_redis(app: Flask) -> tuple[int, int]:
+    """A ping, then the jobs waiting in the worker's queues and the live workers."""
+    with app.app_context():
+        redis = get_redis()
+        redis.ping()
+        queue_depth = sum(Queue(name, connection=redis).count for name in app.config["QUEUES"])
+        return queue_depth, live_worker_count(redis)
+
+
+def _outcome(name: str, probe: Future, timeout: float) -> tuple[dict, object]:
+    """The dependency's state and what its probe returned (None when it failed or took longer than
+    `timeout` seconds: it counts as down; the log has the details, the client does not)."""
     try:
-        probe.result(timeout=DATABASE_PROBE_TIMEOUT)
+        result = probe.result(timeout=timeout)
     except ProbeTimeout:
         probe.cancel()  # still queued behind a stuck probe: it need not run at all
-        raise TimeoutError(f"no answer from the database within {DATABASE_PROBE_TIMEOUT} s") from None
+        log.warning("health check failed", extra={"dependency": name, "reason": f"no answer within {timeout} s"})
+    except Exception:  # noqa: BLE001 - any failure means down
+        log.warning("health check failed", extra={"dependency": name}, exc_info=True)
+    else:
+        return {"ok": True}, result
+    return {"ok": False, "error": f"{name} unreachable"}, None
 
 
 def service_health() -> dict:
     """The state of each dependency; `status` is `ok` only when the database and Redis both answer."""
-    redis = get_redis()
-    state = {"database": _check("database", _ping_database), "redis": _check("redis", redis.ping)}
-    queue_depth = workers = None
-    if state["redis"]["ok"]:
-        try:
-            queue_depth = sum(Queue(name, connection=redis).count for name in current_app.config["QUEUES"])
-            workers = live_worker_count(redis)
-        except Exception:  # noqa: BLE001 - Redis went away between the ping and the counts
-            log.warning("health: could not count queues or workers", exc_info=True)
-    ok = state["database"]["ok"] and state["redis"]["ok"]
-    return {"status": "ok" if ok else "unavailable", **state, "queue_depth": queue_depth, "workers": workers}
+    app = current_app._get_current_object()
+    started = time.monotonic()
+    database = _probes["database"].submit(_probe_database, app)
+    redis = _probes["redis"].submit(_probe_redis, app)
+
+    def left(budget: float) -> float:  # both budgets count from the same start: the probes run at once
+        return max(0.0, budget - (time.monotonic() - started))
+
+    database_state, _ = _outcome("database", database, left(DATABASE_PROBE_TIMEOUT))
+    redis_state, counts = _outcome("redis", redis, left(REDIS_PROBE_TIMEOUT))
+    queue_depth, workers = counts or (None, None)
+    ok = database_state["ok"] and redis_state["ok"]
+    return {
+        "status": "ok" if ok else "unavailable",
+        "database": database_state,
+        "redis": redis_state,
+        "queue_depth": queue_depth,
+        "workers": workers,
+    }
 
 
 @bp.route("/health", endpoint="health")

@@ -1,5 +1,5 @@
-"""The tables: customers (their opt-outs and imports), campaigns and their outbound messages; API keys and
-idempotency keys."""
+"""The tables: customers (their opt-outs and imports), campaigns, their outbound messages and the counts
+of those; API keys and idempotency keys."""
 
 from __future__ import annotations
 
@@ -277,6 +277,37 @@ class OutboundMessage(db.Model):
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class CampaignMessageCount(db.Model):
+    """A campaign's messages in one status: how many, how many read, their SMS segments. Kept by
+    PostgreSQL itself (migration 0011): triggers on `outbound_messages` append every statement's net change
+    to `CampaignMessageCountChange`, and `app.messaging.stats.fold` adds those here, so that a campaign's
+    stats read a few rows however many messages it has. Empty on SQLite, where stats count the rows."""
+
+    __tablename__ = "campaign_message_counts"
+
+    campaign_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    messages: Mapped[int] = mapped_column(BigInteger, default=0)
+    read: Mapped[int] = mapped_column(BigInteger, default=0)
+    segments: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CampaignMessageCountChange(db.Model):
+    """One statement's net change to a campaign's counts in one status, appended by the triggers. Only
+    ever inserted by writers (no row is updated, so concurrent sends and receipts never wait on each
+    other here) and moved into `CampaignMessageCount` by the fold."""
+
+    __tablename__ = "campaign_message_count_changes"
+    __table_args__ = (Index("ix_campaign_message_count_changes_campaign_id", "campaign_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    messages: Mapped[int] = mapped_column(BigInteger, default=0)
+    read: Mapped[int] = mapped_column(BigInteger, default=0)
+    segments: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class DeliveryReceipt(db.Model):

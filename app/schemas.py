@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from marshmallow import Schema, ValidationError, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from app.text import text_problem
 
@@ -89,15 +89,39 @@ class ErrorSchema(Schema):
 
 
 class PageQuerySchema(Schema):
-    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE))
+    """A list's page: numbered (`page`, default 1) or after a cursor (`cursor`), not both (app.pagination)."""
+
+    page = fields.Integer(
+        validate=validate.Range(min=1, max=MAX_PAGE),
+        metadata={"description": "A numbered page (default 1); counts the rows before it."},
+    )
     page_size = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = fields.String(
+        validate=validate.Length(min=1, max=200),
+        metadata={
+            "description": "The `next_cursor` of the page before: the next page, at the cost of the first, "
+            "stable while rows are added."
+        },
+    )
+
+    @validates_schema
+    def page_or_cursor(self, data, **kwargs):
+        if "page" in data and "cursor" in data:
+            raise ValidationError("Give `page` or `cursor`, not both.", "cursor")
 
 
 class PaginationSchema(Schema):
-    page = fields.Integer(required=True)
+    page = fields.Integer(required=True, allow_none=True, metadata={"description": "Null on a cursor page."})
     page_size = fields.Integer(required=True)
-    total = fields.Integer(required=True)
-    total_pages = fields.Integer(required=True)
+    total = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "Rows in the list; null on a cursor page."}
+    )
+    total_pages = fields.Integer(required=True, allow_none=True, metadata={"description": "Null on a cursor page."})
+    next_cursor = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Pass as `cursor` for the page after this one; null on the last page."},
+    )
 
 
 def page_of(item_schema: type[Schema]) -> type[Schema]:

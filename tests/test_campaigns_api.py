@@ -76,9 +76,16 @@ def test_list_is_newest_first_and_paginated(client):
     ids = [make_campaign(name=f"c{i}").id for i in range(25)]
     first = client.get("/campaigns").get_json()
     assert [c["id"] for c in first["data"]] == ids[::-1][:20]
-    assert first["pagination"] == {"page": 1, "page_size": 20, "total": 25, "total_pages": 2}
+    assert first["pagination"] == {
+        "page": 1,
+        "page_size": 20,
+        "total": 25,
+        "total_pages": 2,
+        "next_cursor": first["pagination"]["next_cursor"],
+    }
     second = client.get("/campaigns?page=2").get_json()
     assert [c["id"] for c in second["data"]] == ids[::-1][20:]
+    assert second["pagination"]["next_cursor"] is None  # the last page
     assert [c["id"] for c in client.get("/campaigns?page=3&page_size=10").get_json()["data"]] == ids[4::-1]
     assert client.get("/campaigns?page=9").get_json()["data"] == []
 

@@ -79,7 +79,7 @@ def test_list_filters_by_location_newest_first(client):
     ids = [make_customer(location=loc).id for loc in ("Nairobi", "Mombasa", "Nairobi")]
     body = client.get("/customers?location=Nairobi").get_json()
     assert [c["id"] for c in body["data"]] == [ids[2], ids[0]]
-    assert body["pagination"] == {"page": 1, "page_size": 20, "total": 2, "total_pages": 1}
+    assert body["pagination"] == {"page": 1, "page_size": 20, "total": 2, "total_pages": 1, "next_cursor": None}
 
 
 def test_unknown_customer_is_404_json(client):

@@ -117,6 +117,40 @@ def test_stalled_redis_is_reported_within_the_socket_timeout(app, private_redis)
 
 
 @pytest.mark.real_only
+def test_stalled_redis_is_reported_in_under_a_second_with_the_default_timeouts(app, private_redis):
+    """A Redis that accepts connections and never answers (stopped with SIGSTOP): reported down within
+    the health probe's own budget, not after the web's 1 s socket timeout and the counts after it."""
+    private_redis.stall()
+    try:
+        response, took = health_of(app, private_redis.url)
+    finally:
+        private_redis.resume()
+    assert response.status_code == 503
+    assert response.get_json()["redis"] == {"ok": False, "error": "redis unreachable"}
+    assert response.get_json()["database"] == {"ok": True}
+    assert took < 1.0
+
+
+@pytest.mark.real_only
+def test_hung_database_and_stalled_redis_together_answer_within_two_seconds(app, private_redis):
+    """Both probes run at once: the answer takes the longer budget, not the sum."""
+    private_redis.stall()
+    try:
+        with unanswering_port() as port:
+            response, took = health_of(
+                app,
+                private_redis.url,
+                SQLALCHEMY_DATABASE_URI=f"postgresql+psycopg://postgres@127.0.0.1:{port}/campaigns",
+            )
+    finally:
+        private_redis.resume()
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["redis"]["ok"] is False and body["database"]["ok"] is False
+    assert took < 2.0
+
+
+@pytest.mark.real_only
 def test_health_counts_only_live_workers_and_sees_them_again_after_a_flush(
     app, anonymous_client, redis_conn, spawn_worker
 ):

@@ -26,9 +26,9 @@ CAMPAIGN = "/<int(max=2147483647):campaign_id>"
 @bp.route("")
 class Campaigns(MethodView):
     @bp.arguments(CampaignQuerySchema, location="query")
-    @bp.response(200, page_of(CampaignSchema))
+    @bp.response(200, page_of(CampaignDetailSchema))
     def get(self, query):
-        """List campaigns, newest first"""
+        """List campaigns, newest first, each with its stats"""
         return service.list_campaigns(**query)
 
     @idempotent(bp)

@@ -86,13 +86,19 @@ def delete_customer(customer_id: int) -> None:
         raise ConflictError(f"customer {customer_id} has messages in campaigns; their history is kept")
 
 
-def list_customers(page: int, page_size: int, location: str | None = None, opted_out: str | None = None) -> dict:
-    stmt = select(Customer).order_by(Customer.id.desc())
+def list_customers(
+    page_size: int,
+    page: int | None = None,
+    cursor: str | None = None,
+    location: str | None = None,
+    opted_out: str | None = None,
+) -> dict:
+    stmt = select(Customer)
     if location is not None:
         stmt = stmt.where(Customer.location == location)
     if opted_out is not None:
         stmt = stmt.where(optouts.opted_out(opted_out))
-    return paginate(stmt, page, page_size)
+    return paginate(stmt, Customer.id, "customers", page_size, page, cursor)
 
 
 def opt_out(customer_id: int, channel: str) -> Customer:

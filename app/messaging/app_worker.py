@@ -56,6 +56,7 @@ from rq.worker import WorkerStatus
 
 from app.extensions import db
 from app.logs import worker_job_id
+from app.messaging import stats
 from app.messaging.queueing import SEND_JOB
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,11 @@ class AppWorker(SimpleWorker):
 
     def work(self, burst: bool = False, **kwargs) -> bool:
         self._burst = burst
-        return super().work(burst=burst, **kwargs)
+        folder = stats.Folder(self.app).start()  # keeps the campaigns' stats cheap to read
+        try:
+            return super().work(burst=burst, **kwargs)
+        finally:
+            folder.stop()
 
     def request_stop(self, signum, frame) -> None:
         self.stop_requested = True

@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, String, and_, bindparam, exists, func, or_
 
 from app import clock
 from app.extensions import db
+from app.messaging import stats
 from app.messaging.recipients import NewRows
 from app.models import Campaign, CampaignStatus, MessageStatus, OutboundMessage
 
@@ -230,7 +231,8 @@ def finish_campaign(campaign_id: int, pending_checked: bool = False) -> str | No
     Call after the commit of the message that may have been the last (`pending_checked` when the caller
     has just seen, after that commit, that nothing is pending). Safe when several workers finish the last
     messages at once: the campaign row is locked before the final count, so the count sees every commit
-    that came before, and only one caller moves it out of `sending`.
+    that came before, and only one caller moves it out of `sending`. The one that does recounts the
+    campaign's stats from its rows (`stats.recount`).
     """
     if not pending_checked and pending_exists_now(campaign_id):
         return None  # the common case: one indexed lookup, no lock, no transaction
@@ -250,7 +252,10 @@ def finish_campaign(campaign_id: int, pending_checked: bool = False) -> str | No
         status, reason = CampaignStatus.FAILED, "the campaign had no recipients when it was dispatched"
     moved = move_campaign(campaign_id, status, status_reason=reason)
     db.session.commit()
-    return status if moved else None
+    if not moved:
+        return None
+    stats.recount(campaign_id)  # its final figures: a count of its rows
+    return status
 
 
 # An attempt's outcome (`sent`, `failed`, or still `pending` with a retry used). Only a pending message

@@ -1,53 +1,242 @@
-"""A campaign's progress, counted from its messages."""
+"""A campaign's progress: how many of its messages are in each status, read cheaply at any size.
+
+On PostgreSQL the database keeps the counts (migration 0011). Triggers on `outbound_messages` append each
+statement's net change per campaign and status to `campaign_message_count_changes`; `fold` moves those
+changes into `campaign_message_counts` in one transaction, a batch at a time (workers run it every
+`STATS_FOLD_INTERVAL` seconds). A read sums both tables in one statement, so it sees every committed
+change exactly once whether or not it was folded yet, and costs a few rows per campaign however many
+messages the campaign has. When a campaign ends, `recount` replaces its counts with a count of its rows.
+
+On SQLite (tests, a local run) there are no triggers: the stats count the rows, which is cheap there.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Select, func, select
+import logging
+import threading
+from collections.abc import Iterable
+
+from flask import Flask
+from sqlalchemy import Select, func, select, text, union_all
 
 from app import clock
 from app.extensions import db
-from app.models import MessageStatus, OutboundMessage
+from app.models import CampaignMessageCount, CampaignMessageCountChange, MessageStatus, OutboundMessage
+
+log = logging.getLogger(__name__)
+
+# The one lock folds and recounts take (pg_advisory_xact_lock): one of them at a time, so that a change is
+# moved into the counts once and a recount is never overwritten by an older fold.
+FOLD_LOCK = 7_310_001
+# Changes moved per fold transaction: bounded, so that a backlog (workers stopped while receipts came in)
+# is worked off in short transactions.
+FOLD_BATCH = 50_000
+
+# In one statement: what a fold deletes is exactly what it adds (its snapshot), and a change committed
+# meanwhile stays for the next fold. Summed in the order of the counts' key, so that two writers of the
+# counts (a fold and a recount wait for the same lock anyway) would lock rows in one order.
+_FOLD = text(
+    """
+    WITH moved AS (
+        DELETE FROM campaign_message_count_changes
+        WHERE id IN (SELECT id FROM campaign_message_count_changes ORDER BY id LIMIT :batch)
+        RETURNING campaign_id, status, messages, read, segments
+    ), summed AS (
+        SELECT campaign_id, status, sum(messages) AS messages, sum(read) AS read, sum(segments) AS segments,
+               count(*) AS changes
+        FROM moved GROUP BY campaign_id, status
+    ), added AS (
+        INSERT INTO campaign_message_counts AS c (campaign_id, status, messages, read, segments)
+        SELECT campaign_id, status, messages, read, segments FROM summed ORDER BY campaign_id, status
+        ON CONFLICT (campaign_id, status) DO UPDATE
+        SET messages = c.messages + excluded.messages, read = c.read + excluded.read,
+            segments = c.segments + excluded.segments
+    )
+    SELECT coalesce(sum(changes), 0) FROM summed
+    """
+)
+
+# In one statement, so that the count and the changes it drops share one snapshot: a change committed
+# after it (a receipt arriving meanwhile) is in neither, and stays to be added.
+_RECOUNT = text(
+    """
+    WITH dropped AS (
+        DELETE FROM campaign_message_count_changes WHERE campaign_id = :campaign_id
+    ), fresh AS (
+        SELECT status, count(*) AS messages, count(read_at) AS read, coalesce(sum(segments), 0) AS segments
+        FROM outbound_messages WHERE campaign_id = :campaign_id GROUP BY status
+    ), stale AS (
+        DELETE FROM campaign_message_counts
+        WHERE campaign_id = :campaign_id AND status NOT IN (SELECT status FROM fresh)
+    )
+    INSERT INTO campaign_message_counts AS c (campaign_id, status, messages, read, segments)
+    SELECT :campaign_id, status, messages, read, segments FROM fresh ORDER BY status
+    ON CONFLICT (campaign_id, status) DO UPDATE
+    SET messages = excluded.messages, read = excluded.read, segments = excluded.segments
+    """
+)
 
 
-def stats_query(campaign_id: int) -> Select:
-    """One pass over the campaign's messages, grouped by status: how many, how many read, and their SMS
-    segments. The sums ride on the rows the counts read anyway (`read_at` already takes each row), so
-    `segments_sent` costs no second scan (bench/plans.py times this very statement)."""
+def counted_by_database() -> bool:
+    """Whether the database keeps the counts (PostgreSQL, with migration 0011's triggers)."""
+    return db.engine.dialect.name == "postgresql"
+
+
+def counts_query(campaign_ids: Iterable[int]) -> Select:
+    """Per campaign and status: messages, read, segments. On PostgreSQL from the kept counts plus the
+    changes not folded yet; elsewhere from the rows."""
+    ids = list(campaign_ids)
+    if not counted_by_database():
+        return rows_query(ids)
+    kept = [
+        select(t.campaign_id, t.status, t.messages, t.read, t.segments).where(t.campaign_id.in_(ids))
+        for t in (CampaignMessageCount, CampaignMessageCountChange)
+    ]
+    both = union_all(*kept).subquery()
+    return select(
+        both.c.campaign_id, both.c.status, func.sum(both.c.messages), func.sum(both.c.read), func.sum(both.c.segments)
+    ).group_by(both.c.campaign_id, both.c.status)
+
+
+def rows_query(campaign_ids: Iterable[int]) -> Select:
+    """The same figures counted from the messages themselves: one pass over the campaigns' rows. What
+    SQLite reads, what a recount stores, and what the tests compare the kept counts with."""
     return (
         select(
+            OutboundMessage.campaign_id,
             OutboundMessage.status,
             func.count(),
             func.count(OutboundMessage.read_at),
             func.coalesce(func.sum(OutboundMessage.segments), 0),
         )
-        .where(OutboundMessage.campaign_id == campaign_id)
-        .group_by(OutboundMessage.status)
+        .where(OutboundMessage.campaign_id.in_(list(campaign_ids)))
+        .group_by(OutboundMessage.campaign_id, OutboundMessage.status)
     )
 
 
-def campaign_stats(campaign_id: int) -> dict[str, int]:
-    """How many of the campaign's messages are in each status (each counted once, under its current one),
-    `read` (delivered ones with `read_at`), `total`, and `segments_sent`: the SMS segments of the messages
-    a provider accepted (sent, delivered or undelivered), what the campaign is billed for; and
-    `waiting_quiet_hours`: pending messages held by quiet hours until a time still ahead."""
-    rows = db.session.execute(stats_query(campaign_id)).all()
-    stats = {status: 0 for status in MessageStatus.ALL}
-    stats.update({status: count for status, count, _, _ in rows})
-    stats["read"] = sum(read for _, _, read, _ in rows)
-    stats["total"] = sum(count for _, count, _, _ in rows)
-    stats["segments_sent"] = sum(int(segs) for status, _, _, segs in rows if status in MessageStatus.ACCEPTED)
-    # Among the pending; only asked when some are pending (a finished campaign's stats stay one query).
-    stats["waiting_quiet_hours"] = db.session.scalar(waiting_quiet_hours_query(campaign_id)) if stats["pending"] else 0
+def _empty() -> dict[str, int]:
+    return {status: 0 for status in MessageStatus.ALL} | {"read": 0, "total": 0, "segments_sent": 0}
+
+
+def stats_from(rows: Iterable[tuple]) -> dict[int, dict[str, int]]:
+    """`counts_query` or `rows_query` rows as each campaign's stats (without `waiting_quiet_hours`)."""
+    stats: dict[int, dict[str, int]] = {}
+    for campaign_id, status, messages, read, segments in rows:
+        campaign = stats.setdefault(campaign_id, _empty())
+        campaign[status] = int(messages)
+        campaign["read"] += int(read)
+        campaign["total"] += int(messages)
+        if status in MessageStatus.ACCEPTED:
+            campaign["segments_sent"] += int(segments)
     return stats
 
 
-def waiting_quiet_hours_query(campaign_id: int) -> Select:
-    """The campaign's pending messages held by quiet hours until a time still ahead. Read from the partial
-    index `ix_outbound_messages_waiting` (only pending messages with a `not_before` are in it), so it
-    costs as much as there are waiting messages, not the campaign's size."""
-    return select(func.count()).where(
-        OutboundMessage.campaign_id == campaign_id,
-        OutboundMessage.status == MessageStatus.PENDING,
-        OutboundMessage.not_before.is_not(None),
-        OutboundMessage.not_before > clock.now(),
+def stats_for(campaign_ids: Iterable[int]) -> dict[int, dict[str, int]]:
+    """Each campaign's stats: how many of its messages are in each status (each counted once, under its
+    current one), `read` (delivered ones with `read_at`), `total`, `segments_sent` (the SMS segments of
+    the messages a provider accepted: sent, delivered or undelivered; what the campaign is billed for) and
+    `waiting_quiet_hours` (pending messages held by quiet hours until a time still ahead). Two queries
+    for any number of campaigns; neither reads a campaign's messages one by one."""
+    ids = list(dict.fromkeys(campaign_ids))
+    if not ids:
+        return {}
+    counted = stats_from(db.session.execute(counts_query(ids)))
+    stats = {campaign_id: counted.get(campaign_id, _empty()) for campaign_id in ids}
+    for campaign in stats.values():
+        campaign["waiting_quiet_hours"] = 0
+    # Asked only of campaigns with pending messages (a finished campaign's stats stay one query).
+    waiting = [campaign_id for campaign_id in ids if stats[campaign_id]["pending"]]
+    if waiting:
+        for campaign_id, count in db.session.execute(waiting_quiet_hours_query(waiting)):
+            stats[campaign_id]["waiting_quiet_hours"] = count
+    return stats
+
+
+def campaign_stats(campaign_id: int) -> dict[str, int]:
+    """One campaign's stats (`stats_for`)."""
+    return stats_for([campaign_id])[campaign_id]
+
+
+def waiting_quiet_hours_query(campaign_ids: Iterable[int]) -> Select:
+    """Per campaign, its pending messages held by quiet hours until a time still ahead. Read from the
+    partial index `ix_outbound_messages_waiting` (only pending messages with a `not_before` are in it), so
+    it costs as much as there are waiting messages, not the campaign's size."""
+    return (
+        select(OutboundMessage.campaign_id, func.count())
+        .where(
+            OutboundMessage.campaign_id.in_(list(campaign_ids)),
+            OutboundMessage.status == MessageStatus.PENDING,
+            OutboundMessage.not_before.is_not(None),
+            OutboundMessage.not_before > clock.now(),
+        )
+        .group_by(OutboundMessage.campaign_id)
     )
+
+
+def fold(batch: int = FOLD_BATCH) -> int:
+    """Move up to `batch` appended changes into the kept counts, in one transaction of its own; returns
+    how many were moved (0 on SQLite, or when another process is folding right now: it will do it)."""
+    if not counted_by_database():
+        return 0
+    with db.engine.begin() as conn:
+        if not conn.scalar(select(func.pg_try_advisory_xact_lock(FOLD_LOCK))):
+            return 0
+        return int(conn.scalar(_FOLD, {"batch": batch}))
+
+
+def fold_all(batch: int = FOLD_BATCH) -> int:
+    """`fold` until no change is left (or another process folds); returns how many were moved."""
+    moved = total = fold(batch)
+    while moved == batch:
+        moved = fold(batch)
+        total += moved
+    return total
+
+
+def recount(campaign_id: int) -> None:
+    """Replace the campaign's kept counts with a count of its rows, in a transaction of its own: run when
+    a campaign ends, so that its final figures are exactly its rows whatever happened before (a change
+    made with the triggers disabled, say). One pass over the campaign's messages."""
+    if not counted_by_database():
+        return
+    with db.engine.begin() as conn:
+        conn.execute(select(func.pg_advisory_xact_lock(FOLD_LOCK)))
+        conn.execute(_RECOUNT, {"campaign_id": campaign_id})
+
+
+def pending_changes() -> int:
+    """How many changes wait to be folded (for operators and benchmarks)."""
+    return db.session.scalar(select(func.count()).select_from(CampaignMessageCountChange)) or 0
+
+
+class Folder:
+    """`fold_all` every `STATS_FOLD_INTERVAL` seconds in a daemon thread of a worker process, until
+    stopped. Every worker runs one; the advisory lock lets one fold at a time, the others find it taken
+    and wait for their next turn. A failure (the database down) is logged and tried again next time."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.interval = app.config["STATS_FOLD_INTERVAL"]
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stats-fold", daemon=True)
+
+    def start(self) -> Folder:
+        with self.app.app_context():
+            if counted_by_database():
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            with self.app.app_context():
+                try:
+                    fold_all()
+                except Exception:  # noqa: BLE001 - the changes stay, and are folded next time
+                    log.warning("could not fold the message count changes", exc_info=True)
+                finally:
+                    db.session.remove()
