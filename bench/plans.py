@@ -3,8 +3,9 @@
     python bench/plans.py [--messages 1000000]
 
 Builds three campaigns of that many messages each (mixed statuses) in BENCH_DATABASE_URL (recreated), runs
-the exact SQL the API runs for `GET /campaigns/{id}` stats and `GET /campaigns/{id}/messages`, and
-prints a table: the index each plan uses and the median time of five runs.
+the exact SQL the API runs for `GET /campaigns/{id}` stats (and the count from the rows it replaced) and
+`GET /campaigns/{id}/messages` by page number and by cursor, and prints a table: the index each plan uses
+and the median time of five runs, in the database.
 """
 
 from __future__ import annotations
@@ -25,26 +26,36 @@ sys.path.insert(0, str(ROOT))
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/campaigns_bench")
 
 
-def api_queries(campaign_id: int) -> dict[str, str]:
-    """The SQL the API issues, compiled from the same code paths, with the campaign id inlined."""
+def api_queries(campaign_id: int, cursor_at: int = 0) -> dict[str, str]:
+    """The SQL the API issues, compiled from the same code paths, with the campaign id inlined;
+    `cursor_at` is the id of the last message of page 4,999 (newest first, 20 a page)."""
     os.environ.setdefault("DATABASE_URL", DATABASE_URL)
     from sqlalchemy import func, select
 
     from app import create_app
     from app.extensions import db
     from app.messaging.message_store import LAST_PENDING
-    from app.messaging.stats import stats_query, waiting_quiet_hours_query
+    from app.messaging.stats import counts_query, rows_query, waiting_quiet_hours_query
     from app.models import MessageStatus, OutboundMessage
+    from app.pagination import decode_cursor, encode_cursor
 
     app = create_app(
         overrides={"SQLALCHEMY_DATABASE_URI": DATABASE_URL.replace("postgresql://", "postgresql+psycopg://")}
     )
     with app.app_context():
         listing = select(OutboundMessage).where(OutboundMessage.campaign_id == campaign_id)
+        newest_first = listing.order_by(OutboundMessage.id.desc())
+        before = decode_cursor("messages", encode_cursor("messages", cursor_at))
         queries = {
-            "stats (GROUP BY status)": stats_query(campaign_id),
-            "stats waiting_quiet_hours": waiting_quiet_hours_query(campaign_id),
+            "stats counted from the rows (GROUP BY status, before 0011)": rows_query([campaign_id]),
+            "stats from the kept counts (what the API reads)": counts_query([campaign_id]),
+            "stats of 100 campaigns from the kept counts (a page of the list)": counts_query(
+                range(campaign_id, campaign_id + 100)
+            ),
+            "stats waiting_quiet_hours": waiting_quiet_hours_query([campaign_id]),
             "messages page 1": listing.order_by(OutboundMessage.id.desc()).limit(20),
+            "messages cursor page 1 (20 + 1 rows)": newest_first.limit(21),
+            "messages cursor page 5000": newest_first.where(OutboundMessage.id < before).limit(21),
             "messages page 1, status=failed": listing.where(OutboundMessage.status == MessageStatus.FAILED)
             .order_by(OutboundMessage.id.desc())
             .limit(20),
@@ -110,7 +121,11 @@ def main() -> None:
                 (campaign_id, count),
             )
         conn.execute("VACUUM ANALYZE")
-        rows = [measure(conn, label, sql) for label, sql in api_queries(2).items()]
+        conn.execute("SELECT 1 FROM campaign_message_counts LIMIT 1")  # the triggers counted the inserts
+        page_4999_last = conn.execute(
+            "SELECT id FROM outbound_messages WHERE campaign_id = 2 ORDER BY id DESC OFFSET 99979 LIMIT 1"
+        ).fetchone()[0]
+        rows = [measure(conn, label, sql) for label, sql in api_queries(2, page_4999_last).items()]
         # A third campaign 90% through: its sent messages' old index entries are still there, as they
         # are between two vacuums while a campaign drains.
         conn.execute(
@@ -127,7 +142,7 @@ def main() -> None:
         conn.execute(
             "UPDATE outbound_messages SET status = 'sent' WHERE campaign_id = 3 AND customer_id <= %s", (n * 9 // 10,)
         )
-        for label, sql in api_queries(3).items():
+        for label, sql in api_queries(3, page_4999_last).items():
             if label.startswith("completion check"):
                 rows.append(measure(conn, f"{label}, another campaign 90% sent", sql))
     print(f"| query ({n:,} messages in the campaign) | index used | seq scan | median ms |")

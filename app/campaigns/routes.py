@@ -4,6 +4,7 @@ from app.blueprint import Blueprint
 from app.campaigns import service
 from app.campaigns.schemas import (
     CampaignDetailSchema,
+    CampaignListItemSchema,
     CampaignQuerySchema,
     CampaignSchema,
     EstimateSchema,
@@ -26,7 +27,7 @@ CAMPAIGN = "/<int(max=2147483647):campaign_id>"
 @bp.route("")
 class Campaigns(MethodView):
     @bp.arguments(CampaignQuerySchema, location="query")
-    @bp.response(200, page_of(CampaignDetailSchema))
+    @bp.response(200, page_of(CampaignListItemSchema))
     def get(self, query):
         """List campaigns, newest first, each with its stats"""
         return service.list_campaigns(**query)

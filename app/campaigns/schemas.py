@@ -107,8 +107,13 @@ class CampaignSchema(Schema):
     updated_at = UTCDateTime(dump_only=True)
 
 
-class CampaignDetailSchema(CampaignSchema):
+class CampaignListItemSchema(CampaignSchema):
+    """A campaign in the list: with its stats."""
+
     stats = fields.Nested(StatsSchema, dump_only=True)
+
+
+class CampaignDetailSchema(CampaignListItemSchema):
     template_encoding = fields.Nested(
         TemplateEncodingSchema,
         dump_only=True,

@@ -47,10 +47,10 @@ def get_campaign(campaign_id: int, lock: bool = False) -> Campaign:
     return campaign
 
 
-def with_stats(campaign: Campaign, stats: dict[str, int] | None = None) -> Campaign:
-    """`campaign` with its message `stats` attached (read now unless given); an SMS campaign also with its
+def with_stats(campaign: Campaign) -> Campaign:
+    """`campaign` with its message `stats` attached, for the detail view; an SMS campaign also with its
     `template_encoding`."""
-    campaign.stats = campaign_stats(campaign.id) if stats is None else stats
+    campaign.stats = campaign_stats(campaign.id)
     if campaign.channel == Channel.SMS:
         campaign.template_encoding = template_encoding(campaign.base_template)
     return campaign
@@ -159,7 +159,7 @@ def list_campaigns(
     listed = paginate(stmt, Campaign.id, "campaigns", page_size, page, cursor)
     stats = stats_for(campaign.id for campaign in listed["data"])
     for campaign in listed["data"]:
-        with_stats(campaign, stats[campaign.id])
+        campaign.stats = stats[campaign.id]
     return listed
 
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterable
 
 from flask import Flask
-from sqlalchemy import Select, func, select, text, union_all
+from sqlalchemy import Select, bindparam, func, select, text, union_all
 
 from app import clock
 from app.extensions import db
@@ -85,33 +85,38 @@ def counted_by_database() -> bool:
 def counts_query(campaign_ids: Iterable[int]) -> Select:
     """Per campaign and status: messages, read, segments. On PostgreSQL from the kept counts plus the
     changes not folded yet; elsewhere from the rows."""
-    ids = list(campaign_ids)
-    if not counted_by_database():
-        return rows_query(ids)
-    kept = [
-        select(t.campaign_id, t.status, t.messages, t.read, t.segments).where(t.campaign_id.in_(ids))
-        for t in (CampaignMessageCount, CampaignMessageCountChange)
-    ]
-    both = union_all(*kept).subquery()
-    return select(
-        both.c.campaign_id, both.c.status, func.sum(both.c.messages), func.sum(both.c.read), func.sum(both.c.segments)
-    ).group_by(both.c.campaign_id, both.c.status)
+    statement = _KEPT_COUNTS if counted_by_database() else _ROW_COUNTS
+    return statement.params(campaign_ids=list(campaign_ids))
 
 
 def rows_query(campaign_ids: Iterable[int]) -> Select:
     """The same figures counted from the messages themselves: one pass over the campaigns' rows. What
     SQLite reads, what a recount stores, and what the tests compare the kept counts with."""
-    return (
-        select(
-            OutboundMessage.campaign_id,
-            OutboundMessage.status,
-            func.count(),
-            func.count(OutboundMessage.read_at),
-            func.coalesce(func.sum(OutboundMessage.segments), 0),
-        )
-        .where(OutboundMessage.campaign_id.in_(list(campaign_ids)))
-        .group_by(OutboundMessage.campaign_id, OutboundMessage.status)
+    return _ROW_COUNTS.params(campaign_ids=list(campaign_ids))
+
+
+# Built once (stats are read on every campaign request): the ids are one expanding parameter.
+_IDS = bindparam("campaign_ids", expanding=True)
+_ROW_COUNTS = (
+    select(
+        OutboundMessage.campaign_id,
+        OutboundMessage.status,
+        func.count(),
+        func.count(OutboundMessage.read_at),
+        func.coalesce(func.sum(OutboundMessage.segments), 0),
     )
+    .where(OutboundMessage.campaign_id.in_(_IDS))
+    .group_by(OutboundMessage.campaign_id, OutboundMessage.status)
+)
+_BOTH = union_all(
+    *(
+        select(t.campaign_id, t.status, t.messages, t.read, t.segments).where(t.campaign_id.in_(_IDS))
+        for t in (CampaignMessageCount, CampaignMessageCountChange)
+    )
+).subquery()
+_KEPT_COUNTS = select(
+    _BOTH.c.campaign_id, _BOTH.c.status, func.sum(_BOTH.c.messages), func.sum(_BOTH.c.read), func.sum(_BOTH.c.segments)
+).group_by(_BOTH.c.campaign_id, _BOTH.c.status)
 
 
 def _empty() -> dict[str, int]:
@@ -161,16 +166,19 @@ def waiting_quiet_hours_query(campaign_ids: Iterable[int]) -> Select:
     """Per campaign, its pending messages held by quiet hours until a time still ahead. Read from the
     partial index `ix_outbound_messages_waiting` (only pending messages with a `not_before` are in it), so
     it costs as much as there are waiting messages, not the campaign's size."""
-    return (
-        select(OutboundMessage.campaign_id, func.count())
-        .where(
-            OutboundMessage.campaign_id.in_(list(campaign_ids)),
-            OutboundMessage.status == MessageStatus.PENDING,
-            OutboundMessage.not_before.is_not(None),
-            OutboundMessage.not_before > clock.now(),
-        )
-        .group_by(OutboundMessage.campaign_id)
+    return _WAITING.params(campaign_ids=list(campaign_ids), now=clock.now())
+
+
+_WAITING = (
+    select(OutboundMessage.campaign_id, func.count())
+    .where(
+        OutboundMessage.campaign_id.in_(_IDS),
+        OutboundMessage.status == MessageStatus.PENDING,
+        OutboundMessage.not_before.is_not(None),
+        OutboundMessage.not_before > bindparam("now", type_=OutboundMessage.not_before.type),
     )
+    .group_by(OutboundMessage.campaign_id)
+)
 
 
 def fold(batch: int = FOLD_BATCH) -> int:
