@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import psycopg
 from rq import Queue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from receipts import TWILIO_SID, TWILIO_TOKEN, post_all, store_messages, twilio_requests  # noqa: E402
 from run import CONTROL_QUEUE, DATABASE_URL, QUEUE, ROOT, Bench, log  # noqa: E402
@@ -103,6 +105,37 @@ def timed_gets(web: Web, paths: list[str], stop: threading.Event | None = None, 
             assert response.status == 200, response.status
         rounds += 1
     conn.close()
+    return latencies
+
+
+def stats_sql(campaign_ids: list[int]) -> str:
+    """The statement the API runs for these campaigns' stats, compiled from the same code, ids inlined."""
+    os.environ.setdefault("DATABASE_URL", DATABASE_URL)
+    from sqlalchemy.dialects import postgresql
+
+    from app import create_app
+    from app.messaging.stats import counts_query
+
+    app = create_app(
+        overrides={"SQLALCHEMY_DATABASE_URI": DATABASE_URL.replace("postgresql://", "postgresql+psycopg://")}
+    )
+    with app.app_context():
+        query = counts_query(campaign_ids)
+    return str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+
+
+def timed_sql(statements: dict[str, str], stop: threading.Event, backlog: list[int]) -> dict:
+    """Latencies (ms) of each statement in the database, in turn until `stop`; also samples how many count
+    changes wait to be folded into `backlog`."""
+    latencies: dict[str, list[float]] = {label: [] for label in statements}
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        while not stop.is_set():
+            for label, sql in statements.items():
+                start = time.perf_counter()
+                conn.execute(sql).fetchall()
+                latencies[label].append((time.perf_counter() - start) * 1000)
+            backlog.append(conn.execute("SELECT count(*) FROM campaign_message_count_changes").fetchone()[0])
+            time.sleep(0.01)
     return latencies
 
 
@@ -201,28 +234,40 @@ def main() -> None:
         queue_sends(bench, big, "rest", args.sends)
         quiet = timed_gets(web, paths, count=args.samples)
         for path in paths:
-            rows.append(("quiet", path, percentiles(quiet[path])))
+            rows.append(("quiet", f"`GET {path}`", percentiles(quiet[path])))
 
         log("timing reads while two workers send and receipts are posted")
         requests = twilio_requests(web.base_url, sids)
         stop = threading.Event()
         loaded: dict = {}
+        in_database: dict = {}
+        backlog: list[int] = []
+        statements = {
+            f"stats of campaign {big} (SQL)": stats_sql([big]),
+            "stats of the 100 campaigns (SQL)": stats_sql(list(range(big, big + 100))),
+        }
         reader = threading.Thread(target=lambda: loaded.update(timed_gets(web, paths, stop=stop)))
+        sql_reader = threading.Thread(target=lambda: in_database.update(timed_sql(statements, stop, backlog)))
         started = time.perf_counter()
         workers = start_workers(bench, 2, burst=True)
         reader.start()
+        sql_reader.start()
         receipt_seconds, _, failures = post_all(web.port, requests, 32)
         for worker in workers:
             worker.wait()
         send_seconds = time.perf_counter() - started
         stop.set()
         reader.join()
+        sql_reader.join()
         for path in paths:
-            rows.append(("under load", path, percentiles(loaded[path])))
+            rows.append(("under load", f"`GET {path}`", percentiles(loaded[path])))
+        for label, latencies in in_database.items():
+            rows.append(("under load", label, percentiles(latencies)))
         load = (
             f"{args.sends:,} sends in {send_seconds:.1f} s ({args.sends / send_seconds:.0f}/s, two workers) and "
             f"{args.receipts:,} receipts in {receipt_seconds:.1f} s ({args.receipts / receipt_seconds:.0f}/s, "
-            f"{len(failures)} not 200)"
+            f"{len(failures)} not 200); count changes waiting to be folded: at most {max(backlog, default=0):,}, "
+            f"median {statistics.median(backlog or [0]):,.0f}"
         )
         final = bench.request("GET", f"/campaigns/{big}")
         assert final["status"] == "sent", final["status"]
@@ -235,10 +280,10 @@ def main() -> None:
         web.stop()
 
     print(f"The big campaign: {args.messages:,} messages; 100 campaigns in all. Under load: {load}.\n")
-    print("| phase | GET | requests | median ms | p95 ms | p99 ms | max ms |")
+    print("| phase | read | requests | median ms | p95 ms | p99 ms | max ms |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for phase, path, figures in rows:
-        print(f"| {phase} | `{path}` | {figures} |")
+        print(f"| {phase} | {path} | {figures} |")
     on = [rate for triggers, rate in drains if triggers]
     off = [rate for triggers, rate in drains if not triggers]
     print(f"\nOne worker draining {args.drain:,} sends (mock provider), alternated:\n")
