@@ -147,6 +147,7 @@ class Recorder:
         self._pending: dict[tuple[str, str], float] = {}
         self._flushed_at = time.monotonic()
         self._dropping = False
+        self._failing = False
 
     def add(self, key: str, field_name: str, amount: float) -> None:
         """Add `amount` to one field's delta."""
@@ -205,10 +206,15 @@ class Recorder:
             with connection.pipeline(transaction=True) as pipe:
                 add_deltas(pipe, deltas)
                 pipe.execute()
-        except Exception:  # noqa: BLE001 - Redis down or stalled: counted again at the next flush
-            log.warning("metrics: could not flush to Redis; kept for the next flush", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - Redis down or stalled: counted again at the next flush
             self.give_back(deltas)
+            if not self._failing:  # one line per outage, not one per flush
+                log.warning("metrics: cannot flush to Redis (%s: %s); kept for the next flush", type(exc).__name__, exc)
+            self._failing = True
             return False
+        if self._failing:
+            log.info("metrics: flushed to Redis again")
+        self._failing = False
         return True
 
 
