@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -457,8 +458,10 @@ def read_campaigns(snapshot: Snapshot) -> None:
     snapshot.campaigns = {status: 0 for status in CampaignStatus.ALL} | {status: count for status, count in rows}
 
 
-def _labels_of(series: str) -> list[str]:
-    return json.loads(series)
+@functools.lru_cache(maxsize=MAX_SERIES)
+def _labels_of(series: str) -> tuple[str, ...]:
+    """A series' label values from its hash field; cached: the same series come back at every scrape."""
+    return tuple(json.loads(series))
 
 
 def counter_family(metric: Metric, values: dict[str, str]) -> CounterMetricFamily:
