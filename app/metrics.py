@@ -412,7 +412,8 @@ def _queue_keys(name: str) -> list[tuple[str, str, str]]:
 
 
 def read_redis(snapshot: Snapshot, recorder: Recorder | None) -> None:
-    """One round trip: this process's deltas added, then every metric hash and queue count read back."""
+    """One round trip: this process's deltas added, then every metric hash and queue count read back; then
+    the live workers (a second one, `live_worker_count`'s own)."""
     deltas = recorder.take() if recorder is not None else {}
     queue_reads = [
         (queue, state, command, key)
@@ -428,17 +429,20 @@ def read_redis(snapshot: Snapshot, recorder: Recorder | None) -> None:
             for _, _, command, key in queue_reads:
                 getattr(pipe, command)(key)
             answers = pipe.execute()[len(deltas) :]
-        snapshot.workers = live_worker_count(connection)
     except Exception:  # noqa: BLE001 - Redis down or stalled: the scrape answers without it
         log.warning("metrics: Redis unavailable for the scrape", exc_info=True)
         if recorder is not None:
-            recorder.give_back(deltas)
+            recorder.give_back(deltas)  # MULTI/EXEC: none of them was added
         return
     for metric, answer in zip(EVENT_METRICS, answers, strict=False):
         snapshot.hashes[metric.name] = {_text(k): _text(v) for k, v in answer.items()}
     for (queue, state, _, _), count in zip(queue_reads, answers[len(EVENT_METRICS) :], strict=True):
         snapshot.queues[(queue, state)] = int(count)
     snapshot.redis_ok = True
+    try:
+        snapshot.workers = live_worker_count(connection)
+    except Exception:  # noqa: BLE001 - Redis went away between the two: the answer goes without the workers
+        log.warning("metrics: could not count the live workers", exc_info=True)
 
 
 def _text(value: bytes | str) -> str:
@@ -503,8 +507,9 @@ def families(snapshot: Snapshot) -> Iterator:
         for (queue, state), count in snapshot.queues.items():
             queues.add_metric([queue, state], count)
         yield queues
+    if snapshot.workers is not None:
         yield GaugeMetricFamily(
-            f"{PREFIX}_workers", "Live workers, counted from their heartbeats", value=snapshot.workers or 0
+            f"{PREFIX}_workers", "Live workers, counted from their heartbeats", value=snapshot.workers
         )
     if snapshot.campaigns is not None:
         campaigns = GaugeMetricFamily(f"{PREFIX}_campaigns", "Campaigns by status", labels=("status",))

@@ -8,7 +8,8 @@ own recorder: requests to every route with several statuses, send outcomes of bo
 class, provider latencies, receipts. Times `--scrapes` scrapes through the Flask test client (in this
 process: the request's whole path, the key check and the rate limiter included) and as many over HTTP
 against the Procfile's web command (two gunicorn workers). Prints a Markdown table: median, p95 and
-worst time, and the size of the answer.
+worst time, and the size of the answer; then the median time of the scrape's one SQL query beside the
+messages' `GROUP BY status` it never runs.
 
 Settings: BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/campaigns_bench_metrics; dropped
 and recreated) and BENCH_REDIS_URL (default redis://127.0.0.1:6379/13; flushed).
@@ -158,6 +159,24 @@ def time_web(scrapes: int) -> list[float]:
     return times
 
 
+def time_queries(runs: int = 5) -> list[tuple[str, float]]:
+    """Median ms of the scrape's one query, and of the messages' own GROUP BY it never runs."""
+    queries = {
+        "campaigns by status (the scrape's query)": "SELECT status, count(*) FROM campaigns GROUP BY status",
+        "messages by status (never run by a scrape)": "SELECT status, count(*) FROM outbound_messages GROUP BY status",
+    }
+    rows = []
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        for label, sql in queries.items():
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                conn.execute(sql).fetchall()
+                times.append((time.perf_counter() - start) * 1000)
+            rows.append((label, statistics.median(times)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
@@ -187,6 +206,9 @@ def main() -> None:
     for label, times in rows:
         ms = [t * 1000 for t in times]
         print(f"| {label} | {statistics.median(ms):.1f} | {percentile(ms, 0.95):.1f} | {max(ms):.1f} |")
+    print("\n| query | median ms |\n| --- | --- |")
+    for label, ms in time_queries():
+        print(f"| {label} | {ms:.1f} |")
 
 
 if __name__ == "__main__":

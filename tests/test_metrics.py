@@ -138,8 +138,9 @@ def test_requests_are_counted_by_route_template_method_and_status(client, anonym
     assert [v for _, v in bounds] == sorted(v for _, v in bounds)  # cumulative
 
 
-def test_send_outcomes_and_provider_latency_are_counted(app, client, work):
+def test_send_outcomes_and_provider_latency_are_counted(app, client, work, redis_conn):
     app.config["MOCK_SENDER_FAIL_ATTEMPTS"] = 1  # every message fails once, then is sent
+    app.extensions["metrics"].interval = 3600  # no flush by the thread: only the worker's own when it stops
     ids = make_customers(3)
     campaign = make_campaign()
     start(client, campaign.id, ids)
@@ -150,6 +151,7 @@ def test_send_outcomes_and_provider_latency_are_counted(app, client, work):
     assert message_count(queued, "sent") == 0
 
     work()
+    assert redis_conn.hlen(metrics.MESSAGES.key) == 3  # written when the burst worker stopped, before any scrape
     samples = scrape(client)
     assert message_count(samples, "retry", "transient") == 2
     assert message_count(samples, "sent") == 2
