@@ -147,8 +147,8 @@ def time_web(scrapes: int) -> list[float]:
 
     web = Web(ENV, None)
     try:
-        for _ in range(4):
-            web.get("/metrics")  # each gunicorn worker's first request opens its connections
+        for _ in range(10):
+            web.get("/metrics")  # each gunicorn worker's first requests open its connections and fill its caches
         times = []
         for _ in range(scrapes):
             status, took = web.get("/metrics")
