@@ -40,6 +40,7 @@ from flask.views import MethodView
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis import Redis
+from rq import Queue
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -399,15 +400,16 @@ class Snapshot:
     campaigns: dict[str, int] | None = None
 
 
-def _queue_keys(name: str) -> list[tuple[str, str, str]]:
-    """(state, Redis command, key) of RQ's list and registries of queue `name`: what RQ's own counts
-    read, without their cleanup writes."""
+def _queue_keys(name: str, connection: Redis) -> list[tuple[str, str, str]]:
+    """(state, Redis command, key) of RQ's list and registries of queue `name`, keys as RQ names them:
+    what RQ's own counts read, without their cleanup writes."""
+    queue = Queue(name, connection=connection)
     return [
-        ("queued", "llen", f"rq:queue:{name}"),
-        ("started", "zcard", f"rq:wip:{name}"),
-        ("scheduled", "zcard", f"rq:scheduled:{name}"),
-        ("deferred", "zcard", f"rq:deferred:{name}"),
-        ("failed", "zcard", f"rq:failed:{name}"),
+        ("queued", "llen", queue.key),
+        ("started", "zcard", queue.started_job_registry.key),
+        ("scheduled", "zcard", queue.scheduled_job_registry.key),
+        ("deferred", "zcard", queue.deferred_job_registry.key),
+        ("failed", "zcard", queue.failed_job_registry.key),
     ]
 
 
@@ -415,12 +417,12 @@ def read_redis(snapshot: Snapshot, recorder: Recorder | None) -> None:
     """One round trip: this process's deltas added, then every metric hash and queue count read back; then
     the live workers (a second one, `live_worker_count`'s own)."""
     deltas = recorder.take() if recorder is not None else {}
+    connection = current_app.extensions["redis"]
     queue_reads = [
         (queue, state, command, key)
         for queue in current_app.config["QUEUES"]
-        for state, command, key in _queue_keys(queue)
+        for state, command, key in _queue_keys(queue, connection)
     ]
-    connection = current_app.extensions["redis"]
     try:
         with connection.pipeline(transaction=True) as pipe:
             add_deltas(pipe, deltas)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
+from rq import Queue
 from sqlalchemy import text
 
 from app import metrics
@@ -265,6 +267,23 @@ def test_campaigns_by_status_queues_and_live_workers_are_read_when_scraped(app, 
     assert states == set(metrics.QUEUE_STATES)
     assert value(samples, "dispatch_workers") == 1
     assert value(scrape(client), "dispatch_workers") == 0  # a clean exit leaves at once
+
+
+def crash() -> None:
+    """A job that fails (RQ keeps it in the queue's failed registry)."""
+    raise RuntimeError("boom")
+
+
+def test_jobs_that_failed_and_wait_are_counted_per_queue(app, client, work, redis_conn):
+    control = Queue(app.config["CONTROL_QUEUE"], connection=redis_conn)
+    control.enqueue(crash)
+    control.enqueue_in(timedelta(hours=1), crash)
+    work()
+    samples = scrape(client)
+    assert value(samples, "dispatch_queue_jobs", queue="campaign_control", state="failed") == 1
+    assert value(samples, "dispatch_queue_jobs", queue="campaign_control", state="scheduled") == 1
+    assert value(samples, "dispatch_queue_jobs", queue="campaign_control", state="queued") == 0
+    assert value(samples, "dispatch_queue_jobs", queue="campaign_sends", state="failed") == 0
 
 
 def test_a_scrape_without_redis_answers_at_once_with_the_database_gauges_and_the_counts_are_kept(
