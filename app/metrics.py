@@ -233,7 +233,7 @@ def add_deltas(pipe, deltas: dict[tuple[str, str], float]) -> None:
 _recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
 _flusher: threading.Thread | None = None
 _flusher_lock = threading.Lock()
-# How often the flusher looks at the recorders when none is registered yet.
+# The longest the flusher sleeps: a recorder made meanwhile waits no longer than this for its first look.
 IDLE_TICK = 1.0
 
 
@@ -241,7 +241,7 @@ def _flush_loop() -> None:
     """Flush each recorder when its interval has passed; forever (a daemon thread)."""
     while True:
         recorders = list(_recorders)
-        time.sleep(min((r.interval for r in recorders), default=IDLE_TICK))
+        time.sleep(min([r.interval for r in recorders] + [IDLE_TICK]))
         for recorder in recorders:
             if recorder.due():
                 recorder.flush()

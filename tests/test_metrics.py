@@ -3,6 +3,7 @@ when scraped, a scrape without Redis, and the totals of several web and worker p
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -332,6 +333,17 @@ def test_a_stalled_redis_holds_a_scrape_no_longer_than_the_socket_timeout(app, c
     assert value(samples, "dispatch_metrics_source_up", source="database") == 1
     assert len(series(samples, "dispatch_campaigns")) == len(CampaignStatus.ALL)
     app.extensions["metrics"].take()  # the scrapes' own counts: the server goes away with the test
+
+
+def test_a_process_keeps_a_bounded_number_of_series_between_flushes(app, redis_conn, monkeypatch):
+    monkeypatch.setattr(metrics, "MAX_SERIES", 3)
+    recorder = metrics.Recorder(app)
+    for n in range(5):
+        recorder.count(metrics.RECEIPTS, ("twilio", f"status-{n}", "applied"))
+    recorder.count(metrics.RECEIPTS, ("twilio", "status-0", "applied"), 2)  # a series it has goes on counting
+    assert recorder.flush()
+    stored = {json.loads(k)[1]: int(v) for k, v in redis_conn.hgetall(metrics.RECEIPTS.key).items()}
+    assert stored == {"status-0": 3, "status-1": 1, "status-2": 1}
 
 
 def test_route_templates_and_outcome_labels():
