@@ -451,6 +451,8 @@ SETTINGS: tuple[Setting, ...] = (
             integer(1, 1000)),
     Setting("WEB_CLIENT_TIMEOUT", "10", "seconds a client may leave a `web` thread waiting for the next bytes of "
             "its request (or to take its answer) before it is dropped; 0: no limit", number(0, 3600)),
+    Setting("METRICS_FLUSH_INTERVAL", "2", "seconds between two flushes of a process's metrics into Redis, where "
+            "`GET /metrics` adds up every process's", number(0.1, 60)),
     # Logs
     Setting("LOG_LEVEL", "INFO", "logs are JSON lines with a request id, and job/campaign/message ids in the "
             "worker", log_level),

@@ -8,7 +8,7 @@ from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from app import auth, database, ratelimit
+from app import auth, database, metrics, ratelimit
 from app.bodies import Request
 from app.errors import register_errorhandlers
 from app.extensions import api, db, migrate
@@ -47,6 +47,7 @@ def create_app(config: object | str = "config.Config", overrides: dict | None = 
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
+    metrics.init_app(app)  # its hooks go around every other hook
     return app
 
 
@@ -75,6 +76,7 @@ def register_blueprints(app: Flask) -> None:
     api.register_blueprint(campaigns.bp)
     api.register_blueprint(health.bp)
     api.register_blueprint(webhooks.bp)
+    api.register_blueprint(metrics.bp)
     app.register_blueprint(docs_assets)
 
 

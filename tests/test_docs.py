@@ -40,6 +40,7 @@ OPERATIONS = [
     ("post", "/campaigns/{campaign_id}/cancel"),
     ("post", "/campaigns/{campaign_id}/retry-failed"),
     ("get", "/health"),
+    ("get", "/metrics"),
     ("post", "/webhooks/africastalking/delivery"),
     ("post", "/webhooks/africastalking/inbound"),
     ("post", "/webhooks/africastalking/opt-out"),

@@ -236,6 +236,7 @@ class AppWorker(SimpleWorker):
             if self._in_flight:
                 log.info("waiting for %d jobs in flight", self._in_flight)
             self._pool.shutdown(wait=True)
+        self.app.extensions["metrics"].flush()  # the jobs' counts (app.metrics), before a burst worker's process ends
         super().teardown()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:

@@ -10,7 +10,7 @@ import time
 from flask import current_app
 from rq import Retry, get_current_job
 
-from app import clock
+from app import clock, metrics
 from app.customers import optouts
 from app.extensions import db
 from app.messaging import lifecycle, quiet_hours, receipts, throttle
@@ -69,6 +69,7 @@ def send_outbound_message(message_id: int) -> str | Retry:
             return "skipped: missing, or being sent by another worker"
         campaign_id = row["campaign_id"]
         outcome = _attempt_and_decide(store, message_id, row) if row["status"] == MessageStatus.PENDING else None
+        metrics.count_send(row, outcome)
         if isinstance(outcome, Retry):  # no slot at the provider soon: handed back, the message untouched
             return outcome
         if outcome is not None and outcome.body is not None and row["channel"] == Channel.SMS:
@@ -179,6 +180,7 @@ def _attempt_and_decide(store: MessageStore, message_id: int, row: dict) -> Outc
         if later is not None:
             extra = {"campaign_id": row["campaign_id"], "message_id": message_id, "delay": later}
             log.info("no slot at the provider yet; trying again later", extra=extra)
+            metrics.count_message(row["channel"], "limited")
             return Retry(max=MAX_POSTPONEMENTS, interval=max(1, math.ceil(later)))
         if time.monotonic() - checked > RECHECK_AFTER:  # a pause may have come while it waited for its slot
             row["campaign_status"] = store.campaign_status(row["campaign_id"])
@@ -189,6 +191,7 @@ def _attempt_and_decide(store: MessageStore, message_id: int, row: dict) -> Outc
         if result.error_code != LATE_FOR_SLOT:
             break
     else:  # late for every slot it took: the worker is overloaded; back to the queue
+        metrics.count_message(row["channel"], "limited")
         return Retry(max=MAX_POSTPONEMENTS, interval=1)
     if result.ok:
         return Outcome(
@@ -225,6 +228,7 @@ def _quiet_hours_hold(store: MessageStore, message_id: int, row: dict) -> Retry 
     if until is None:
         return None
     store.hold(message_id, until)
+    metrics.count_message(row["channel"], "quiet_hours")
     delay = max(1, math.ceil((until - now).total_seconds()))
     extra = {"campaign_id": row["campaign_id"], "message_id": message_id, "not_before": until.isoformat()}
     log.info("quiet hours where the recipient is; the message waits", extra={**extra, "delay": delay})
@@ -246,7 +250,8 @@ def _attempt(provider: Provider, message_id: int, row: dict, body: str) -> SendR
         else None,
     )
     try:
-        return provider.send(outgoing)
+        with metrics.provider_call(provider.name):
+            return provider.send(outgoing)
     except Exception as exc:  # noqa: BLE001 - a provider's crash is a failed attempt like any other
         log.warning(
             "provider raised", extra={"campaign_id": row["campaign_id"], "message_id": message_id}, exc_info=True

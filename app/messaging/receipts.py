@@ -15,7 +15,7 @@ from datetime import timedelta
 from flask import current_app
 from sqlalchemy import delete, select
 
-from app import clock
+from app import clock, metrics
 from app.extensions import db
 from app.messaging import lifecycle
 from app.models import DeliveryReceipt
@@ -49,6 +49,7 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
     if len(receipts) == 1 and not db.session().in_transaction():
         db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     counts = {"applied": 0, "unchanged": 0, "kept": 0}
+    results = []
     for receipt in receipts:
         applied = _apply(receipt)
         if applied is None:
@@ -63,10 +64,13 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
                     error=receipt.error,
                 )
             )
-            counts["kept"] += 1
+            result = "kept"
         else:
-            counts["applied" if applied else "unchanged"] += 1
+            result = "applied" if applied else "unchanged"
+        counts[result] += 1
+        results.append((receipt.provider, receipt.status, result))
     db.session.commit()
+    metrics.count_receipts(results)
     return counts
 
 
@@ -93,7 +97,7 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
         stmt = stmt.where(
             DeliveryReceipt.provider == provider, DeliveryReceipt.provider_message_id == provider_message_id
         )
-    applied_ids = []
+    applied_ids, results = [], []
     for kept in db.session.scalars(stmt.limit(current_app.config["RECONCILE_BATCH_SIZE"])):
         outcome = _apply(
             Receipt(
@@ -108,7 +112,9 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
         )
         if outcome is not None:
             applied_ids.append(kept.id)
+            results.append((kept.provider, kept.status, "applied" if outcome else "unchanged"))
     if applied_ids:
         db.session.execute(delete(DeliveryReceipt).where(DeliveryReceipt.id.in_(applied_ids)))
     db.session.commit()
+    metrics.count_receipts(results)
     return len(applied_ids)
