@@ -3,7 +3,7 @@ by location newest first
 
 Revision ID: 0011
 Revises: 0010
-Create Date: 2026-12-04 10:00:00.000000
+Create Date: 2026-12-03 17:00:00.000000
 
 """
 
