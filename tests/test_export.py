@@ -192,6 +192,17 @@ def test_the_export_needs_an_api_key(anonymous_client):
     assert response.is_json and response.headers["WWW-Authenticate"] == 'Bearer realm="api"'
 
 
+def test_the_openapi_document_describes_the_csv(anonymous_client):
+    paths = anonymous_client.get("/openapi.json").get_json()["paths"]
+    operation = paths["/campaigns/{campaign_id}/messages.csv"]["get"]
+    ok = operation["responses"]["200"]
+    assert ok["content"]["text/csv"]["schema"] == {"type": "string"}
+    assert ok["content"]["text/csv"]["example"].startswith(",".join(HEADER) + "\n")
+    assert "Content-Disposition" in ok["headers"]
+    assert {"401", "404", "422", "503"} <= set(operation["responses"])
+    assert [p["name"] for p in operation["parameters"] if p["in"] == "query"] == ["status"]
+
+
 def insert_messages(campaign_id: int, count: int, status: str = "sent") -> None:
     """`count` messages of `count` new customers, in two statements (both backends)."""
     first = make_customer().id
