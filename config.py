@@ -318,6 +318,9 @@ SETTINGS: tuple[Setting, ...] = (
             "turns both off", number(0, 3600)),
     Setting("SEND_STATEMENT_TIMEOUT", "120", "seconds the audience send's one `INSERT ... SELECT` may run (about "
             "9 s per million recipients)", number(1, 3600)),
+    Setting("EXPORT_STATEMENT_TIMEOUT", "600", "seconds a campaign's CSV export (`GET /campaigns/{id}/messages.csv`) "
+            "may run on PostgreSQL, the time its client takes to read it included (its one `COPY` statement's "
+            "`statement_timeout`, and its round trips' deadline 1 s longer); 0: no limit", number(0, 86400)),
     Setting("DATABASE_POOL_SIZE", "24", "PostgreSQL connections each process keeps for reuse (5 more are opened "
             "for a burst and closed after it); at least `WEB_THREADS` and `WORKER_CONCURRENCY`, so that no request "
             "or send opens and closes a connection of its own", integer(1, 1000)),

@@ -35,6 +35,7 @@ OPERATIONS = [
     ("post", "/campaigns/{campaign_id}/estimate"),
     ("post", "/campaigns/{campaign_id}/personalized-preview"),
     ("get", "/campaigns/{campaign_id}/messages"),
+    ("get", "/campaigns/{campaign_id}/messages.csv"),
     ("post", "/campaigns/{campaign_id}/pause"),
     ("post", "/campaigns/{campaign_id}/resume"),
     ("post", "/campaigns/{campaign_id}/cancel"),

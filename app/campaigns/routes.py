@@ -1,13 +1,15 @@
+from flask import current_app
 from flask.views import MethodView
 
 from app.blueprint import Blueprint
-from app.campaigns import service
+from app.campaigns import export, service
 from app.campaigns.schemas import (
     CampaignDetailSchema,
     CampaignListItemSchema,
     CampaignQuerySchema,
     CampaignSchema,
     EstimateSchema,
+    MessageExportQuerySchema,
     MessageQuerySchema,
     MessageSchema,
     PreviewRequestSchema,
@@ -94,6 +96,37 @@ def personalized_preview(data, campaign_id):
 def messages(query, campaign_id):
     """List the campaign's outbound messages, newest first"""
     return service.list_messages(campaign_id, **query)
+
+
+CSV_EXAMPLE = ",".join(export.HEADER) + (
+    "\n17,5,+254711000222,failed,21211,\"Invalid 'To' Phone Number\",0,,"
+    "2026-12-03T15:04:05.123456Z,,,2026-12-03T15:04:06.654321Z\n"
+)
+
+
+@bp.route(CAMPAIGN + "/messages.csv")
+@bp.arguments(MessageExportQuerySchema, location="query")
+@bp.response(
+    200,
+    {"type": "string"},
+    content_type="text/csv",
+    description="Every message of the campaign (or those in `status`), by id, with a header line; timestamps in "
+    "ISO 8601 UTC. Streamed: an error after the first byte ends the download short (no final chunk).",
+    example=CSV_EXAMPLE,
+    headers={
+        "Content-Disposition": {
+            "schema": {"type": "string"},
+            "description": '`attachment; filename="campaign-{campaign_id}-messages.csv"`',
+        }
+    },
+)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+def messages_csv(query, campaign_id):
+    """Export the campaign's messages as CSV, by id, optionally of one status; streamed"""
+    chunks = export.campaign_csv(campaign_id, query.get("status"))
+    return current_app.response_class(
+        chunks, mimetype="text/csv", headers={"Content-Disposition": export.content_disposition(campaign_id)}
+    )
 
 
 # The delivery controls (docs/api.md#pause-resume-cancel): each answers the campaign as GET does. A control

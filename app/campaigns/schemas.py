@@ -286,3 +286,7 @@ class RetryFailedResultSchema(Schema):
             "number, opted out, blacklisted, too long, customer gone)."
         },
     )
+
+
+class MessageExportQuerySchema(Schema):
+    status = fields.String(validate=validate.OneOf(MessageStatus.ALL))
