@@ -20,6 +20,7 @@ and recreated) and BENCH_REDIS_URL (default redis://127.0.0.1:6379/12; flushed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -180,7 +182,19 @@ class Bench:
             "/campaigns",
             {"name": f"bench {tag}", "channel": "sms", "base_template": "Hi {first_name}, {preferred_product}"},
         )
-        # A worker on the control queue only runs the fan-out job; nothing drains the send queue yet.
+        with self.fan_out_worker():
+            time.sleep(2)  # its start-up is not part of the send
+            start = time.perf_counter()
+            answer = self.request("POST", f"/campaigns/{campaign['id']}/send", {"audience": {"location": tag}})
+            answered = time.perf_counter() - start
+            self.wait_for_jobs(answer["messages_queued"], sample=self.web_peak.sample)
+            in_redis = time.perf_counter() - start
+        return campaign["id"], answered, in_redis
+
+    @contextlib.contextmanager
+    def fan_out_worker(self) -> Iterator[None]:
+        """A worker on the control queue only, for the block: it runs a send's fan-out job, and nothing
+        drains the send queue yet."""
         fan_out = subprocess.Popen(
             [sys.executable, "worker.py"],
             cwd=ROOT,
@@ -188,19 +202,19 @@ class Bench:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(2)  # its start-up is not part of the send
-        start = time.perf_counter()
-        answer = self.request("POST", f"/campaigns/{campaign['id']}/send", {"audience": {"location": tag}})
-        answered = time.perf_counter() - start
+        try:
+            yield
+        finally:
+            fan_out.terminate()
+            fan_out.wait()
+
+    def wait_for_jobs(self, count: int, sample=None) -> None:
+        """Wait until `count` send jobs are in Redis (calling `sample` while it waits)."""
         queue = Queue(QUEUE, connection=self.redis)
-        expected = answer["messages_queued"]
-        while queue.count < expected:
-            self.web_peak.sample()
+        while queue.count < count:
+            if sample:
+                sample()
             time.sleep(0.01)
-        in_redis = time.perf_counter() - start
-        fan_out.terminate()
-        fan_out.wait()
-        return campaign["id"], answered, in_redis
 
     def drain(self, workers: int, total: int, env: dict | None = None, then=None) -> tuple[float, float]:
         """Start `workers` worker processes; returns (messages/s over the measured window, peak MB).

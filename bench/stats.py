@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 
 import psycopg
-from rq import Queue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from receipts import TWILIO_SID, TWILIO_TOKEN, post_all, store_messages, twilio_requests  # noqa: E402
-from run import CONTROL_QUEUE, DATABASE_URL, QUEUE, ROOT, Bench, log  # noqa: E402
+from run import DATABASE_URL, ROOT, Bench, log  # noqa: E402
 from web import Web  # noqa: E402
 
 TRIGGERS = ("outbound_messages_count_insert", "outbound_messages_count_update", "outbound_messages_count_delete")
@@ -46,13 +45,8 @@ TRIGGERS = ("outbound_messages_count_insert", "outbound_messages_count_update", 
 def build(messages: int, small: int) -> int:
     """One campaign of `messages` messages (97% sent, the rest failed) and 99 of `small` each; returns the
     big one's id. Customers tagged `rest` are left for the sends."""
+    add_customers(messages, "old")
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO customers (phone, location, first_name, preferred_product, created_at, updated_at) "
-            "SELECT '+2547' || lpad(g::text, 8, '0'), 'old', 'C' || g, 'P', now(), now() "
-            "FROM generate_series(1, %s) g",
-            (messages,),
-        )
         big = conn.execute(
             "INSERT INTO campaigns (name, channel, status, base_template, respect_quiet_hours, created_at, "
             "updated_at) VALUES ('big', 'sms', 'draft', 'Hi {first_name}', false, now(), now()) RETURNING id"
@@ -80,7 +74,7 @@ def build(messages: int, small: int) -> int:
 
 def add_customers(count: int, tag: str) -> None:
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        start = conn.execute("SELECT max(id) FROM customers").fetchone()[0]
+        start = conn.execute("SELECT coalesce(max(id), 0) FROM customers").fetchone()[0]
         conn.execute(
             "INSERT INTO customers (phone, location, first_name, preferred_product, created_at, updated_at) "
             "SELECT '+2549' || lpad((%s + g)::text, 8, '0'), %s, 'N' || g, 'P', now(), now() "
@@ -167,22 +161,10 @@ def start_workers(bench: Bench, count: int, burst: bool) -> list[subprocess.Pope
 
 def queue_sends(bench: Bench, campaign_id: int, tag: str, count: int) -> None:
     """`POST /campaigns/{id}/send` to the customers tagged `tag`, and wait until their `count` send jobs are
-    in Redis (a worker on the control queue runs the fan-out job; nothing drains the send queue yet)."""
-    fan_out = subprocess.Popen(
-        [sys.executable, "worker.py"],
-        cwd=ROOT,
-        env={**bench.env, "QUEUES": CONTROL_QUEUE},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    in Redis."""
+    with bench.fan_out_worker():
         bench.request("POST", f"/campaigns/{campaign_id}/send", {"audience": {"location": tag}})
-        queue = Queue(QUEUE, connection=bench.redis)
-        while queue.count < count:
-            time.sleep(0.05)
-    finally:
-        fan_out.terminate()
-        fan_out.wait()
+        bench.wait_for_jobs(count)
 
 
 def drain_rate(bench: Bench, web: Web, size: int, triggers: bool, run: int) -> float:
