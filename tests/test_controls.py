@@ -20,9 +20,9 @@ from app.extensions import db
 from app.messaging import lifecycle, receipts
 from app.messaging.app_worker import build_worker
 from app.messaging.jobs import dispatch_scheduled_campaign
-from app.messaging.message_store import Outcome, open_store, record_through_outage
-from app.messaging.queueing import enqueue_messages
 from app.messaging.reconcile import reconcile
+from app.messaging.send.enqueue import enqueue_messages
+from app.messaging.send.store import Outcome, open_store, record_through_outage
 from app.models import Campaign, CampaignStatus, MessageStatus, OutboundMessage
 from tests.conftest import TEST_API_KEY, read_send_log, wait_for
 from tests.factories import make_campaign, make_customers

@@ -14,8 +14,8 @@ from app.extensions import db
 from app.messaging.providers.africastalking import receipt_from_form as africastalking_receipt
 from app.messaging.providers.twilio import receipt_from_form as twilio_receipt
 from app.messaging.providers.whatsapp_cloud import receipts_from_payload as whatsapp_receipts
-from app.messaging.queueing import message_job_id
 from app.messaging.reconcile import reconcile
+from app.messaging.send.enqueue import message_job_id
 from app.models import DeliveryReceipt, OutboundMessage
 from tests.factories import make_campaign, make_customer
 from tests.fake_providers import accept, hang, refuse, server_error, throttle

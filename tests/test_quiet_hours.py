@@ -14,10 +14,10 @@ from rq.registry import ScheduledJobRegistry
 from sqlalchemy import select
 
 from app.extensions import db
-from app.messaging import throttle
-from app.messaging.queueing import message_job_id
-from app.messaging.quiet_hours import recipient_zone, window_end
 from app.messaging.reconcile import reconcile
+from app.messaging.send import throttle
+from app.messaging.send.enqueue import message_job_id
+from app.messaging.send.quiet_hours import recipient_zone, window_end
 from app.models import OutboundMessage
 from config import TimeWindow, quiet_hours
 from tests.conftest import read_send_log, wait_for

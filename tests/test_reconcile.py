@@ -11,7 +11,7 @@ from rq import Queue
 from app.extensions import db
 from app.messaging.app_worker import build_worker
 from app.messaging.reconcile import reconcile
-from app.messaging.scheduling import PERIODIC_JOBS, get_scheduler, register_periodic_jobs, restore_periodic_jobs
+from app.messaging.triggers import PERIODIC_JOBS, get_scheduler, register_periodic_jobs, restore_periodic_jobs
 from app.models import Campaign
 from tests.conftest import kill_group, read_send_log, wait_for
 from tests.factories import make_campaign, make_customers
@@ -54,10 +54,10 @@ SEND_THEN_DIE = """
 import os, signal, sys
 from app import create_app
 from app.campaigns import service
-from app.messaging import queueing
+from app.messaging.send import enqueue
 
 die = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
-queueing.enqueue_new_rows = queueing.enqueue_all_pending = die
+enqueue.enqueue_new_rows = enqueue.enqueue_all_pending = die
 with create_app().app_context():
     service.send_campaign(int(sys.argv[1]), customer_ids=[int(i) for i in sys.argv[2:]])
 """

@@ -11,8 +11,8 @@ from rq.job import Job
 from sqlalchemy import func, select
 
 from app.extensions import db
-from app.messaging.queueing import message_job_id
 from app.messaging.reconcile import reconcile
+from app.messaging.send.enqueue import message_job_id
 from app.models import OutboundMessage
 from app.queues import redis_options
 from tests.conftest import read_send_log

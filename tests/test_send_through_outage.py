@@ -12,8 +12,8 @@ from rq.job import Job
 from sqlalchemy import select
 
 from app.extensions import db
-from app.messaging.queueing import message_job_id
 from app.messaging.reconcile import reconcile
+from app.messaging.send.enqueue import message_job_id
 from app.models import Campaign, OutboundMessage
 from tests.conftest import TEST_API_KEY, read_send_log
 from tests.factories import make_campaign, make_customers

@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, text
 
 from app.extensions import db
 from app.messaging.app_worker import build_worker
-from app.messaging.queueing import SEND_JOB, message_job_id
+from app.messaging.send.enqueue import SEND_JOB, message_job_id
 from app.models import OutboundMessage
 from tests.conftest import kill_group, read_send_log, wait_for
 from tests.factories import make_campaign, make_customer, make_customers

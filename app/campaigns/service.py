@@ -17,8 +17,9 @@ from app.customers.service import get_customer
 from app.database import statement_budget
 from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
-from app.messaging import lifecycle, queueing, recipients, scheduling
+from app.messaging import lifecycle, recipients, triggers
 from app.messaging.segments import GSM_7, UCS_2, encode_info, measure
+from app.messaging.send import enqueue
 from app.messaging.stats import campaign_stats, stats_for
 from app.messaging.templates import (
     CHANNEL_LIMITS,
@@ -113,7 +114,7 @@ def create_campaign(data: Mapping) -> Campaign:
     db.session.add(campaign)
     db.session.commit()
     if scheduled_at:
-        scheduling.sync_dispatch(campaign.id, scheduled_at)
+        triggers.sync_dispatch(campaign.id, scheduled_at)
     return with_stats(campaign)
 
 
@@ -139,7 +140,7 @@ def update_campaign(campaign_id: int, data: Mapping) -> Campaign:
     db.session.commit()
     db.session.refresh(campaign)
     if "scheduled_at" in data:
-        scheduling.sync_dispatch(campaign.id, campaign.scheduled_at)
+        triggers.sync_dispatch(campaign.id, campaign.scheduled_at)
     return with_stats(campaign)
 
 
@@ -250,7 +251,7 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
         db.session.rollback()
         raise
     if starting:
-        scheduling.sync_dispatch(campaign.id, None)
+        triggers.sync_dispatch(campaign.id, None)
     queued = _enqueue_after_commit(campaign.id, count, rows if not starting else None)
     return {
         "campaign_id": campaign.id,
@@ -267,9 +268,9 @@ def _enqueue_after_commit(campaign_id: int, count: int, rows: recipients.NewRows
     they are `STALE_AFTER` old."""
     try:
         if rows is None:
-            return queueing.enqueue_all_pending(campaign_id, count)
-        return queueing.enqueue_new_rows(campaign_id, rows)
-    except queueing.EnqueueInterrupted as exc:
+            return enqueue.enqueue_all_pending(campaign_id, count)
+        return enqueue.enqueue_new_rows(campaign_id, rows)
+    except enqueue.EnqueueInterrupted as exc:
         log.warning(
             "could not enqueue after commit; the reconciler will",
             extra={"campaign_id": campaign_id, "queued": exc.queued, "left_for_reconciler": count - exc.queued},
@@ -414,9 +415,9 @@ def resume_campaign(campaign_id: int) -> Campaign:
         db.session.rollback()
         raise
     if status == CampaignStatus.SCHEDULED:
-        scheduling.sync_dispatch(campaign_id, scheduled_at)  # put back a trigger Redis may have lost
+        triggers.sync_dispatch(campaign_id, scheduled_at)  # put back a trigger Redis may have lost
     else:
-        scheduling.sync_dispatch(campaign_id, None)
+        triggers.sync_dispatch(campaign_id, None)
         if count:
             _enqueue_after_commit(campaign_id, count, None)
         else:
@@ -442,7 +443,7 @@ def cancel_campaign(campaign_id: int) -> Campaign:
         db.session.rollback()
         raise
     if had_trigger:
-        scheduling.sync_dispatch(campaign_id, None)
+        triggers.sync_dispatch(campaign_id, None)
     return _answer(campaign_id)
 
 

@@ -13,15 +13,16 @@ from rq import Retry, get_current_job
 from app import clock, metrics
 from app.customers import optouts
 from app.extensions import db
-from app.messaging import lifecycle, quiet_hours, receipts, throttle
-from app.messaging.message_store import MessageStore, Outcome, open_store, record_through_outage
+from app.messaging import lifecycle, receipts
 from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
 from app.messaging.providers.http import LATE_FOR_SLOT
-from app.messaging.queueing import enqueue_messages, pending_messages
 from app.messaging.reconcile import reconcile
-from app.messaging.scheduling import dispatch_due_campaign
 from app.messaging.segments import segments
+from app.messaging.send import quiet_hours, throttle
+from app.messaging.send.enqueue import enqueue_messages, pending_messages
+from app.messaging.send.store import MessageStore, Outcome, open_store, record_through_outage
 from app.messaging.templates import over_limit, placeholder_values, render
+from app.messaging.triggers import dispatch_due_campaign
 from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus, OptOutSource
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def send_outbound_message(message_id: int) -> str | Retry:
     out of the channel since it was queued is `canceled` ("recipient opted out") without a provider call;
     a provider's refusal saying the recipient opted out with it (Twilio 21610) fails the message for good
     and opts the customer out (source `provider`). Under a throughput limit the send
-    first takes its slot at the provider (`app.messaging.throttle`): a slot more than a second away hands
+    first takes its slot at the provider (`app.messaging.send.throttle`): a slot more than a second away hands
     the job back for later, the message untouched and no retry used; after a wait of more than
     `RECHECK_AFTER` the campaign's status is read again; a send held up past its slot takes a new one.
     Inside QUIET_HOURS in the recipient's time zone (a campaign that respects them), checked beside the

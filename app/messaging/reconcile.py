@@ -25,11 +25,11 @@ from rq.job import Job, JobStatus
 from sqlalchemy import or_, select, update
 
 from app import clock
-from app.customers import imports
+from app.customers import import_jobs
 from app.extensions import db
 from app.messaging import lifecycle, receipts
-from app.messaging.queueing import enqueue_messages, message_job_id
-from app.messaging.scheduling import dispatch_due_campaign
+from app.messaging.send.enqueue import enqueue_messages, message_job_id
+from app.messaging.triggers import dispatch_due_campaign
 from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
 from app.queues import get_control_queue, get_queue, get_redis
 
@@ -153,7 +153,7 @@ def requeue_stale_imports() -> int:
     if not stale:
         db.session.commit()
         return 0
-    waiting = _jobs_waiting([imports.import_job_id(i) for i in stale], get_control_queue())
+    waiting = _jobs_waiting([import_jobs.import_job_id(i) for i in stale], get_control_queue())
     lost = [i for i, will_run in zip(stale, waiting, strict=True) if not will_run]
     if lost:
         # Touched, so that the next pass leaves them to the job until they are stale again.
@@ -165,7 +165,7 @@ def requeue_stale_imports() -> int:
         )
     db.session.commit()
     for import_id in lost:
-        imports.enqueue_import(import_id)
+        import_jobs.enqueue_import(import_id)
     return len(lost)
 
 

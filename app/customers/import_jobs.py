@@ -22,7 +22,7 @@ from rq import Retry
 from sqlalchemy import delete, insert, select, update
 
 from app import clock
-from app.customers.importer import ImportReport, LineSource, import_customers, read_batches, read_header, write_batch
+from app.customers.csv_import import ImportReport, LineSource, import_customers, read_batches, read_header, write_batch
 from app.errors import NotFoundError, ValidationFailed
 from app.extensions import db
 from app.models import CustomerImport, CustomerImportChunk, ImportStatus
@@ -31,7 +31,7 @@ from app.queues import get_control_queue
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
-IMPORT_JOB = "app.customers.imports.run_import"
+IMPORT_JOB = "app.customers.import_jobs.run_import"
 IMPORT_JOB_TIMEOUT = 3600  # a run stopped by it resumes where it was, when RQ retries it
 # Runs without progress after which an import is given up as failed.
 MAX_ATTEMPTS = 5

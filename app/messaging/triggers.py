@@ -16,7 +16,7 @@ from rq.job import Job
 from rq_scheduler import Scheduler
 
 from app.messaging import lifecycle
-from app.messaging.queueing import enqueue_messages, pending_messages
+from app.messaging.send.enqueue import enqueue_messages, pending_messages
 from app.queues import get_control_queue, get_redis
 
 log = logging.getLogger(__name__)
