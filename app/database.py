@@ -79,8 +79,10 @@ def _limits_apply() -> bool:
     return ctx is None or ctx.info_name in SERVICE_COMMANDS
 
 
-def _connect(connect_timeout: int, statement_timeout: float, dialect, conn_rec, cargs, cparams):
-    """SQLAlchemy's `do_connect`: open a `DeadlineConnection` with the connect and statement timeouts."""
+def _connect(connect_timeout: int, statement_timeout: float, prepare: bool, dialect, conn_rec, cargs, cparams):
+    """SQLAlchemy's `do_connect`: open a `DeadlineConnection` with the connect and statement timeouts; one
+    that never prepares a statement on the server unless `prepare` (PgBouncer in transaction mode cannot
+    keep them: a transaction's next one may run on another server connection)."""
     if connect_timeout:
         cparams.setdefault("connect_timeout", connect_timeout)
     limited = statement_timeout if statement_timeout and _limits_apply() else None
@@ -90,6 +92,8 @@ def _connect(connect_timeout: int, statement_timeout: float, dialect, conn_rec, 
         cparams["options"] = f"{cparams['options']} {option}" if cparams.get("options") else option
     connection = DeadlineConnection.connect(*cargs, **cparams)
     connection.deadline = limited + DEADLINE_MARGIN if limited else None
+    if not prepare:
+        connection.prepare_threshold = None
     return connection
 
 
@@ -102,7 +106,12 @@ def init_app(app: Flask) -> None:
     if engine.dialect.driver != "psycopg":
         return
     config = app.config
-    listener = partial(_connect, config["DATABASE_CONNECT_TIMEOUT"], config["DATABASE_STATEMENT_TIMEOUT"])
+    listener = partial(
+        _connect,
+        config["DATABASE_CONNECT_TIMEOUT"],
+        config["DATABASE_STATEMENT_TIMEOUT"],
+        config["DATABASE_PREPARED_STATEMENTS"],
+    )
     event.listen(engine, "do_connect", listener)
     if config["DATABASE_CONNECT_TIMEOUT"]:
         _bound_ping(engine, config["DATABASE_CONNECT_TIMEOUT"])

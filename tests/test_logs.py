@@ -48,7 +48,7 @@ def test_worker_logs_carry_job_campaign_and_message_ids(client, work, log_lines)
     assert len(sent) == 2
     for entry in sent:
         assert entry["campaign_id"] == campaign_id
-        assert entry["job_id"] == f"outbound_message-{entry['message_id']}"
+        assert entry["job_id"] == f"outbound_message-{entry['message_id']}-1"
 
 
 @pytest.mark.real_only

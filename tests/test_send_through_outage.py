@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.messaging.reconcile import reconcile
-from app.messaging.send.enqueue import message_job_id
+from app.messaging.send.window import message_job_id
 from app.models import Campaign, OutboundMessage
 from tests.conftest import TEST_API_KEY, read_send_log
 from tests.factories import make_campaign, make_customers

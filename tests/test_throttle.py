@@ -18,7 +18,7 @@ from rq.registry import ScheduledJobRegistry
 
 from app.extensions import db
 from app.messaging.send import throttle
-from app.messaging.send.enqueue import message_job_id
+from app.messaging.send.window import message_job_id
 from app.models import Customer, OutboundMessage
 from tests.conftest import TEST_REDIS_URL, wait_for
 from tests.factories import make_campaign, make_customer, make_customers

@@ -1,11 +1,13 @@
-"""The send job's reads and writes, in as few round trips as the database allows.
+"""The send job's reads and writes: two short transactions around the provider call, none across it.
 
-A send does three things around the provider call: load the message locked (with its campaign and
-customer), record the attempt's `Outcome` and commit, then check whether the campaign has pending
-messages left (after the commit, so that the check sees every commit before it). On PostgreSQL the store
-runs them in psycopg's pipeline mode, two round trips in all; elsewhere (SQLite) through the session.
-Both run the same statements: the load here, the record and the check from `lifecycle`. A store is a
-context manager: leaving it ends its transaction and gives its connection back.
+A send first claims its message (`lifecycle.CLAIM`: queued -> sending, with a lease, if its campaign is
+sending), loading what it renders from in the same statement, and commits. It then gives its connection
+back to the pool: nothing is held while it waits for its throughput slot or for the provider. It ends the
+claim by recording what came of it (`lifecycle.RECORD`, naming the claim), commits, and reads what is left
+to do: its campaign's window (`lifecycle.WINDOW_STATE`) and any receipt that came before its record. On
+PostgreSQL each of those is one round trip (psycopg's pipeline mode); elsewhere (SQLite) the same
+statements run through the session. A store is a context manager: leaving it ends its transaction and
+gives its connection back.
 """
 
 from __future__ import annotations
@@ -17,77 +19,61 @@ from datetime import datetime
 from typing import Protocol, Self
 
 import psycopg
+from flask import current_app
 from psycopg.rows import dict_row
 from sqlalchemy import and_, bindparam, exists, select
 from sqlalchemy.engine import Compiled
 
-from app import clock
 from app.database import describe, is_unavailable
 from app.extensions import db
-from app.messaging.lifecycle import HOLD_UNTIL, LAST_PENDING, RECORD_ATTEMPT, pending_exists_now
+from app.messaging.lifecycle import CLAIM, RECORD, WINDOW_STATE
 from app.models import Campaign, Customer, CustomerOptOut, DeliveryReceipt, OutboundMessage
 
 log = logging.getLogger(__name__)
 
-LOAD_FOR_SEND = (
-    select(
-        OutboundMessage.status,
-        OutboundMessage.retry_count,
-        OutboundMessage.campaign_id,
-        OutboundMessage.customer_id,
-        # A customer who opted out of the channel after the message was queued is not messaged: the
-        # message is canceled instead (one primary-key probe, in the same round trip).
-        exists()
-        .where(
-            and_(
-                CustomerOptOut.customer_id == OutboundMessage.customer_id,
-                CustomerOptOut.channel == Campaign.channel,
+
+def _load(claimed):
+    """What a send renders and decides from, for the message `claimed` names (a table or the claim's CTE)."""
+    return (
+        select(
+            claimed.c.id,
+            claimed.c.status,
+            claimed.c.retry_count,
+            claimed.c.campaign_id,
+            claimed.c.customer_id,
+            # A customer who opted out of the channel after the message was queued is not messaged: the
+            # message is canceled instead (one primary-key probe, in the same round trip).
+            exists()
+            .where(
+                and_(CustomerOptOut.customer_id == claimed.c.customer_id, CustomerOptOut.channel == Campaign.channel)
             )
+            .label("opted_out"),
+            Campaign.status.label("campaign_status"),
+            Campaign.channel,
+            Campaign.base_template,
+            Campaign.whatsapp_template,
+            # Whether QUIET_HOURS hold this message (checked before the throughput slot).
+            Campaign.respect_quiet_hours,
+            Campaign.priority,
+            Customer.phone,
+            Customer.first_name,
+            Customer.last_name,
+            Customer.location,
+            Customer.preferred_product,
         )
-        .label("opted_out"),
-        # A paused (or canceled) campaign's job sends nothing: checked just before the provider call.
-        Campaign.status.label("campaign_status"),
-        Campaign.channel,
-        Campaign.base_template,
-        Campaign.whatsapp_template,
-        # Whether QUIET_HOURS hold this message (checked beside the pause, before the provider call).
-        Campaign.respect_quiet_hours,
-        Customer.phone,
-        Customer.first_name,
-        Customer.last_name,
-        Customer.location,
-        Customer.preferred_product,
+        .select_from(claimed)
+        .join(Campaign, Campaign.id == claimed.c.campaign_id)
+        .outerjoin(Customer, Customer.id == claimed.c.customer_id)
     )
-    .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
-    .outerjoin(Customer, Customer.id == OutboundMessage.customer_id)
-    .where(OutboundMessage.id == bindparam("message_id"))
-    # Two workers never send one message at once: the second skips the row the first holds.
-    .with_for_update(of=OutboundMessage, skip_locked=True)
-)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What an attempt ends in: the message's new status (`pending` when it is tried again), the retries
-    it has used, the body sent (and its SMS segments), and what the provider said: its name and message id
-    when it took it, the error, its code and class when it did not. A `held` one made no attempt: the
-    message stays as it is."""
-
-    status: str
-    retries_used: int
-    body: str | None = None
-    error: str | None = None
-    error_code: str | None = None
-    error_class: str | None = None
-    provider: str | None = None
-    provider_message_id: str | None = None
-    retry_after: float | None = None  # a throttled attempt: seconds the provider asked to wait (not stored)
-    held: bool = False  # the campaign is not sending (paused): nothing was attempted, nothing is recorded
-    segments: int | None = None  # an SMS body's segments; None for WhatsApp, or when nothing was rendered
-    recipient_opted_out: bool = False  # the provider says the recipient opted out with it (not stored)
-
-
-# A receipt that arrived before the provider id it names was recorded (a fast provider beats the commit).
+# PostgreSQL: the claim and the load in one statement (the UPDATE's RETURNING feeds the SELECT).
+CLAIM_AND_LOAD = _load(CLAIM.cte("claimed"))
+# SQLite (its RETURNING cannot feed a SELECT): the load after the claim, by id.
+_MESSAGES = OutboundMessage.__table__
+LOAD_CLAIMED = _load(_MESSAGES).where(_MESSAGES.c.id == bindparam("message_id"))
+CAMPAIGN_STATUS = select(Campaign.status).where(Campaign.id == bindparam("campaign_id"))
+# A receipt that arrived before the provider id it names was recorded (a fast provider beats the record).
 WAITING_RECEIPT = (
     select(DeliveryReceipt.id)
     .where(
@@ -99,18 +85,52 @@ WAITING_RECEIPT = (
 
 
 @dataclass(frozen=True)
+class Claim:
+    """Who claims a message, until when, and the token that names this claim (its record must name it)."""
+
+    worker: str
+    token: int
+    lease_until: datetime
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a claim ends in: the message's new status (`queued` again for a retry or a hand-back, `pending`
+    when it is held), the retries it has used, the body sent (and its SMS segments), what the provider
+    said (its name and message id when it took it; the error, its code and class when it did not), and
+    until when a held message waits (`not_before`)."""
+
+    status: str
+    retries_used: int
+    body: str | None = None
+    error: str | None = None
+    error_code: str | None = None
+    error_class: str | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    retry_after: float | None = None  # a throttled attempt: seconds the provider asked to wait (not stored)
+    segments: int | None = None  # an SMS body's segments; None for WhatsApp, or when nothing was rendered
+    recipient_opted_out: bool = False  # the provider says the recipient opted out with it (not stored)
+    not_before: datetime | None = None  # held by quiet hours until then
+    hand_back: float | None = None  # the job runs again after this many seconds (no slot, throttled): no retry used
+
+
+@dataclass(frozen=True)
 class Recorded:
     """What the record found after its commit."""
 
-    pending_left: bool  # the campaign still has pending messages
+    recorded: bool  # the claim still held the message, and its outcome is now the message's
+    in_window: int  # the campaign's messages queued or sending (counted up to the window's size)
+    pending: bool  # the campaign has messages waiting for a refill (or for quiet hours to end)
     receipt_waiting: bool  # a receipt for the provider id just recorded is waiting to be applied
 
 
-def _record_params(message_id: int, campaign_id: int, outcome: Outcome, now: datetime) -> dict:
-    """The bind parameters of `RECORD_ATTEMPT`, `LAST_PENDING` and `WAITING_RECEIPT`, named in this one place."""
+def record_params(message_id: int, campaign_id: int, claim: Claim, outcome: Outcome, cap: int, now: datetime) -> dict:
+    """The bind parameters of `RECORD`, `WINDOW_STATE` and `WAITING_RECEIPT`, named in this one place."""
     return {
         "message_id": message_id,
         "campaign_id": campaign_id,
+        "token": claim.token,
         "new_status": outcome.status,
         "body": outcome.body,
         "segments": outcome.segments,
@@ -120,25 +140,34 @@ def _record_params(message_id: int, campaign_id: int, outcome: Outcome, now: dat
         "retries_used": outcome.retries_used,
         "provider": outcome.provider,
         "provider_message_id": outcome.provider_message_id,
+        "not_before": outcome.not_before,
+        "cap": cap,
         "now": now,
     }
 
 
-CAMPAIGN_STATUS = select(Campaign.status).where(Campaign.id == bindparam("campaign_id"))
+def claim_params(message_id: int, job_seq: int, claim: Claim, now: datetime) -> dict:
+    return {
+        "message_id": message_id,
+        "queued_seq": job_seq,
+        "worker": claim.worker,
+        "token": claim.token,
+        "lease": claim.lease_until,
+        "now": now,
+    }
 
 
 class MessageStore(Protocol):
-    def campaign_status(self, campaign_id: int) -> str | None:
-        """The campaign's status now, read on the store's connection (within its transaction)."""
+    def claim(self, params: dict) -> dict | None:
+        """Claim the message for this job and commit; its fields (`status` says what the claim did:
+        `sending`, or `pending`/`canceled` when its campaign is paused or canceled), or None when it was
+        not queued for this job."""
 
-    def load(self, message_id: int) -> dict | None:
-        """The message's fields locked for this send, or None (missing, or another worker holds it)."""
+    def campaign_status(self, campaign_id: int) -> str | None:
+        """The campaign's status now."""
 
     def record(self, params: dict) -> Recorded:
-        """Write the attempt, commit, and say what is left to do after it."""
-
-    def hold(self, message_id: int, not_before: datetime) -> bool:
-        """Keep the pending message until `not_before` (quiet hours) and commit; True when it was held."""
+        """End the claim with its outcome, commit, and say what is left to do after it."""
 
     def close(self) -> None:
         """End the transaction if one is open (rolled back) and give the connection back; idempotent."""
@@ -157,27 +186,30 @@ class _ClosedOnExit:
 
 
 class SessionStore(_ClosedOnExit):
-    """Through the session: for SQLite, where locks and round trips cost nothing."""
+    """Through the session: for SQLite, where round trips cost nothing."""
+
+    def claim(self, params: dict) -> dict | None:
+        connection = db.session.connection()
+        claimed = connection.execute(CLAIM, params).first()
+        if claimed is None:
+            db.session.commit()
+            return None
+        row = connection.execute(LOAD_CLAIMED, params).one()._asdict()
+        db.session.commit()
+        return row
 
     def campaign_status(self, campaign_id: int) -> str | None:
-        return db.session.connection().execute(CAMPAIGN_STATUS, {"campaign_id": campaign_id}).scalar()
-
-    def load(self, message_id: int) -> dict | None:
-        row = db.session.connection().execute(LOAD_FOR_SEND, {"message_id": message_id}).one_or_none()
-        return row._asdict() if row is not None else None
+        status = db.session.connection().execute(CAMPAIGN_STATUS, {"campaign_id": campaign_id}).scalar()
+        db.session.commit()
+        return status
 
     def record(self, params: dict) -> Recorded:
-        db.session.connection().execute(RECORD_ATTEMPT, params)
+        recorded = db.session.connection().execute(RECORD, params).rowcount == 1
         db.session.commit()
+        state = db.session.connection().execute(WINDOW_STATE, params).one()
         waiting = params["provider_message_id"] is not None and db.session.scalar(WAITING_RECEIPT, params) is not None
         db.session.commit()
-        return Recorded(pending_exists_now(params["campaign_id"]), waiting)
-
-    def hold(self, message_id: int, not_before: datetime) -> bool:
-        params = {"message_id": message_id, "not_before": not_before, "now": clock.now()}
-        held = db.session.connection().execute(HOLD_UNTIL, params).rowcount == 1
-        db.session.commit()
-        return held
+        return Recorded(recorded, state.in_window, bool(state.pending), waiting)
 
     def close(self) -> None:
         db.session.rollback()
@@ -196,44 +228,49 @@ def _sql(name: str, statement, params: dict) -> tuple[str, dict]:
 
 
 class PipelineStore(_ClosedOnExit):
-    """Raw psycopg in pipeline mode: BEGIN and the locked read in one round trip; the update, its
-    commit, the pending check and its commit in another."""
+    """Raw psycopg in pipeline mode, one round trip per transaction. Server-side prepared statements
+    unless `DATABASE_PREPARED_STATEMENTS` is off (PgBouncer in transaction mode before 1.21)."""
 
     def __init__(self) -> None:
+        self._prepare = current_app.config["DATABASE_PREPARED_STATEMENTS"] or None
         self._pooled = db.engine.raw_connection()
         self._conn = self._pooled.driver_connection
         self._cursor = self._conn.cursor(row_factory=dict_row)
 
+    def claim(self, params: dict) -> dict | None:
+        with self._conn.pipeline():
+            self._cursor.execute(*_sql("claim", CLAIM_AND_LOAD, params), prepare=self._prepare)
+            self._conn.commit()
+        return self._cursor.fetchone()
+
     def campaign_status(self, campaign_id: int) -> str | None:
-        self._cursor.execute(*_sql("campaign_status", CAMPAIGN_STATUS, {"campaign_id": campaign_id}), prepare=True)
+        with self._conn.pipeline():
+            self._cursor.execute(
+                *_sql("campaign", CAMPAIGN_STATUS, {"campaign_id": campaign_id}), prepare=self._prepare
+            )
+            self._conn.commit()
         row = self._cursor.fetchone()
         return None if row is None else row["status"]
-
-    def load(self, message_id: int) -> dict | None:
-        with self._conn.pipeline():
-            self._cursor.execute(*_sql("load", LOAD_FOR_SEND, {"message_id": message_id}), prepare=True)
-        return self._cursor.fetchone()
 
     def record(self, params: dict) -> Recorded:
         receipts = params["provider_message_id"] is not None
         with self._conn.pipeline():
-            self._cursor.execute(*_sql("record", RECORD_ATTEMPT, params), prepare=True)
+            recorded = self._conn.cursor()
+            recorded.execute(*_sql("record", RECORD, params), prepare=self._prepare)
             self._conn.commit()
             # Runs after the commit above, on the server, in order: it sees every commit before it.
-            self._cursor.execute(*_sql("pending", LAST_PENDING, params), prepare=True)
+            self._cursor.execute(*_sql("window", WINDOW_STATE, params), prepare=self._prepare)
             if receipts:  # in the same round trip: a receipt that came before this commit
                 waiting = self._conn.cursor()
-                waiting.execute(*_sql("receipt", WAITING_RECEIPT, params), prepare=True)
+                waiting.execute(*_sql("receipt", WAITING_RECEIPT, params), prepare=self._prepare)
             self._conn.commit()
-        pending_left = self._cursor.fetchone() is not None
-        return Recorded(pending_left, receipts and waiting.fetchone() is not None)
-
-    def hold(self, message_id: int, not_before: datetime) -> bool:
-        params = {"message_id": message_id, "not_before": not_before, "now": clock.now()}
-        with self._conn.pipeline():  # the update and its commit in one round trip
-            self._cursor.execute(*_sql("hold", HOLD_UNTIL, params), prepare=True)
-            self._conn.commit()
-        return self._cursor.rowcount == 1
+        state = self._cursor.fetchone()
+        return Recorded(
+            recorded.rowcount == 1,
+            state["in_window"],
+            bool(state["pending"]),
+            receipts and waiting.fetchone() is not None,
+        )
 
     def close(self) -> None:
         if self._pooled is None:
@@ -259,39 +296,36 @@ def open_store() -> MessageStore:
 RECORD_RETRY_INTERVAL = 0.5
 
 
-def record_through_outage(
-    store: MessageStore, message_id: int, campaign_id: int, outcome: Outcome, window: float
-) -> Recorded:
-    """Record `outcome` through `store` and say what is left to do after it; while
-    the database is unavailable, record again on a new connection every `RECORD_RETRY_INTERVAL` seconds
-    for up to `window` seconds, then raise the last error.
+def record_through_outage(params: dict, window: float) -> Recorded:
+    """Record the outcome in `params` on a store of its own and say what is left to do after it; while
+    the database is unavailable, try again on a new connection every `RECORD_RETRY_INTERVAL` seconds for
+    up to `window` seconds, then raise the last error.
 
-    The provider may already have the message: recording its outcome is what keeps the reconciler from
-    sending it again, so a short outage (a restart, a failover) must not lose it. The row lock goes with
-    the failed connection; the record stays right without it, as it only applies to a message still pending.
-    """
-    params = _record_params(message_id, campaign_id, outcome, clock.now())
-    try:
-        return store.record(params)
-    except Exception as exc:  # noqa: BLE001 - only an unavailable database is waited out
-        if not is_unavailable(exc):
-            raise
-        error = exc
-    store.close()
-    extra = {"message_id": message_id, "campaign_id": campaign_id}
-    log.warning("could not record a send attempt; trying again", extra={**extra, "error": describe(error)})
+    The provider may already have the message: recording its outcome is what keeps it from being sent
+    again, so a short outage (a restart, a failover) must not lose it."""
     deadline = time.monotonic() + window
-    while time.monotonic() < deadline:
-        time.sleep(RECORD_RETRY_INTERVAL)
+    while True:
         try:
-            with open_store() as fresh:
-                return fresh.record(params)
-        except Exception as exc:  # noqa: BLE001
+            with open_store() as store:
+                return store.record(params)
+        except Exception as exc:  # noqa: BLE001 - only an unavailable database is waited out
             if not is_unavailable(exc):
                 raise
             error = exc
+        if time.monotonic() >= deadline:
+            break
+        log.warning(
+            "could not record a send attempt; trying again",
+            extra={"message_id": params["message_id"], "campaign_id": params["campaign_id"], "error": describe(error)},
+        )
+        time.sleep(RECORD_RETRY_INTERVAL)
     log.error(
-        "gave up recording a send attempt; the message stays pending and will be sent again",
-        extra={**extra, "error": describe(error), "window": window},
+        "gave up recording a send attempt",
+        extra={
+            "message_id": params["message_id"],
+            "campaign_id": params["campaign_id"],
+            "error": describe(error),
+            "window": window,
+        },
     )
     raise error
