@@ -24,6 +24,10 @@ again what was in flight. In burst mode the worker ends only when the queues are
 in flight (a job that fails may put its retry back on the queue). With SQLite (development) the worker
 runs one job at a time: SQLite takes one writer at a time.
 
+Connections: RQ gets a Redis connection of its own (`build_worker`), whose socket timeout it raises above
+its blocking wait for a job (`connection_timeout`, 55 s by default); the jobs' calls to Redis (the
+throughput slot, the metrics) keep the app's connection and its short `REDIS_SOCKET_TIMEOUT`.
+
 Liveness: RQ keeps a killed worker registered until its key expires (minutes), and a flushed Redis
 forgets a live one until it restarts. So each heartbeat also records, in the sorted set
 `LIVE_WORKERS_KEY` (member: the worker's name), the time by which the worker's next heartbeat is due:
@@ -45,9 +49,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from flask import Flask
-from redis import Redis
+from redis import ConnectionPool, Redis
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
+from rq.connections import parse_connection
 from rq.defaults import DEFAULT_WORKER_TTL
 from rq.exceptions import StopRequested
 from rq.job import Job
@@ -288,6 +293,14 @@ def _release_session() -> None:
         db.session.registry.clear()
 
 
+def _connection_like(connection: Redis) -> Redis:
+    """A new connection (and pool) to the same Redis with the same options: RQ raises the socket timeout of
+    the connection it is given above its wait for a job (`AppWorker.connection_timeout`), and the jobs' own
+    calls to Redis (the throughput slot, the metrics) must keep the app's `REDIS_SOCKET_TIMEOUT`."""
+    connection_class, pool_class, options = parse_connection(connection)
+    return connection_class(connection_pool=ConnectionPool(connection_class=pool_class, **options))
+
+
 def live_worker_count(connection: Redis) -> int:
     """How many workers have heartbeated and are not yet overdue for their next heartbeat. Members
     that are overdue (killed workers) are removed on the way; one round trip."""
@@ -298,8 +311,8 @@ def live_worker_count(connection: Redis) -> int:
 
 
 def build_worker(app: Flask, queue_names: list[str] | None = None, **kwargs) -> AppWorker:
-    """A worker for `app`'s queues (or `queue_names`) on `app`'s Redis."""
-    connection = app.extensions["redis"]
+    """A worker for `app`'s queues (or `queue_names`) on `app`'s Redis, through a connection of RQ's own."""
+    connection = _connection_like(app.extensions["redis"])
     queues = [Queue(name, connection=connection) for name in (queue_names or app.config["QUEUES"])]
     # RQ gives the key `worker_ttl` + 60 s between jobs and a job's timeout + 60 s during one: it
     # stays at a minute at least. An idle worker heartbeats every WORKER_HEARTBEAT_INTERVAL seconds.
