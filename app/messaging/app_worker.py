@@ -25,6 +25,9 @@ burst mode the worker ends only when the queues are empty and no job is in fligh
 put its retry back on the queue). With SQLite (development) the worker runs one job at a time: SQLite
 takes one writer at a time.
 
+Scheduled jobs (retries, hand-backs, postponements) are moved back onto their queue by the process that
+runs the worker (`scheduled_jobs.DueJobMover`, see worker.py), not by RQ's scheduler, which it refuses.
+
 Connections: RQ gets a Redis connection of its own (`build_worker`), whose socket timeout it raises above
 its blocking wait for a job (`connection_timeout`, 55 s by default); the jobs' calls to Redis (the
 throughput slot, the metrics) keep the app's connection and its short `REDIS_SOCKET_TIMEOUT`.
@@ -125,7 +128,11 @@ class AppWorker(SimpleWorker):
         no sooner than it would without the shorter wait."""
         return max(self.dequeue_timeout, self.worker_ttl - 15) + 10
 
-    def work(self, burst: bool = False, **kwargs) -> bool:
+    def work(self, burst: bool = False, with_scheduler: bool = False, **kwargs) -> bool:
+        if with_scheduler:
+            # RQ's scheduler holds a lock per queue that a killed holder keeps for a minute, and others retry
+            # only every 10 minutes; its non-atomic move beside ours could also queue a job twice.
+            raise ValueError("AppWorker runs without RQ's scheduler: run a scheduled_jobs.DueJobMover beside it")
         self._burst = burst
         folder = stats.Folder(self.app).start()  # keeps the campaigns' stats cheap to read
         try:
