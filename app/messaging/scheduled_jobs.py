@@ -1,6 +1,6 @@
 """Jobs waiting in RQ's scheduled registries: retries after `RETRY_INTERVALS`, throughput hand-backs,
 `Retry-After` and quiet-hours postponements. Every worker process moves the due ones back onto their
-queue (`DueJobMover`).
+queue (`DueJobMover`), and `/health` and `/metrics` count those overdue (`overdue_counts`).
 
 RQ's own scheduler (`RQScheduler`, started by `Worker.work(with_scheduler=True)`) runs in a process forked
 from one worker and holds a lock per queue (`rq:scheduler-lock:<queue>`, interval + 60 s), refreshed every
@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
@@ -40,6 +42,8 @@ MOVE_INTERVAL = 1.0
 # Jobs moved per script call (RQ's scheduler moves 1,000 at a time too); a pass calls again while it finds
 # that many due.
 MOVE_BATCH = 1000
+# A scheduled job due more than this many seconds ago counts as overdue (`/health`, `/metrics`).
+OVERDUE_AFTER = 30
 
 # KEYS[1]: the queue's scheduled registry; KEYS[2]: the queue.
 # ARGV[1]: now, in whole seconds (RQ's scores); ARGV[2]: most jobs to move; ARGV[3]: `enqueued_at`, as RQ
@@ -100,6 +104,21 @@ def move_due_jobs(connection: Redis, queue_names: Iterable[str]) -> int:
 def scheduled_key(queue_name: str) -> str:
     """The key of the queue's scheduled registry, as RQ names it."""
     return ScheduledJobRegistry.key_template.format(queue_name)
+
+
+def count_overdue(pipe: Pipeline, queue_names: Iterable[str]) -> None:
+    """Add to `pipe`, for each queue, the count of its scheduled jobs due more than `OVERDUE_AFTER` seconds ago."""
+    before = f"({time.time() - OVERDUE_AFTER}"
+    for name in queue_names:
+        pipe.zcount(scheduled_key(name), "-inf", before)
+
+
+def overdue_counts(connection: Redis, queue_names: Iterable[str]) -> dict[str, int]:
+    """Per queue, the scheduled jobs due more than `OVERDUE_AFTER` seconds ago; one round trip."""
+    names = list(queue_names)
+    with connection.pipeline(transaction=False) as pipe:
+        count_overdue(pipe, names)
+        return dict(zip(names, pipe.execute(), strict=True))
 
 
 class DueJobMover:
