@@ -346,8 +346,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(`flask up` without it: an embedded redis-server)", redis_url, secret=True),
     Setting("REDIS_CONNECT_TIMEOUT", "0.5", "seconds to wait for a connection to Redis (all processes)",
             number(0.01, 60)),
-    Setting("REDIS_SOCKET_TIMEOUT", "1", "seconds the web, the scheduler and the rate limiter wait for a Redis "
-            "answer (workers use RQ's, longer than their wait for a job)", number(0.01, 60)),
+    Setting("REDIS_SOCKET_TIMEOUT", "1", "seconds the web, the scheduler, the rate limiter and the worker's "
+            "jobs wait for a Redis answer (RQ's own connection in a worker waits longer than its wait for a job)",
+            number(0.01, 60)),
     Setting("INSTANCE_PATH", "instance/ in the project", "local state: the SQLite file without DATABASE_URL; "
             "`flask up`'s embedded Redis, API key and lock", lambda raw: INSTANCE_PATH),
     # Queues and the worker

@@ -1,9 +1,11 @@
 """The `worker` process: builds the app once, then runs an RQ worker on the configured queues.
 
-RQ's own scheduler runs inside it (`with_scheduler`): it moves retries waiting out their
-`RETRY_INTERVALS` back onto the queue. `--burst` drains the queues and exits. Redis going away does not
-end the process: RQ waits for it while dequeueing, and a worker that quits on a Redis error anywhere else
-(at start, between jobs) is replaced by a new one once Redis answers again.
+Beside it, for the life of the process, a thread moves the jobs waiting in RQ's scheduled registries
+(retries waiting out `RETRY_INTERVALS`, hand-backs, postponements) back onto their queue once due
+(`app.messaging.scheduled_jobs`; RQ's own scheduler is not used). `--burst` drains the queues and exits.
+Redis going away does not end the process: RQ waits for it while dequeueing, a worker that quits on a
+Redis error anywhere else (at start, between jobs) is replaced by a new one once Redis answers again, and
+the mover tries again every second.
 """
 
 import argparse
@@ -15,6 +17,7 @@ from redis.exceptions import RedisError
 
 from app import create_app
 from app.messaging.app_worker import build_worker
+from app.messaging.scheduled_jobs import DueJobMover
 from config import SettingsError
 
 log = logging.getLogger("worker")
@@ -25,12 +28,21 @@ MAX_RETRY_DELAY = 30.0
 
 
 def run(app, burst: bool) -> None:
-    """Work until stopped (SIGTERM, SIGINT) or, with `burst`, until the queues are empty."""
+    """Work until stopped (SIGTERM, SIGINT) or, with `burst`, until the queues are empty; move due scheduled
+    jobs meanwhile, through the workers' restarts too."""
+    mover = DueJobMover(app.extensions["redis"], app.config["QUEUES"]).start()
+    try:
+        _work(app, burst)
+    finally:
+        mover.stop()
+
+
+def _work(app, burst: bool) -> None:
     delay = FIRST_RETRY_DELAY
     while True:
         try:
             worker = build_worker(app)  # RQ names it in Redis already
-            worker.work(burst=burst, with_scheduler=True, logging_level=app.config["LOG_LEVEL"])
+            worker.work(burst=burst, logging_level=app.config["LOG_LEVEL"])
         except RedisError as exc:
             log.warning("Redis unavailable (%s: %s); starting a new worker in %.0f s", type(exc).__name__, exc, delay)
         else:

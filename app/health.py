@@ -1,5 +1,5 @@
-"""`GET /health`: the state of the database, Redis, the queues and the workers, for load balancers
-and operators. Needs no API key; 503 when the database or Redis is down."""
+"""`GET /health`: the state of the database, Redis, the queues, the workers and the scheduled jobs, for
+load balancers and operators. Needs no API key; 503 when the database or Redis is down."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from app.blueprint import Blueprint
 from app.database import round_trip_budget
 from app.extensions import db
 from app.messaging.app_worker import live_worker_count
+from app.messaging.scheduled_jobs import overdue_counts
 from app.queues import get_redis
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,14 @@ class HealthSchema(Schema):
         allow_none=True,
         metadata={"description": "Workers whose last heartbeat is recent enough that they are alive."},
     )
+    overdue_scheduled_jobs = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "Jobs waiting in RQ's schedule (retries, postponed sends) that fell due over 30 s ago and "
+            "are still not back on their queue: 0 unless no worker runs, or they cannot keep up."
+        },
+    )
 
 
 # /health answers within 2 s even when the database hangs: the database probe gets this long.
@@ -65,13 +74,14 @@ def _probe_database(app: Flask) -> None:
             conn.execute(text("SELECT 1"))
 
 
-def _probe_redis(app: Flask) -> tuple[int, int]:
-    """A ping, then the jobs waiting in the worker's queues and the live workers."""
+def _probe_redis(app: Flask) -> tuple[int, int, int]:
+    """A ping, then the jobs waiting in the worker's queues, the live workers and the overdue scheduled jobs."""
     with app.app_context():
         redis = get_redis()
         redis.ping()
         queue_depth = sum(Queue(name, connection=redis).count for name in app.config["QUEUES"])
-        return queue_depth, live_worker_count(redis)
+        overdue = sum(overdue_counts(redis, app.config["QUEUES"]).values())
+        return queue_depth, live_worker_count(redis), overdue
 
 
 def _outcome(name: str, probe: Future, timeout: float) -> tuple[dict, object]:
@@ -101,7 +111,7 @@ def service_health() -> dict:
 
     database_state, _ = _outcome("database", database, left(DATABASE_PROBE_TIMEOUT))
     redis_state, counts = _outcome("redis", redis, left(REDIS_PROBE_TIMEOUT))
-    queue_depth, workers = counts or (None, None)
+    queue_depth, workers, overdue = counts or (None, None, None)
     ok = database_state["ok"] and redis_state["ok"]
     return {
         "status": "ok" if ok else "unavailable",
@@ -109,6 +119,7 @@ def service_health() -> dict:
         "redis": redis_state,
         "queue_depth": queue_depth,
         "workers": workers,
+        "overdue_scheduled_jobs": overdue,
     }
 
 

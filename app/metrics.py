@@ -10,11 +10,11 @@ cannot be flushed (Redis down) are kept, merged by series, and tried again; a fi
 worker stops and when a process exits. The answering process flushes its own deltas in the scrape's
 round trip, so that a scrape shows at least everything that process has seen.
 
-The gauges are read when scraped: jobs per queue and state (RQ's lists and registries, in the same
-round trip), live workers (their heartbeats), campaigns by status (one `GROUP BY` over the campaigns
-table; the scrape never reads the messages table). With Redis down or stalled the scrape still answers,
-within `REDIS_SOCKET_TIMEOUT`, with the database's gauges and `dispatch_metrics_source_up{source="redis"} 0`;
-with the database down, the other way round.
+The gauges are read when scraped: jobs per queue and state (RQ's lists and registries) and scheduled jobs
+overdue, in the same round trip; live workers (their heartbeats); campaigns by status (one `GROUP BY` over
+the campaigns table; the scrape never reads the messages table). With Redis down or stalled the scrape
+still answers, within `REDIS_SOCKET_TIMEOUT`, with the database's gauges and
+`dispatch_metrics_source_up{source="redis"} 0`; with the database down, the other way round.
 
 The counters live in Redis without an expiry: a flushed or replaced Redis starts them from zero again,
 which Prometheus's `rate()` and `increase()` read as a counter reset. Names and labels: docs/operations.md.
@@ -48,6 +48,7 @@ from app.blueprint import Blueprint
 from app.database import round_trip_budget
 from app.extensions import db
 from app.messaging.app_worker import live_worker_count
+from app.messaging.scheduled_jobs import OVERDUE_AFTER, count_overdue
 from app.models import Campaign, CampaignStatus, Channel, ErrorClass, MessageStatus
 
 log = logging.getLogger(__name__)
@@ -416,6 +417,7 @@ class Snapshot:
     hashes: dict[str, dict[str, str]] = field(default_factory=dict)
     queues: dict[tuple[str, str], int] = field(default_factory=dict)
     workers: int | None = None
+    overdue: dict[str, int] = field(default_factory=dict)
     redis_ok: bool = False
     campaigns: dict[str, int] | None = None
 
@@ -434,8 +436,8 @@ def _queue_keys(name: str, connection: Redis) -> list[tuple[str, str, str]]:
 
 
 def read_redis(snapshot: Snapshot, recorder: Recorder | None) -> None:
-    """One round trip: this process's deltas added, then every metric hash and queue count read back; then
-    the live workers (a second one, `live_worker_count`'s own)."""
+    """One round trip: this process's deltas added, then every metric hash, queue count and count of overdue
+    scheduled jobs read back; then the live workers (a second one, `live_worker_count`'s own)."""
     deltas = recorder.take() if recorder is not None else {}
     connection = current_app.extensions["redis"]
     queue_reads = [
@@ -450,6 +452,7 @@ def read_redis(snapshot: Snapshot, recorder: Recorder | None) -> None:
                 pipe.hgetall(metric.key)
             for _, _, command, key in queue_reads:
                 getattr(pipe, command)(key)
+            count_overdue(pipe, current_app.config["QUEUES"])
             answers = pipe.execute()[len(deltas) :]
     except Exception:  # noqa: BLE001 - Redis down or stalled: the scrape answers without it
         log.warning("metrics: Redis unavailable for the scrape", exc_info=True)
@@ -458,8 +461,11 @@ def read_redis(snapshot: Snapshot, recorder: Recorder | None) -> None:
         return
     for metric, answer in zip(EVENT_METRICS, answers, strict=False):
         snapshot.hashes[metric.name] = {_text(k): _text(v) for k, v in answer.items()}
-    for (queue, state, _, _), count in zip(queue_reads, answers[len(EVENT_METRICS) :], strict=True):
+    queue_counts = answers[len(EVENT_METRICS) : len(EVENT_METRICS) + len(queue_reads)]
+    for (queue, state, _, _), count in zip(queue_reads, queue_counts, strict=True):
         snapshot.queues[(queue, state)] = int(count)
+    overdue = answers[len(EVENT_METRICS) + len(queue_reads) :]
+    snapshot.overdue = dict(zip(current_app.config["QUEUES"], overdue, strict=True))
     snapshot.redis_ok = True
     try:
         snapshot.workers = live_worker_count(connection)
@@ -533,6 +539,15 @@ def families(snapshot: Snapshot) -> Iterator:
         yield GaugeMetricFamily(
             f"{PREFIX}_workers", "Live workers, counted from their heartbeats", value=snapshot.workers
         )
+    if snapshot.overdue:
+        overdue = GaugeMetricFamily(
+            f"{PREFIX}_scheduled_jobs_overdue",
+            f"Scheduled jobs (retries, postponed sends) due over {OVERDUE_AFTER} s ago and not yet queued, per queue",
+            labels=("queue",),
+        )
+        for queue, count in snapshot.overdue.items():
+            overdue.add_metric([queue], count)
+        yield overdue
     if snapshot.campaigns is not None:
         campaigns = GaugeMetricFamily(f"{PREFIX}_campaigns", "Campaigns by status", labels=("status",))
         for status, count in snapshot.campaigns.items():

@@ -24,7 +24,8 @@ def redis_options(config) -> dict:
 
 def init_redis(app: Flask) -> None:
     """Open the app's Redis connection, failing fast (`redis_options`), unless one was given (tests pass
-    fakeredis). In a worker, RQ raises its socket timeout above its blocking wait for a job."""
+    fakeredis). A worker gives RQ a connection of its own (`app_worker.build_worker`), whose socket timeout
+    RQ raises above its blocking wait for a job; the jobs keep this one."""
     if "redis" not in app.extensions:
         app.extensions["redis"] = Redis.from_url(app.config["REDIS_URL"], **redis_options(app.config))
 

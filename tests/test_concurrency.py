@@ -1,6 +1,8 @@
 """A `worker` process keeps several sends in flight (`WORKER_CONCURRENCY` threads), and still stops the
-way RQ's workers do: a warm shutdown finishes and records what is in flight, `rq suspend` starts nothing
-new, and a killed worker's sends in flight are sent again by the reconciler, once each."""
+way RQ's workers do: a warm shutdown finishes and records what is in flight (a second signal within a
+second is the same request; a later one abandons the sends in flight, the metrics flushed first), `rq
+suspend` starts nothing new, and a killed worker's sends in flight are sent again by the reconciler, once
+each."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 from rq import Queue
 from rq.suspension import resume, suspend
 
+from app import metrics
 from app.messaging.reconcile import reconcile
 from tests.conftest import kill_group, read_send_log, wait_for
 from tests.factories import make_campaign, make_customers
@@ -65,6 +68,37 @@ def test_warm_shutdown_finishes_and_records_the_sends_in_flight(app, client, red
     assert (detail["stats"]["sent"], detail["stats"]["pending"]) == (4, 6)  # and were recorded
     assert Queue(app.config["SEND_QUEUE"], connection=redis_conn).count == 6  # the rest still queued
     assert in_flight(app, redis_conn) == 0
+
+
+def test_a_second_signal_within_a_second_is_the_same_warm_shutdown(app, client, redis_conn, spawn_worker):
+    """A process manager and a terminal both signal (Ctrl-C reaches the whole group): the sends in flight
+    still finish and are recorded, and the worker exits 0."""
+    campaign_id = send_to(client, make_customers(4))
+    worker = spawn_worker(burst=False, WORKER_CONCURRENCY=4, MOCK_SENDER_LATENCY=3)
+    wait_for(lambda: in_flight(app, redis_conn) == 4, timeout=30, interval=0.05)
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0, worker.stderr.read().decode()[-3000:]
+    stats = campaign(client, campaign_id)["stats"]
+    assert (stats["sent"], stats["pending"]) == (4, 0)
+
+
+def test_a_later_second_signal_abandons_the_sends_in_flight_and_still_flushes_the_metrics(
+    app, client, redis_conn, spawn_worker, send_log
+):
+    campaign_id = send_to(client, make_customers(4))
+    # Two sends at a time, and no flush of the metrics before the worker stops.
+    worker = spawn_worker(burst=False, WORKER_CONCURRENCY=2, MOCK_SENDER_LATENCY=3, METRICS_FLUSH_INTERVAL=60)
+    wait_for(lambda: len(read_send_log(send_log)) == 2, timeout=30, interval=0.05)  # two sent, two in flight
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 1
+    stats = campaign(client, campaign_id)["stats"]
+    assert (stats["sent"], stats["pending"]) == (2, 2)  # the two in flight are left to the reconciler
+    sent = redis_conn.hget(metrics.MESSAGES.key, metrics.series_field(["sms", "mock", "sent", ""]))
+    assert sent == b"2"  # counted by the worker before it stopped
 
 
 def test_suspended_worker_finishes_what_is_in_flight_and_starts_nothing(

@@ -3,9 +3,11 @@
 import contextlib
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from redis import Redis
+from rq import Queue
 
 from app import create_app
 from app.extensions import db
@@ -27,6 +29,7 @@ def test_healthy_service(anonymous_client):
         "redis": {"ok": True},
         "queue_depth": 0,
         "workers": 0,
+        "overdue_scheduled_jobs": 0,
     }
 
 
@@ -45,6 +48,14 @@ def test_reports_queue_depth_and_live_workers(app, client, anonymous_client):
     assert anonymous_client.get("/health").get_json()["workers"] == 0  # a clean exit leaves at once
 
 
+def test_counts_the_scheduled_jobs_due_more_than_thirty_seconds_ago(app, redis_conn, anonymous_client):
+    """A retry or a hand-back that no worker moved back to its queue in time: operators should see it."""
+    now = datetime.now(UTC)
+    for queue_name, seconds_ago in (("SEND_QUEUE", 95), ("CONTROL_QUEUE", 32), ("SEND_QUEUE", 10), ("SEND_QUEUE", -60)):
+        Queue(app.config[queue_name], connection=redis_conn).enqueue_at(now - timedelta(seconds=seconds_ago), print)
+    assert anonymous_client.get("/health").get_json()["overdue_scheduled_jobs"] == 2
+
+
 def test_redis_down_is_503(app, anonymous_client):
     app.extensions["redis"] = Redis(port=CLOSED_PORT, **redis_options(app.config))
     response = anonymous_client.get("/health")
@@ -53,7 +64,7 @@ def test_redis_down_is_503(app, anonymous_client):
     assert body["status"] == "unavailable"
     assert body["database"] == {"ok": True}
     assert body["redis"] == {"ok": False, "error": "redis unreachable"}
-    assert body["queue_depth"] is None and body["workers"] is None
+    assert body["queue_depth"] is None and body["workers"] is None and body["overdue_scheduled_jobs"] is None
 
 
 def test_database_down_is_503_and_shows_no_internals(app, redis_conn, tmp_path):

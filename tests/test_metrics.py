@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -285,6 +285,17 @@ def test_jobs_that_failed_and_wait_are_counted_per_queue(app, client, work, redi
     assert value(samples, "dispatch_queue_jobs", queue="campaign_control", state="scheduled") == 1
     assert value(samples, "dispatch_queue_jobs", queue="campaign_control", state="queued") == 0
     assert value(samples, "dispatch_queue_jobs", queue="campaign_sends", state="failed") == 0
+
+
+def test_scheduled_jobs_overdue_by_more_than_thirty_seconds_are_counted_per_queue(app, client, redis_conn):
+    now = datetime.now(UTC)
+    sends = Queue(app.config["SEND_QUEUE"], connection=redis_conn)
+    for seconds_ago in (95, 32, 10, -60):  # two overdue, one due but not yet overdue, one ahead
+        sends.enqueue_at(now - timedelta(seconds=seconds_ago), crash)
+    samples = scrape(client)
+    assert value(samples, "dispatch_scheduled_jobs_overdue", queue="campaign_sends") == 2
+    assert value(samples, "dispatch_scheduled_jobs_overdue", queue="campaign_control") == 0
+    assert value(samples, "dispatch_queue_jobs", queue="campaign_sends", state="scheduled") == 4
 
 
 def test_a_scrape_without_redis_answers_at_once_with_the_database_gauges_and_the_counts_are_kept(

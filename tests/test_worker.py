@@ -1,16 +1,21 @@
 """The send job, run by real RQ workers: rendering, retries, idempotency and campaign completion."""
 
+import contextlib
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from flask import current_app
+from redis.exceptions import RedisError
 from rq import Queue, Worker
 from rq.registry import ScheduledJobRegistry
 from rq.suspension import resume, suspend
 from sqlalchemy import select, text
 
 from app.extensions import db
-from app.messaging.app_worker import build_worker
+from app.messaging.app_worker import build_worker, live_worker_count
+from app.messaging.send import throttle
 from app.messaging.send.window import SEND_JOB, message_job_id
 from app.models import OutboundMessage
 from tests.conftest import kill_group, read_send_log, wait_for
@@ -376,3 +381,44 @@ def test_a_job_stopped_by_its_timeout_mid_statement_does_not_stop_the_worker(cli
     db.session.rollback()
     detail = client.get(f"/campaigns/{campaign.id}").get_json()
     assert (detail["status"], detail["stats"]["sent"]) == ("sent", 2)
+
+
+def time_a_throttle_slot(folder: str) -> None:
+    """A job: says it runs, waits for the test to stall Redis, then times one call for a throughput slot."""
+    marks = Path(folder)
+    (marks / "running").touch()
+    deadline = time.monotonic() + 30
+    while not (marks / "stalled").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    asked = time.monotonic()
+    with contextlib.suppress(RedisError):
+        throttle.take_slot(current_app, "sms")
+    (marks / "took").write_text(str(time.monotonic() - asked))
+
+
+@pytest.mark.real_only
+def test_a_job_s_calls_to_redis_keep_the_app_s_short_socket_timeout(app, private_redis, spawn_worker, tmp_path):
+    """RQ raises the socket timeout of its own connection above its wait for a job (55 s); a job's throttle
+    slot, on a stalled Redis, gives up after REDIS_SOCKET_TIMEOUT (1 s) like the web's calls."""
+    spawn_worker(burst=False, REDIS_URL=private_redis.url, SMS_RATE_LIMIT="100/second", REDIS_SOCKET_TIMEOUT=1)
+    redis = private_redis.client()
+    wait_for(lambda: live_worker_count(redis) == 1, timeout=30)
+    Queue(app.config["SEND_QUEUE"], connection=redis).enqueue(time_a_throttle_slot, str(tmp_path))
+    wait_for(lambda: (tmp_path / "running").exists(), timeout=30, interval=0.05)
+    private_redis.stall()
+    try:
+        (tmp_path / "stalled").touch()
+        wait_for(lambda: (tmp_path / "took").exists(), timeout=15, interval=0.05)
+    finally:
+        private_redis.resume()
+    assert float((tmp_path / "took").read_text()) < 2.5  # 1 s, on a loaded machine
+
+
+def test_rq_gets_a_redis_connection_of_its_own(app):
+    """The jobs use the app's connection: RQ's longer socket timeout must not reach it."""
+    shared = app.extensions["redis"]
+    before = dict(shared.connection_pool.connection_kwargs)
+    worker = build_worker(app)
+    assert worker.connection is not shared
+    assert worker.connection.connection_pool.connection_kwargs["socket_timeout"] == worker.connection_timeout
+    assert shared.connection_pool.connection_kwargs == before

@@ -19,10 +19,18 @@ database connection: the main thread takes a job off the queue only when a threa
 over, and goes back to the queue (and to its heartbeats). Each job is still one RQ job with RQ's own
 bookkeeping (an execution per job, its timeout enforced by RQ's `TimerDeathPenalty` in a thread),
 retried by RQ's Retry. A warm shutdown (SIGTERM, SIGINT) takes no new job and waits for the jobs in
-flight to finish and be recorded; a second signal ends the process at once, and the reconciler sends
-again what was in flight. In burst mode the worker ends only when the queues are empty and no job is
-in flight (a job that fails may put its retry back on the queue). With SQLite (development) the worker
-runs one job at a time: SQLite takes one writer at a time.
+flight to finish and be recorded; a second signal within a second is the same request, a later one ends
+the process at once (the metrics flushed first), and the reconciler sends again what was in flight. In
+burst mode the worker ends only when the queues are empty and no job is in flight (a job that fails may
+put its retry back on the queue). With SQLite (development) the worker runs one job at a time: SQLite
+takes one writer at a time.
+
+Scheduled jobs (retries, hand-backs, postponements) are moved back onto their queue by the process that
+runs the worker (`scheduled_jobs.DueJobMover`, see worker.py), not by RQ's scheduler, which it refuses.
+
+Connections: RQ gets a Redis connection of its own (`build_worker`), whose socket timeout it raises above
+its blocking wait for a job (`connection_timeout`, 55 s by default); the jobs' calls to Redis (the
+throughput slot, the metrics) keep the app's connection and its short `REDIS_SOCKET_TIMEOUT`.
 
 Liveness: RQ keeps a killed worker registered until its key expires (minutes), and a flushed Redis
 forgets a live one until it restarts. So each heartbeat also records, in the sorted set
@@ -43,15 +51,18 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from flask import Flask
-from redis import Redis
+from redis import ConnectionPool, Redis
 from redis.client import Pipeline
 from rq import Queue, SimpleWorker
+from rq.connections import parse_connection
 from rq.defaults import DEFAULT_WORKER_TTL
 from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.timeouts import BaseDeathPenalty, TimerDeathPenalty, UnixSignalDeathPenalty
+from rq.utils import now
 from rq.worker import WorkerStatus
 
 from app.extensions import db
@@ -71,6 +82,10 @@ LIVE_WORKERS_KEY = "campaign_dispatch:live_workers"
 # Added to that time: a heartbeat skipped as too soon (HEARTBEAT_SLACK), its round trip, RQ's maintenance
 # between two waits, clock skew between hosts.
 LIVENESS_GRACE = 5.0
+# A second SIGTERM or SIGINT this soon after the first is the same request (RQ 3.0's own window).
+SAME_REQUEST_WINDOW = timedelta(seconds=1)
+# The longest a cold shutdown waits for the metrics' last flush (one round trip, REDIS_SOCKET_TIMEOUT at most).
+COLD_SHUTDOWN_FLUSH_WAIT = 2.0
 
 
 class AppWorker(SimpleWorker):
@@ -113,7 +128,11 @@ class AppWorker(SimpleWorker):
         no sooner than it would without the shorter wait."""
         return max(self.dequeue_timeout, self.worker_ttl - 15) + 10
 
-    def work(self, burst: bool = False, **kwargs) -> bool:
+    def work(self, burst: bool = False, with_scheduler: bool = False, **kwargs) -> bool:
+        if with_scheduler:
+            # RQ's scheduler holds a lock per queue that a killed holder keeps for a minute, and others retry
+            # only every 10 minutes; its non-atomic move beside ours could also queue a job twice.
+            raise ValueError("AppWorker runs without RQ's scheduler: run a scheduled_jobs.DueJobMover beside it")
         self._burst = burst
         folder = stats.Folder(self.app).start()  # keeps the campaigns' stats cheap to read
         try:
@@ -223,13 +242,26 @@ class AppWorker(SimpleWorker):
             raise StopRequested()
 
     def request_force_stop(self, signum, frame) -> None:
-        """A second signal: end now; the sends in flight are abandoned, to be sent again by the reconciler."""
+        """A second signal. Within `SAME_REQUEST_WINDOW` of the first it is the same request (a process
+        manager and a terminal both signalling), as RQ has it; a later one ends the process now: the sends in
+        flight are abandoned, to be sent again by the reconciler, and the metrics counted so far are flushed."""
+        if self._shutdown_requested_date is not None and now() - self._shutdown_requested_date < SAME_REQUEST_WINDOW:
+            log.info("a second stop signal within %s of the first: the same warm shutdown", SAME_REQUEST_WINDOW)
+            return
         if self._pool is not None and self._in_flight:
             log.warning("cold shutdown: %d jobs in flight abandoned", self._in_flight)
+            self._flush_metrics(COLD_SHUTDOWN_FLUSH_WAIT)
             with contextlib.suppress(Exception):
                 self.register_death()
             os._exit(1)
-        super().request_force_stop(signum, frame)
+        super().request_force_stop(signum, frame)  # raises SystemExit: `teardown` flushes the metrics
+
+    def _flush_metrics(self, timeout: float) -> None:
+        """Flush the metrics counted so far, waiting `timeout` seconds at most: from a signal handler, on a
+        thread of its own, so that a lock the interrupted main thread holds cannot hang the exit."""
+        flusher = threading.Thread(target=self.app.extensions["metrics"].flush, name="metrics-last-flush", daemon=True)
+        flusher.start()
+        flusher.join(timeout)
 
     def teardown(self) -> None:
         if self._pool is not None:
@@ -288,6 +320,14 @@ def _release_session() -> None:
         db.session.registry.clear()
 
 
+def _connection_like(connection: Redis) -> Redis:
+    """A new connection (and pool) to the same Redis with the same options: RQ raises the socket timeout of
+    the connection it is given above its wait for a job (`AppWorker.connection_timeout`), and the jobs' own
+    calls to Redis (the throughput slot, the metrics) must keep the app's `REDIS_SOCKET_TIMEOUT`."""
+    connection_class, pool_class, options = parse_connection(connection)
+    return connection_class(connection_pool=ConnectionPool(connection_class=pool_class, **options))
+
+
 def live_worker_count(connection: Redis) -> int:
     """How many workers have heartbeated and are not yet overdue for their next heartbeat. Members
     that are overdue (killed workers) are removed on the way; one round trip."""
@@ -298,8 +338,8 @@ def live_worker_count(connection: Redis) -> int:
 
 
 def build_worker(app: Flask, queue_names: list[str] | None = None, **kwargs) -> AppWorker:
-    """A worker for `app`'s queues (or `queue_names`) on `app`'s Redis."""
-    connection = app.extensions["redis"]
+    """A worker for `app`'s queues (or `queue_names`) on `app`'s Redis, through a connection of RQ's own."""
+    connection = _connection_like(app.extensions["redis"])
     queues = [Queue(name, connection=connection) for name in (queue_names or app.config["QUEUES"])]
     # RQ gives the key `worker_ttl` + 60 s between jobs and a job's timeout + 60 s during one: it
     # stays at a minute at least. An idle worker heartbeats every WORKER_HEARTBEAT_INTERVAL seconds.
