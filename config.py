@@ -10,6 +10,7 @@ values are checked: a process starts while PostgreSQL or Redis is down, and reco
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import time
@@ -111,8 +112,8 @@ def str_list(raw: str) -> list[str]:
 
 def keywords(raw: str) -> list[str]:
     """`"STOP, stopall"` -> `["STOP", "STOPALL"]`: at least one word, each letters and digits only (a
-    keyword is the whole text of a reply, matched in any case)."""
-    values = [word.upper() for word in str_list(raw)]
+    keyword is the whole text of a reply, matched in any case and width: NFKC, as replies are)."""
+    values = [unicodedata.normalize("NFKC", word).upper() for word in str_list(raw)]
     if not values:
         raise ValueError("must name at least one keyword")
     bad = [word for word in values if not word.isalnum()]
@@ -366,7 +367,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WEBHOOK_TOKEN", "", "the secret Africa's Talking callbacks must carry as `?token=` (it does not sign "
             "them)", secret=True),
     Setting("OPT_OUT_KEYWORDS", "STOP,STOPALL,UNSUBSCRIBE,CANCEL,END,QUIT", "comma-separated words that, as "
-            "the whole text of a message a customer sends us (trimmed, any case), opt them out of that channel",
+            "the whole text of a message a customer sends us (trimmed, any case or width, invisible characters "
+            "ignored), opt them out of that channel",
             keywords),
     Setting("OPT_IN_KEYWORDS", "START,UNSTOP", "comma-separated words that opt a customer back in to the "
             "channel they send them on; none may be an opt-out keyword", keywords),

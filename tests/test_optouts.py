@@ -102,6 +102,32 @@ def test_text_that_is_not_exactly_a_keyword_is_ignored(app, use_provider, fake_p
 
 
 @pytest.mark.parametrize(
+    ("text", "action"),
+    [
+        ("STOP\u200b", "opted_out"),  # a zero-width space after it
+        ("\ufeffSTOP", "opted_out"),  # a byte order mark before it
+        ("S\u200dT\u200cOP", "opted_out"),  # zero-width joiners inside it
+        ("\u2066stop\u2069", "opted_out"),  # a bidirectional isolate around it
+        ("ＳＴＯＰ", "opted_out"),  # fullwidth
+        (" ｓｔｏｐ\u00a0", "opted_out"),  # fullwidth, lower case, a no-break space after it
+        ("ＳＴＡＲＴ\u00ad", "opted_in"),  # fullwidth, a soft hyphen after it
+    ],
+)
+def test_keywords_are_recognised_through_invisible_and_fullwidth_characters(
+    app, use_provider, fake_providers, text, action
+):
+    use_provider("africastalking")
+    customer = make_customer()
+    if action == "opted_in":
+        fake_providers.africastalking_inbound(customer.phone, "STOP")
+    answer = fake_providers.africastalking_inbound(customer.phone, text)
+    assert (answer.status, answer.json()[action]) == (200, 1), answer.body
+    assert opt_outs(customer.id) == ({"sms": "keyword"} if action == "opted_out" else {})
+    whatsapp = fake_providers.whatsapp_inbound([(customer.phone.lstrip("+"), text)])
+    assert whatsapp.json()["inbound"][action] == 1
+
+
+@pytest.mark.parametrize(
     ("given", "stored"),
     [
         ("+254711000222", "+254711000222"),  # Twilio, Africa's Talking
