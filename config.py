@@ -387,7 +387,8 @@ SETTINGS: tuple[Setting, ...] = (
             "midnight, e.g. `20:00-08:00`) in which no message of a campaign that respects quiet hours is sent: it "
             "waits for the window's end; empty: none", quiet_hours),
     Setting("DEFAULT_TIMEZONE", "Africa/Nairobi", "the recipient's time zone for QUIET_HOURS when their number "
-            "maps to no time zone, or to several", time_zone),
+            "maps to no time zone (one that maps to several waits for the window's end in all of them)",
+            time_zone),
     Setting("AFRICASTALKING_USERNAME", "", "Africa's Talking username (`sandbox` for the sandbox)"),
     Setting("AFRICASTALKING_API_KEY", "", "Africa's Talking API key", secret=True),
     Setting("AFRICASTALKING_SENDER_ID", "", "optional `from`: a sender id or short code of the account", optional),
