@@ -122,6 +122,16 @@ def keywords(raw: str) -> list[str]:
     return values
 
 
+def long_secret(raw: str) -> str:
+    """Empty, or a secret of at least 32 characters (a short one can be guessed)."""
+    if raw and len(raw) < 32:
+        raise ValueError(
+            "must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`), "
+            "or empty for a key the service makes and keeps in its database"
+        )
+    return raw
+
+
 def queue_name(raw: str) -> str:
     if not raw.replace("_", "").replace("-", "").replace(".", "").replace(":", "").isalnum():
         raise ValueError("must be a name of letters, digits, '_', '-', '.' or ':'")
@@ -439,6 +449,10 @@ SETTINGS: tuple[Setting, ...] = (
             "this bounds what a read of them sums", number(0.05, 3600)),
     Setting("RECONCILE_BATCH_SIZE", "5000", "rows per batch in the reconciler and fan-out", integer(1)),
     # The API
+    Setting("SECRET_KEY", "", "the key that signs what the service hands out and must recognise again "
+            "(pagination cursors; changing it makes cursors already handed out a `422`); at least 32 characters; "
+            "empty: a random key the service makes once and keeps in its database, shared by every process",
+            long_secret, secret=True),
     Setting("API_KEYS", "", "comma-separated API keys accepted besides the hashed keys in the database",
             str_list, secret=True),
     Setting("API_RATE_LIMIT", "6000 per minute", "requests per API key for the whole API (e.g. `100/second`)",
