@@ -187,13 +187,13 @@ def test_cells_a_spreadsheet_would_run_are_exported_as_text_but_phones_keep_thei
             provider_message_id=formula,
         )
         rows.append(expected_row(message, customer.phone))
-    # A phone is kept when it is `+` and digits (E.164, as every write stores it); any other that starts
-    # like a formula (written to the database by hand) is neutralised like any other cell.
-    odd = make_customer(phone="+1+2")
+    # A phone keeps its leading `+` (E.164, as every write stores it); one that starts like another formula
+    # (written to the database by hand) is neutralised like any other cell.
+    odd = make_customer(phone="-1+2")
     rows.append(expected_row(make_message(campaign.id, odd.id, last_error="a=b, -c"), odd.phone))
     text_cells = {HEADER.index(name) for name in ("error_code", "error", "provider_message_id")}
     expected = [[as_text(cell) if i in text_cells else cell for i, cell in enumerate(row)] for row in rows]
-    expected[-1][HEADER.index("phone")] = "'+1+2"
+    expected[-1][HEADER.index("phone")] = "'-1+2"
 
     response = export_csv(client, campaign.id)
 
