@@ -22,11 +22,11 @@ from gunicorn.workers.gthread import ThreadWorker
 from app.logs import RedactingFormatter, configured_secrets
 from config import Config, SettingsError, check_settings
 
-SETTINGS = {name: getattr(Config, name) for name in dir(Config) if name.isupper()}
+_SETTINGS = {name: getattr(Config, name) for name in dir(Config) if name.isupper()}
 
 # A bad setting stops gunicorn here, in its master, with one line naming it, before any worker boots.
 try:
-    check_settings(SETTINGS)
+    check_settings(_SETTINGS)
 except SettingsError as exc:
     sys.exit(f"configuration error: {exc}")
 
@@ -54,7 +54,7 @@ class RedactingLogger(Logger):
 
     def setup(self, cfg):
         super().setup(cfg)
-        secrets = configured_secrets(SETTINGS)
+        secrets = configured_secrets(_SETTINGS)
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
                 handler.setFormatter(RedactingFormatter(handler.formatter, lambda: secrets))
