@@ -10,6 +10,7 @@ values are checked: a process starts while PostgreSQL or Redis is down, and reco
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import time
@@ -111,14 +112,24 @@ def str_list(raw: str) -> list[str]:
 
 def keywords(raw: str) -> list[str]:
     """`"STOP, stopall"` -> `["STOP", "STOPALL"]`: at least one word, each letters and digits only (a
-    keyword is the whole text of a reply, matched in any case)."""
-    values = [word.upper() for word in str_list(raw)]
+    keyword is the whole text of a reply, matched in any case and width: NFKC, as replies are)."""
+    values = [unicodedata.normalize("NFKC", word).upper() for word in str_list(raw)]
     if not values:
         raise ValueError("must name at least one keyword")
     bad = [word for word in values if not word.isalnum()]
     if bad:
         raise ValueError(f"keywords are single words of letters and digits, not {bad[0]!r}")
     return values
+
+
+def long_secret(raw: str) -> str:
+    """Empty, or a secret of at least 32 characters (a short one can be guessed)."""
+    if raw and len(raw) < 32:
+        raise ValueError(
+            "must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`), "
+            "or empty for a key the service makes and keeps in its database"
+        )
+    return raw
 
 
 def queue_name(raw: str) -> str:
@@ -384,7 +395,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WEBHOOK_TOKEN", "", "the secret Africa's Talking callbacks must carry as `?token=` (it does not sign "
             "them)", secret=True),
     Setting("OPT_OUT_KEYWORDS", "STOP,STOPALL,UNSUBSCRIBE,CANCEL,END,QUIT", "comma-separated words that, as "
-            "the whole text of a message a customer sends us (trimmed, any case), opt them out of that channel",
+            "the whole text of a message a customer sends us (trimmed, any case or width, invisible characters "
+            "ignored), opt them out of that channel",
             keywords),
     Setting("OPT_IN_KEYWORDS", "START,UNSTOP", "comma-separated words that opt a customer back in to the "
             "channel they send them on; none may be an opt-out keyword", keywords),
@@ -406,7 +418,8 @@ SETTINGS: tuple[Setting, ...] = (
             "midnight, e.g. `20:00-08:00`) in which no message of a campaign that respects quiet hours is sent: it "
             "waits for the window's end; empty: none", quiet_hours),
     Setting("DEFAULT_TIMEZONE", "Africa/Nairobi", "the recipient's time zone for QUIET_HOURS when their number "
-            "maps to no time zone, or to several", time_zone),
+            "maps to no time zone (one that maps to several waits for the window's end in all of them)",
+            time_zone),
     Setting("AFRICASTALKING_USERNAME", "", "Africa's Talking username (`sandbox` for the sandbox)"),
     Setting("AFRICASTALKING_API_KEY", "", "Africa's Talking API key", secret=True),
     Setting("AFRICASTALKING_SENDER_ID", "", "optional `from`: a sender id or short code of the account", optional),
@@ -457,6 +470,10 @@ SETTINGS: tuple[Setting, ...] = (
             "this bounds what a read of them sums", number(0.05, 3600)),
     Setting("RECONCILE_BATCH_SIZE", "5000", "rows per batch in the reconciler", integer(1)),
     # The API
+    Setting("SECRET_KEY", "", "the key that signs what the service hands out and must recognise again "
+            "(pagination cursors; changing it makes cursors already handed out a `422`); at least 32 characters; "
+            "empty: a random key the service makes once and keeps in its database, shared by every process",
+            long_secret, secret=True),
     Setting("API_KEYS", "", "comma-separated API keys accepted besides the hashed keys in the database",
             str_list, secret=True),
     Setting("API_RATE_LIMIT", "6000 per minute", "requests per API key for the whole API (e.g. `100/second`)",

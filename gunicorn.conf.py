@@ -7,19 +7,26 @@ and body with blocking reads and no timeout once its first bytes have arrived, s
 bounds each read and write on a client's socket to `WEB_CLIENT_TIMEOUT` seconds: a client that stalls is
 dropped and its thread freed. Its main loop tells the arbiter it is alive whatever its threads do, so a
 long request (a large CSV import) is not killed by gunicorn's worker `timeout`. See README, "Processes".
+
+`RedactingLogger` writes gunicorn's lines (its access log, its own) without secrets: Africa's Talking's
+callbacks carry WEBHOOK_TOKEN in their URL, Meta's webhook check WHATSAPP_VERIFY_TOKEN (see `app.logs`).
 """
 
 import socket
 import struct
 import sys
 
+from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
+from app.logs import RedactingFormatter, configured_secrets
 from config import Config, SettingsError, check_settings
+
+_SETTINGS = {name: getattr(Config, name) for name in dir(Config) if name.isupper()}
 
 # A bad setting stops gunicorn here, in its master, with one line naming it, before any worker boots.
 try:
-    check_settings({name: getattr(Config, name) for name in dir(Config) if name.isupper()})
+    check_settings(_SETTINGS)
 except SettingsError as exc:
     sys.exit(f"configuration error: {exc}")
 
@@ -41,5 +48,18 @@ class ClientTimeoutWorker(ThreadWorker):
         return super().handle(conn)
 
 
+class RedactingLogger(Logger):
+    """gunicorn's logger, every line of its error and access logs (whatever their format) without the
+    configured secrets or a secret-bearing query parameter's value (`app.logs.redact`)."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        secrets = configured_secrets(_SETTINGS)
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.setFormatter(RedactingFormatter(handler.formatter, lambda: secrets))
+
+
 worker_class = ClientTimeoutWorker
 threads = Config.WEB_THREADS
+logger_class = RedactingLogger

@@ -124,7 +124,14 @@ IN_DOUBT = Metric(
     "counter",
     ("reason",),
 )
-EVENT_METRICS = (HTTP_REQUESTS, HTTP_DURATION, MESSAGES, SEND_DURATION, RECEIPTS, IN_DOUBT)
+WEBHOOK_INVALID_ITEMS = Metric(
+    "webhook_invalid_items",
+    "Items of webhook posts refused (the rest of their post applied), by provider and reason: missing, type, "
+    "too_long, characters (could not be read) or database (refused when applied)",
+    "counter",
+    ("provider", "reason"),
+)
+EVENT_METRICS = (HTTP_REQUESTS, HTTP_DURATION, MESSAGES, SEND_DURATION, RECEIPTS, IN_DOUBT, WEBHOOK_INVALID_ITEMS)
 
 # A histogram's fields: `<label values>` + SEPARATOR + `b<index of the bucket>` (the last is +Inf) or `sum`.
 SEPARATOR = "\x1f"  # JSON escapes it: it never occurs in the encoded label values
@@ -403,6 +410,15 @@ def count_receipts(results: Iterable[tuple[str, str, str]]) -> None:
     if recorder is not None:
         for values in results:
             recorder.count(RECEIPTS, values)
+
+
+def count_invalid_webhook_items(provider: str, reasons: Iterable[str]) -> None:
+    """Count items of a `provider`'s webhook post refused, one per reason given (`BadItem.reason`, or
+    `database`)."""
+    recorder = _recorder()
+    if recorder is not None:
+        for reason in reasons:
+            recorder.count(WEBHOOK_INVALID_ITEMS, (provider, reason))
 
 
 # --- the scrape ------------------------------------------------------------------------------------------

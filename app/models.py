@@ -1,5 +1,5 @@
 """The tables: customers (their opt-outs and imports), campaigns, their outbound messages and the counts
-of those; API keys and idempotency keys."""
+of those; API keys, idempotency keys and the service's own secrets."""
 
 from __future__ import annotations
 
@@ -403,3 +403,14 @@ class IdempotencyKey(db.Model):
     status_code: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class ServiceSecret(db.Model):
+    """A secret the service made for itself, kept here so that every process of a deployment shares it
+    without configuration: the secret key when SECRET_KEY is not set (`app.secrets`)."""
+
+    __tablename__ = "service_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

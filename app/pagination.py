@@ -8,43 +8,72 @@ started exactly once, whatever is inserted or updated meanwhile (rows inserted a
 may not appear; under a filter on a status, a row whose status changes meanwhile may be seen in none or
 both of its pages). Every page answers `next_cursor`, the cursor of the page after it (null on the last),
 so a client may start with page 1 and go on by cursor. A cursor page counts nothing: its `page`, `total`
-and `total_pages` are null.
+and `total_pages` are null. A cursor carries an HMAC of its content keyed with the service's secret key
+(`app.secrets`): one the service did not issue as it is, is refused.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 
+from flask import current_app
 from sqlalchemy import ColumnElement, Select, func, select
 
 from app.errors import ValidationFailed
 from app.extensions import db
 from app.schemas import MAX_ID
+from app.secrets import secret_key
 
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2  # 1: the cursors before they carried a proof, refused since
+# What a cursor's proof is made for: mixed into the HMAC, so that nothing else signed with the secret key
+# (a session cookie) can pass for a cursor, nor a cursor for it.
+_PURPOSE = b"pagination-cursor\x00"
+_FIELDS = {"v", "list", "before"}
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _proof(body: bytes) -> bytes:
+    """The HMAC-SHA256 of a cursor's body, keyed with the service's secret key."""
+    return hmac.new(secret_key(current_app), _PURPOSE + body, hashlib.sha256).digest()
 
 
 def encode_cursor(listing: str, before_id: int) -> str:
-    """An opaque cursor: the page after it has the rows of `listing` with an id below `before_id`."""
-    raw = json.dumps({"v": CURSOR_VERSION, "list": listing, "before": before_id}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    """An opaque cursor: the page after it has the rows of `listing` with an id below `before_id`. Its body
+    (`{"v", "list", "before"}`, base64url) is followed by `.` and its proof, so that the service knows it
+    issued it."""
+    body = json.dumps({"v": CURSOR_VERSION, "list": listing, "before": before_id}, separators=(",", ":")).encode()
+    return f"{_b64(body)}.{_b64(_proof(body))}"
 
 
 def decode_cursor(listing: str, cursor: str) -> int:
-    """The id a cursor of `listing` points below; a 422 naming `cursor` for anything else (a cursor of
-    another list, an edited or truncated one)."""
+    """The id a cursor of `listing` points below; a 422 naming `cursor` for anything else: a cursor without
+    the service's proof (edited in any way, made up, truncated, issued before a change of the secret key or
+    by another deployment), or one of another list."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        payload = json.loads(raw)
-        before = payload["before"]
-        valid = (
-            payload.get("v") == CURSOR_VERSION
-            and payload.get("list") == listing
-            and type(before) is int
-            and 1 <= before <= MAX_ID + 1
-        )
+        body, _, proof = cursor.partition(".")
+        raw = _unb64(body)
+        valid = hmac.compare_digest(_unb64(proof), _proof(raw))
+        if valid:
+            payload = json.loads(raw)
+            before = payload["before"]
+            valid = (
+                set(payload) == _FIELDS
+                and payload["v"] == CURSOR_VERSION
+                and payload["list"] == listing
+                and type(before) is int
+                and 1 <= before <= MAX_ID + 1
+            )
     except (binascii.Error, ValueError, TypeError, KeyError, AttributeError):
         valid = False
     if not valid:

@@ -368,30 +368,30 @@ def spawn_command(worker_env, tmp_path):
     """Start a command (a full argv) against the real backend with extra settings; killed at the
     end of the test, with any process it forked.
 
-    Its stderr goes to a file, read back through `proc.stderr`: a pipe nobody drains until the
-    process exits would block a chatty process once the pipe's 64 KB buffer is full."""
+    Its stdout and stderr go to files, read back through `proc.stdout` and `proc.stderr`: a pipe nobody
+    drains until the process exits would block a chatty process once the pipe's 64 KB buffer is full."""
     started: list[subprocess.Popen] = []
 
     def start(argv: list[str], **env) -> subprocess.Popen:
-        log = tmp_path / f"stderr-{len(started)}.log"
-        with open(log, "wb") as stderr:
+        out, err = tmp_path / f"stdout-{len(started)}.log", tmp_path / f"stderr-{len(started)}.log"
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
             proc = subprocess.Popen(
                 argv,
                 cwd=ROOT,
                 env={**worker_env, **{k: str(v) for k, v in env.items()}},
-                stdout=subprocess.DEVNULL,
+                stdout=stdout,
                 stderr=stderr,
                 start_new_session=True,  # its own process group, RQ's forked scheduler included
             )
-        proc.stderr = open(log, "rb")  # closed at teardown
+        proc.stdout, proc.stderr = open(out, "rb"), open(err, "rb")  # closed at teardown
         started.append(proc)
         return proc
 
     yield start
     for proc in started:
         kill_group(proc)
-        if proc.stderr:
-            proc.stderr.close()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 @pytest.fixture
@@ -405,26 +405,42 @@ def spawn(spawn_command):
 
 
 @pytest.fixture
-def spawn_web(spawn_command):
-    """Start the Procfile's `web` command, as written there, on a free port; returns its base URL once
-    it answers."""
+def spawn_web_process(spawn_command):
+    """Start the Procfile's `web` command, as written there, on a free port; returns the process and its
+    base URL once it answers."""
 
-    def start(**env) -> str:
+    def start(**env) -> tuple[subprocess.Popen, str]:
         port = free_port()
         # The Procfile names `gunicorn`: the one installed beside this Python.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         proc = spawn_command(["bash", "-c", "exec " + procfile_command("web")], PORT=port, PATH=path, **env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return f"http://127.0.0.1:{port}"
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("the web process did not start listening within 30 s")
+        return proc, wait_for_port(proc, port)
 
     return start
+
+
+@pytest.fixture
+def spawn_web(spawn_web_process):
+    """Start the Procfile's `web` command, as written there, on a free port; returns its base URL once
+    it answers."""
+
+    def start(**env) -> str:
+        return spawn_web_process(**env)[1]
+
+    return start
+
+
+def wait_for_port(proc: subprocess.Popen, port: int, timeout: float = 30) -> str:
+    """The base URL of `proc` once it listens on `port`; fail if it exits or does not listen in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"the process did not start listening within {timeout} s")
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

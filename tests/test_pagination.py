@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from app.extensions import db
+from app.secrets import secret_key
 from tests.factories import make_campaign, make_customer, make_customers
 
 
@@ -99,6 +102,89 @@ def test_a_cursor_of_another_list_is_refused(client):
     response = client.get("/campaigns", query_string={"cursor": cursor})
     assert response.status_code == 422
     assert "cursor" in response.get_json()["errors"]
+
+
+def edited(cursor: str, **changes) -> str:
+    """`cursor` with its JSON body changed (a key added, or one given another value), whatever proof it
+    carries kept as it is: what a client that edits a cursor sends."""
+    body, dot, proof = cursor.partition(".")
+    payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    raw = json.dumps({**payload, **changes}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=") + dot + proof
+
+
+def next_cursor(client, url: str) -> str:
+    cursor = client.get(url, query_string={"page_size": 1}).get_json()["pagination"]["next_cursor"]
+    assert cursor
+    return cursor
+
+
+def test_an_edited_cursor_is_a_422_naming_it(client):
+    make_customers(3)
+    for _ in range(3):
+        make_campaign()
+    customers = next_cursor(client, "/customers")
+    campaigns = next_cursor(client, "/campaigns")
+    assert client.get("/customers", query_string={"cursor": customers}).status_code == 200
+    for url, cursor in [
+        ("/customers", edited(customers, extra=1)),  # a key the service never writes
+        ("/customers", edited(campaigns, list="customers")),  # a campaigns cursor made a customers cursor
+        ("/customers", edited(customers, before=1_000_000)),  # another position
+    ]:
+        response = client.get(url, query_string={"cursor": cursor})
+        assert response.status_code == 422, (cursor, response.get_json())
+        assert list(response.get_json()["errors"]) == ["cursor"]
+
+
+def test_a_cursor_is_refused_once_the_secret_key_changes(app, client):
+    app.config["SECRET_KEY"] = "k" * 32
+    make_customers(3)
+    cursor = next_cursor(client, "/customers")
+    assert client.get("/customers", query_string={"cursor": cursor}).status_code == 200
+    app.config["SECRET_KEY"] = "another key, of 32 characters or more"
+    assert client.get("/customers", query_string={"cursor": cursor}).status_code == 422
+
+
+def test_without_a_secret_key_every_process_uses_the_one_the_database_keeps(app, app_with, client):
+    assert app.config["SECRET_KEY"] == ""
+    make_customers(3)
+    cursor = next_cursor(client, "/customers")
+    other = app_with()  # another process of the same deployment: the same database, no setting
+    with other.app_context():
+        other_client = other.test_client()
+        other_client.environ_base["HTTP_AUTHORIZATION"] = client.environ_base["HTTP_AUTHORIZATION"]
+        assert other_client.get("/customers", query_string={"cursor": cursor}).status_code == 200
+        assert secret_key(other) == secret_key(app)
+    assert db.session.scalar(text("SELECT count(*) FROM service_secrets")) == 1
+    # Another deployment (a database without the key) makes its own: the cursor is not its.
+    db.session.execute(text("DELETE FROM service_secrets"))
+    db.session.commit()
+    third = app_with()
+    with third.app_context():
+        assert secret_key(third) != secret_key(app)
+        third_client = third.test_client()
+        third_client.environ_base["HTTP_AUTHORIZATION"] = client.environ_base["HTTP_AUTHORIZATION"]
+        assert third_client.get("/customers", query_string={"cursor": cursor}).status_code == 422
+
+
+def test_processes_that_start_at_once_agree_on_the_key(app, app_with):
+    apps = [app_with() for _ in range(6)]
+    barrier = threading.Barrier(len(apps))
+    keys: list[bytes] = []
+
+    def first_use(other) -> None:
+        with other.app_context():
+            barrier.wait()
+            keys.append(secret_key(other))
+
+    threads = [threading.Thread(target=first_use, args=(other,)) for other in apps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(keys) == len(apps) and len(set(keys)) == 1
+    assert len(keys[0]) >= 32
+    assert db.session.scalar(text("SELECT count(*) FROM service_secrets")) == 1
 
 
 def test_a_cursor_of_an_unknown_campaign_is_a_404(client):

@@ -13,7 +13,7 @@ from rq.registry import ScheduledJobRegistry
 from app.extensions import db
 from app.messaging.providers.africastalking import receipt_from_form as africastalking_receipt
 from app.messaging.providers.twilio import receipt_from_form as twilio_receipt
-from app.messaging.providers.whatsapp_cloud import receipts_from_payload as whatsapp_receipts
+from app.messaging.providers.whatsapp_cloud import receipt_from_status as whatsapp_receipt
 from app.messaging.reconcile import reconcile
 from app.messaging.send.window import message_job_id
 from app.models import DeliveryReceipt, OutboundMessage
@@ -306,7 +306,7 @@ def test_retry_failed_sends_again_the_transient_failures_only(app, client, use_p
     new_sid = by_customer[off.id]["provider_message_id"]
     assert new_sid and new_sid != old_sid  # the old provider id is replaced
     late = fake_providers.send_receipt("twilio", old_sid, "failed", error_code=30008)  # a late one for the old id
-    assert late.json() == {"applied": 0, "unchanged": 0, "kept": 1, "ignored": 0}
+    assert late.json() == {"applied": 0, "unchanged": 0, "kept": 1, "ignored": 0, "invalid": 0}
     assert detail(client, campaign.id)["status"] == "sent"
     # Nothing transient is left: a new retry requeues nothing and leaves the campaign as it is.
     assert client.post(f"/campaigns/{campaign.id}/retry-failed").get_json()["requeued"] == 0
@@ -327,21 +327,7 @@ def test_retry_failed_sends_again_the_transient_failures_only(app, client, use_p
             "30003",
         ),
         (
-            lambda code: whatsapp_receipts(
-                {
-                    "entry": [
-                        {
-                            "changes": [
-                                {
-                                    "value": {
-                                        "statuses": [{"id": "w", "status": "failed", "errors": [{"code": int(code)}]}]
-                                    }
-                                }
-                            ]
-                        }
-                    ]
-                }
-            )[0],
+            lambda code: whatsapp_receipt({"id": "w", "status": "failed", "errors": [{"code": int(code)}]}),
             "131026",
             "131049",
         ),
@@ -399,7 +385,8 @@ def test_many_whatsapp_statuses_in_one_post(app, client, use_provider, fake_prov
         "unchanged": 0,
         "kept": 0,
         "ignored": 1,
-        "inbound": {"opted_out": 0, "opted_in": 0, "ignored": 0},
+        "invalid": 0,
+        "inbound": {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0},
     }
     assert detail(client, campaign.id)["stats"] == stats(total=3, sent=1, delivered=1, failed=1)
     failed = next(m for m in messages(client, campaign.id) if m["status"] == "failed")

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from app.extensions import db
 from app.messaging.reconcile import reconcile
 from app.messaging.send import throttle
-from app.messaging.send.quiet_hours import recipient_zone, window_end
+from app.messaging.send.quiet_hours import quiet_until, recipient_zones, window_end
 from app.models import OutboundMessage
 from config import TimeWindow, quiet_hours
 from tests.conftest import read_send_log
@@ -66,19 +66,74 @@ def test_the_setting_reads_a_window_that_may_cross_midnight():
 
 
 @pytest.mark.parametrize(
-    ("phone", "zone"),
+    ("phone", "zones"),
     [
-        ("+254712345678", "Africa/Nairobi"),  # Kenya: one zone
-        ("+12125551234", "America/New_York"),  # a New York number: one zone
-        ("+18005551234", "Asia/Tokyo"),  # US toll-free: zones hours apart, the default
-        ("+79161234567", "Asia/Tokyo"),  # a Russian mobile: from Kaliningrad to Kamchatka
-        ("+15555550100", "Asia/Tokyo"),  # a number libphonenumber cannot place
-        ("not a number", "Asia/Tokyo"),
-        ("+447911123456", "Europe/Guernsey"),  # a British mobile: four zones keeping the same time
+        ("+254712345678", {"Africa/Nairobi"}),  # Kenya: one zone
+        ("+12125551234", {"America/New_York"}),  # a New York number: one zone
+        ("+34612345678", {"Europe/Madrid", "Atlantic/Canary"}),  # a Spanish mobile: the peninsula or the Canaries
+        ("+447911123456", {"Europe/London", "Europe/Guernsey", "Europe/Isle_of_Man", "Europe/Jersey"}),
+        ("+15555550100", {"Asia/Tokyo"}),  # a number libphonenumber cannot place: the default
+        ("not a number", {"Asia/Tokyo"}),
     ],
 )
-def test_the_time_zone_comes_from_the_number(phone, zone):
-    assert recipient_zone(phone, EVENING, "Asia/Tokyo") == ZoneInfo(zone)
+def test_the_time_zones_come_from_the_number_and_the_default_only_without_any(phone, zones):
+    assert {zone.key for zone in recipient_zones(phone, "Asia/Tokyo")} == zones
+
+
+def test_a_number_of_a_country_with_many_zones_may_be_in_any_of_them():
+    assert len(recipient_zones("+18005551234", "Asia/Tokyo")) > 30  # US toll-free: Guam to Pago Pago
+    assert ZoneInfo("Asia/Kamchatka") in recipient_zones("+79161234567", "Asia/Tokyo")  # a Russian mobile
+
+
+SPAIN = "+34612345678"  # Europe/Madrid (UTC+1 in winter) or Atlantic/Canary (UTC+0)
+PORTUGAL = "+351912345678"  # Europe/Lisbon (UTC+0) or Atlantic/Azores (UTC-1)
+DR_CONGO = "+243812345678"  # Africa/Kinshasa (UTC+1) or Africa/Lubumbashi (UTC+2)
+AUSTRALIA = "+61412345678"  # a mobile: from Indian/Cocos (UTC+6:30) to Sydney and Lord Howe (UTC+11 in January)
+
+
+@pytest.mark.parametrize(
+    ("phone", "now", "until"),
+    [
+        # 06:30 in Madrid, 05:30 in the Canaries: until 08:00 in the Canaries, 09:00 in Madrid.
+        (SPAIN, utc(2030, 1, 2, 5, 30), utc(2030, 1, 2, 8, 0)),
+        # 20:30 in Madrid, 19:30 in the Canaries: quiet in Madrid, so until the next morning in the Canaries.
+        (SPAIN, utc(2030, 1, 1, 19, 30), utc(2030, 1, 2, 8, 0)),
+        (SPAIN, utc(2030, 1, 1, 12, 0), None),  # midday in both
+        # 05:10 in Lisbon, 04:10 in the Azores: until 08:00 in the Azores, 09:00 in Lisbon.
+        (PORTUGAL, utc(2030, 1, 2, 5, 10), utc(2030, 1, 2, 9, 0)),
+        # 06:15 in Kinshasa, 07:15 in Lubumbashi: until 08:00 in Kinshasa.
+        (DR_CONGO, utc(2030, 1, 2, 5, 15), utc(2030, 1, 2, 7, 0)),
+        # 19:30 in Kinshasa, 20:30 in Lubumbashi: quiet in Lubumbashi, until 08:00 in Kinshasa.
+        (DR_CONGO, utc(2030, 1, 2, 18, 30), utc(2030, 1, 3, 7, 0)),
+        # 22:30 in Sydney: until 08:00 in the Cocos Islands, 12:30 in Sydney (the zones' common day ends at
+        # 20:00 in Sydney, 09:00 UTC).
+        (AUSTRALIA, utc(2030, 1, 1, 11, 30), utc(2030, 1, 2, 1, 30)),
+        (AUSTRALIA, utc(2030, 1, 2, 8, 59), None),  # 19:59 in Sydney, 15:29 in the Cocos Islands
+        # US toll-free, Guam (UTC+10) to Pago Pago (UTC-11) and St John's (UTC-3:30): 22:00-23:30 UTC only.
+        ("+18005551234", utc(2030, 1, 1, 10, 0), utc(2030, 1, 1, 22, 0)),
+    ],
+)
+def test_a_message_goes_only_when_every_zone_its_number_could_be_in_is_outside_the_window(phone, now, until):
+    assert quiet_until(phone, now, NIGHT, "Africa/Nairobi") == until
+
+
+def test_when_no_moment_is_outside_the_window_in_every_zone_it_goes_when_most_are():
+    # 09:00-08:00 leaves 08:00-09:00 local: 07:00-08:00 UTC in Madrid, 08:00-09:00 UTC in the Canaries.
+    window = quiet_hours("09:00-08:00")
+    assert quiet_until(SPAIN, utc(2030, 1, 1, 12, 0), window, "Africa/Nairobi") == utc(2030, 1, 2, 7, 0)
+    assert quiet_until(SPAIN, utc(2030, 1, 2, 7, 30), window, "Africa/Nairobi") is None  # open in Madrid
+    assert quiet_until(SPAIN, utc(2030, 1, 2, 8, 30), window, "Africa/Nairobi") is None  # open in the Canaries
+    # An Australian mobile's eight zones: at 21:30 UTC three are between 08:00 and 09:00 (Adelaide, 08:00;
+    # Sydney and Lord Howe, 08:30), more than at any other moment of the day.
+    australia = quiet_until(AUSTRALIA, utc(2030, 1, 1, 12, 0), window, "Africa/Nairobi")
+    assert australia == utc(2030, 1, 1, 21, 30)
+
+
+def test_the_default_zone_serves_only_numbers_without_any(app):
+    no_zone = "+15555550100"
+    assert quiet_until(no_zone, utc(2030, 1, 1, 19, 0), NIGHT, "Africa/Nairobi") == utc(2030, 1, 2, 5, 0)
+    assert quiet_until(no_zone, utc(2030, 1, 1, 19, 0), NIGHT, "Europe/London") is None
+    assert quiet_until(SPAIN, utc(2030, 1, 2, 5, 30), NIGHT, "Europe/London") == utc(2030, 1, 2, 8, 0)
 
 
 @pytest.mark.parametrize(
@@ -171,26 +226,40 @@ def test_outside_the_window_it_sends(app, client, clock, night, work, send_log):
 
 
 def test_each_recipient_is_held_by_their_own_night(app, client, clock, night, redis_conn, work, send_log):
-    # 10:00 UTC: 13:00 in Nairobi, 05:00 in New York.
+    # 10:00 UTC: 13:00 in Nairobi, 05:00 in New York, 11:00 in Madrid and 10:00 in the Canaries.
     clock.current = utc(2030, 1, 1, 10, 0)
     kenyan = make_customer(phone="+254712000002")
     new_yorker = make_customer(phone="+12125551234")
-    toll_free = make_customer(phone="+18005551234")  # no one zone: DEFAULT_TIMEZONE (Nairobi)
+    spaniard = make_customer(phone=SPAIN)
+    toll_free = make_customer(phone="+18005551234")  # from Guam to Pago Pago: night somewhere
+    nowhere = make_customer(phone="+15555550100")  # no zone at all: DEFAULT_TIMEZONE (Nairobi)
     campaign = make_campaign()
-    send_to(client, campaign.id, [kenyan.id, new_yorker.id, toll_free.id])
+    send_to(client, campaign.id, [kenyan.id, new_yorker.id, spaniard.id, toll_free.id, nowhere.id])
     work()
     sent_to = {a["phone"] for a in read_send_log(send_log)}
-    assert sent_to == {kenyan.phone, toll_free.phone}
+    assert sent_to == {kenyan.phone, spaniard.phone, nowhere.phone}
     by_customer = {m.customer_id: m for m in messages(campaign.id)}
     assert by_customer[new_yorker.id].status == "pending"
     assert by_customer[new_yorker.id].not_before == utc(2030, 1, 1, 13, 0)  # 08:00 in New York
+    assert by_customer[toll_free.id].not_before == utc(2030, 1, 1, 22, 0)  # 08:00 in Guam, 19:00 in Pago Pago
 
-    app.config["DEFAULT_TIMEZONE"] = "America/Los_Angeles"  # 02:00 there: the toll-free number would wait
-    other = make_customer(phone="+18005550123")
+    app.config["DEFAULT_TIMEZONE"] = "America/Los_Angeles"  # 02:00 there: the number without a zone waits
+    other = make_customer(phone="+15555550123")
     send_to(client, campaign.id, [other.id])
     work()
     [held] = [m for m in messages(campaign.id) if m.customer_id == other.id]
     assert (held.status, held.not_before) == ("pending", utc(2030, 1, 1, 16, 0))
+
+
+def test_a_spanish_number_is_not_sent_at_dawn_in_the_canaries(app, client, clock, night, work, send_log):
+    clock.current = utc(2030, 1, 2, 5, 30)  # 06:30 in Madrid, 05:30 in the Canaries; 08:30 in Nairobi
+    customer = make_customer(phone=SPAIN)
+    campaign = make_campaign()
+    send_to(client, campaign.id, [customer.id])
+    work()
+    assert read_send_log(send_log) == []
+    [message] = messages(campaign.id)
+    assert (message.status, message.not_before) == ("pending", utc(2030, 1, 2, 8, 0))
 
 
 def test_a_window_within_the_afternoon(app, client, clock, work, send_log):

@@ -69,6 +69,7 @@ def loaded(**environ) -> dict:
         ("QUIET_HOURS", "20:00-20:00", "start and end differ"),
         ("DEFAULT_TIMEZONE", "Mars/Olympus", "IANA time zone"),
         ("DEFAULT_TIMEZONE", "../etc/passwd", "IANA time zone"),
+        ("SECRET_KEY", "short", "at least 32 characters"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_setting(name, value, says):

@@ -4,6 +4,8 @@ On PostgreSQL the database writes the CSV itself: one `COPY (SELECT ...) TO STDO
 pool held for the length of the stream, read block by block. One statement is one snapshot of the campaign,
 and the rows never become Python objects (over 50,000 rows a second; docs/benchmarks.md). On SQLite (local
 runs, the fast tests) the same SELECT is fetched in batches and formatted in Python to the same bytes.
+Text cells a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab, CR first) get a `'` before them,
+in the SELECT that both paths share; a phone (E.164) keeps its `+`.
 
 The campaign is looked up and the first chunk fetched before the response starts, so a bad request or a
 database that fails answers a JSON error like any other request. When the client goes away, the WSGI server
@@ -20,7 +22,7 @@ from collections.abc import Generator, Iterable, Iterator
 from datetime import datetime
 
 from flask import current_app
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, case, func, literal, literal_column, select
 from sqlalchemy.engine import Engine
 
 from app.campaigns.service import get_campaign
@@ -53,6 +55,11 @@ PG_TIMESTAMP_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
 CHUNK_BYTES = 64 * 1024
 # Rows fetched at a time on SQLite.
 BATCH_ROWS = 500
+# A cell that starts with one of these is a formula to a spreadsheet (Excel, LibreOffice, Google Sheets).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# The columns that hold text from outside the service (customers', providers'): the others are numbers,
+# timestamps and statuses the service writes.
+OUTSIDE_TEXT = frozenset({"phone", "error_code", "error", "provider_message_id"})
 # A field is quoted when it holds one of these, as PostgreSQL's CSV does.
 _NEEDS_QUOTES = re.compile('[,"\r\n]')
 _SET_LOCAL_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"
@@ -79,15 +86,18 @@ def campaign_csv(campaign_id: int, status: str | None = None) -> Iterable[bytes]
 
 
 def export_statement(campaign_id: int, status: str | None, timestamps_in_sql: bool) -> Select:
-    """The SELECT of `COLUMNS`, messages by id. With `timestamps_in_sql` (PostgreSQL) the timestamps come as
-    text already; otherwise as datetimes that `format_row` writes the same way."""
-    columns = [
-        _as_text(column) if timestamps_in_sql and isinstance(column.type, UTCDateTime) else column
-        for _, column in COLUMNS
-    ]
-    labeled = [column.label(name) for (name, _), column in zip(COLUMNS, columns, strict=True)]
+    """The SELECT of `COLUMNS`, messages by id, the cells that hold text from outside neutralised (`_inert`)
+    in the statement itself, so that both paths write them alike. With `timestamps_in_sql` (PostgreSQL) the
+    timestamps come as text already; otherwise as datetimes that `format_row` writes the same way."""
+    columns = []
+    for name, column in COLUMNS:
+        if name in OUTSIDE_TEXT:
+            column = _inert(column, keep_plus=name == "phone")
+        elif timestamps_in_sql and isinstance(column.type, UTCDateTime):
+            column = _as_text(column)
+        columns.append(column.label(name))
     stmt = (
-        select(*labeled)
+        select(*columns)
         .select_from(OutboundMessage)
         .outerjoin(Customer, Customer.id == OutboundMessage.customer_id)
         .where(OutboundMessage.campaign_id == campaign_id)
@@ -96,6 +106,15 @@ def export_statement(campaign_id: int, status: str | None, timestamps_in_sql: bo
     if status is not None:
         stmt = stmt.where(OutboundMessage.status == status)
     return stmt
+
+
+def _inert(column, keep_plus: bool = False):
+    """A text column as a cell no spreadsheet runs (OWASP's rule against CSV injection): a value that starts
+    with one of `FORMULA_STARTS` gets a `'` before it; with `keep_plus` (the phone, stored in E.164 by every
+    write) a leading `+` is kept. The starts are SQL constants: the COPY's statement carries no parameter
+    for them."""
+    starts = [literal_column(f"'{start}'") for start in FORMULA_STARTS if not (keep_plus and start == "+")]
+    return case((func.substr(column, 1, 1).in_(starts), literal("'") + column), else_=column)
 
 
 def _as_text(column):

@@ -11,6 +11,7 @@ here is one statement, safe when two arrive at once.
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Iterable
 
 from flask import current_app
@@ -76,14 +77,23 @@ def inbound_phone(raw: str) -> str | None:
         return None
 
 
+def keyword_form(text: str) -> str:
+    """`text` as keywords are compared: Unicode compatibility forms folded (NFKC: fullwidth `ＳＴＯＰ` is
+    `STOP`), format characters removed (category Cf: zero-width spaces and joiners, a byte order mark, soft
+    hyphens, bidirectional marks), trimmed and upper-cased."""
+    folded = unicodedata.normalize("NFKC", text)
+    return "".join(c for c in folded if unicodedata.category(c) != "Cf").strip().upper()
+
+
 def keyword_action(text: str | None) -> str | None:
-    """`"opt_out"` or `"opt_in"` when the message's trimmed text is one of the keywords (any case), else None."""
-    word = (text or "").strip().upper()
+    """`"opt_out"` or `"opt_in"` when the message's text, in `keyword_form`, is one of the keywords (any
+    case), else None."""
+    word = keyword_form(text or "")
     if not word:
         return None
-    if word in {k.upper() for k in current_app.config["OPT_OUT_KEYWORDS"]}:
+    if word in {keyword_form(k) for k in current_app.config["OPT_OUT_KEYWORDS"]}:
         return "opt_out"
-    if word in {k.upper() for k in current_app.config["OPT_IN_KEYWORDS"]}:
+    if word in {keyword_form(k) for k in current_app.config["OPT_IN_KEYWORDS"]}:
         return "opt_in"
     return None
 

@@ -5,23 +5,36 @@ provider's own proof instead (a signature, or Africa's Talking's `?token=`), che
 else. A wrong or missing one is a 403 in the error shape, logged, and changes nothing. Every receipt that
 passes is answered 2xx, whether it changed a message, repeated an earlier one, or names a message not
 recorded yet (kept: see `app.messaging.receipts`), so that providers do not retry it; so is every
-customer's message, a keyword or not, from a customer's number or not."""
+customer's message, a keyword or not, from a customer's number or not.
+
+Each item of a post (a receipt, a customer's message) stands alone. One that cannot be read (the
+providers' parsers raise `BadItem`), or that the database refuses when it is applied, is logged, counted
+in `/metrics` (`dispatch_webhook_invalid_items_total`) and answered as `invalid`; the others are applied,
+and the post is answered 2xx. Only a database that is unavailable fails a post (a 503)."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 
 from flask import current_app, request
 from marshmallow import Schema, fields
 from werkzeug.exceptions import UnsupportedMediaType
 
+from app import metrics
 from app.blueprint import NOT_JSON, Blueprint
 from app.customers import optouts
+from app.database import describe, is_unavailable
 from app.errors import AppError
+from app.extensions import db
 from app.messaging import receipts
 from app.messaging.providers import africastalking, twilio, whatsapp_cloud
+from app.messaging.providers.base import BadItem
 from app.models import Channel, OptOutSource
 from app.schemas import ErrorSchema
 
@@ -41,6 +54,10 @@ class ReceiptAnswerSchema(Schema):
         required=True, metadata={"description": "Receipts for a provider id no message has yet, kept."}
     )
     ignored = fields.Integer(required=True, metadata={"description": "Statuses that change nothing (`sent`, ...)."})
+    invalid = fields.Integer(
+        required=True,
+        metadata={"description": "Receipts that could not be read, or that the database refused: logged and counted."},
+    )
 
 
 class InboundAnswerSchema(Schema):
@@ -49,23 +66,88 @@ class InboundAnswerSchema(Schema):
     ignored = fields.Integer(
         required=True, metadata={"description": "Messages that are no keyword, or from a number no customer has."}
     )
+    invalid = fields.Integer(
+        required=True,
+        metadata={"description": "Messages that could not be read, or that the database refused: logged and counted."},
+    )
 
 
 class WhatsAppAnswerSchema(ReceiptAnswerSchema):
     inbound = fields.Nested(InboundAnswerSchema, required=True, metadata={"description": "The post's `messages[]`."})
 
 
-def _inbound(messages: list[tuple[str, str]], channel: str) -> dict:
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _read(provider: str, read: Callable[[T], R | None], items: Iterable[T]) -> tuple[list[R], int, int]:
+    """Each of a post's `items` read on its own: what `read` found, how many it ignored (None), and how many
+    it could not read (`BadItem`: logged once for the post, and counted by reason)."""
+    found: list[R] = []
+    ignored = 0
+    bad: Counter[tuple[str, str]] = Counter()
+    for item in items:
+        try:
+            result = read(item)
+        except BadItem as exc:
+            bad[(exc.field, exc.reason)] += 1
+            continue
+        if result is None:
+            ignored += 1
+        else:
+            found.append(result)
+    if bad:
+        refused = {f"{field}: {reason}": count for (field, reason), count in bad.items()}
+        log.warning("webhook items refused", extra={"provider": provider, "refused": refused})
+        metrics.count_invalid_webhook_items(provider, (reason for _, reason in bad.elements()))
+    return found, ignored, sum(bad.values())
+
+
+@contextmanager
+def _item(provider: str, counts: dict[str, int]) -> Iterator[None]:
+    """Apply one item: if the database refuses it (a value it cannot store, a constraint), roll it back, log
+    it and count it `invalid`, so that the post's other items still apply. A database that is unavailable
+    fails the post instead (a 503: the provider sends it again)."""
+    try:
+        yield
+    except Exception as exc:  # whatever one item does, the others of the post must apply
+        db.session.rollback()
+        if is_unavailable(exc):
+            raise
+        log.warning("webhook item refused by the database", extra={"provider": provider, "error": describe(exc)})
+        metrics.count_invalid_webhook_items(provider, ["database"])
+        counts["invalid"] += 1
+
+
+def _answer(provider: str, found: list[receipts.Receipt], ignored: int, invalid: int) -> dict:
+    """Apply a post's receipts, all in one transaction; if the database refuses one of them, each again on
+    its own, so that only that one is lost. Counts what became of them."""
+    counts = {"applied": 0, "unchanged": 0, "kept": 0, "ignored": ignored, "invalid": invalid}
+    if len(found) > 1:
+        try:
+            return {**counts, **receipts.record(found)}
+        except Exception as exc:  # one receipt the database refused: the others go one by one below
+            db.session.rollback()
+            if is_unavailable(exc):
+                raise
+    for receipt in found:
+        with _item(provider, counts):
+            for result, count in receipts.record([receipt]).items():
+                counts[result] = counts.get(result, 0) + count
+    return counts
+
+
+def _inbound(provider: str, messages: list[tuple[str, str]], channel: str, invalid: int = 0) -> dict:
     """Apply the keywords among `(from, text)` messages customers sent on `channel`, each committed."""
-    counts = {"opted_out": 0, "opted_in": 0, "ignored": 0}
+    counts = {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": invalid}
     for sender, text in messages:
         action = optouts.keyword_action(text)
-        if action is None or not optouts.apply_by_phone(
-            optouts.inbound_phone(sender), channel, action, OptOutSource.KEYWORD
-        ):
+        if action is None:
             counts["ignored"] += 1
-        else:
-            counts["opted_out" if action == "opt_out" else "opted_in"] += 1
+            continue
+        with _item(provider, counts):
+            found = optouts.apply_by_phone(optouts.inbound_phone(sender), channel, action, OptOutSource.KEYWORD)
+            counts["ignored" if not found else "opted_out" if action == "opt_out" else "opted_in"] += 1
     return counts
 
 
@@ -77,11 +159,6 @@ def _body(content_type: str, description: str) -> dict:
 def _refuse(provider: str, why: str) -> Forbidden:
     log.warning("webhook refused", extra={"provider": provider, "reason": why, "remote_addr": request.remote_addr})
     return Forbidden(f"{provider} webhook: {why}")
-
-
-def _answer(found: list[receipts.Receipt], seen: int) -> dict:
-    counts = receipts.record(found) if found else {"applied": 0, "unchanged": 0, "kept": 0}
-    return {**counts, "ignored": seen - len(found)}
 
 
 FORM = "application/x-www-form-urlencoded"
@@ -102,8 +179,8 @@ def _check_africastalking_token() -> None:
 def africastalking_delivery():
     """Delivery report from Africa's Talking"""
     _check_africastalking_token()
-    receipt = africastalking.receipt_from_form(request.form)
-    return _answer([receipt] if receipt else [], 1)
+    provider = africastalking.AfricasTalking.name
+    return _answer(provider, *_read(provider, africastalking.receipt_from_form, [request.form]))
 
 
 @bp.route("/africastalking/inbound", methods=["POST"])
@@ -113,7 +190,8 @@ def africastalking_delivery():
 def africastalking_inbound():
     """An incoming SMS from Africa's Talking: an opt-out or opt-in keyword changes the sender's sms opt-out"""
     _check_africastalking_token()
-    return _inbound([(request.form.get("from", ""), request.form.get("text", ""))], Channel.SMS)
+    message = (request.form.get("from", ""), request.form.get("text", ""))
+    return _inbound(africastalking.AfricasTalking.name, [message], Channel.SMS)
 
 
 @bp.route("/africastalking/opt-out", methods=["POST"])
@@ -125,9 +203,12 @@ def africastalking_inbound():
 def africastalking_opt_out():
     """Africa's Talking's opt-out notification: the number opted out of the sender id: opted out of sms"""
     _check_africastalking_token()
-    phone = optouts.inbound_phone(request.form.get("phoneNumber", ""))
-    found = optouts.apply_by_phone(phone, Channel.SMS, "opt_out", OptOutSource.PROVIDER)
-    return {"opted_out": int(found), "opted_in": 0, "ignored": int(not found)}
+    counts = {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0}
+    with _item(africastalking.AfricasTalking.name, counts):
+        phone = optouts.inbound_phone(request.form.get("phoneNumber", ""))
+        found = optouts.apply_by_phone(phone, Channel.SMS, "opt_out", OptOutSource.PROVIDER)
+        counts["opted_out" if found else "ignored"] += 1
+    return counts
 
 
 def _check_twilio_signature() -> None:
@@ -152,7 +233,8 @@ EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 def twilio_inbound():
     """An incoming SMS from Twilio: an opt-out or opt-in keyword changes the sender's sms opt-out"""
     _check_twilio_signature()
-    counts = _inbound([(request.form.get("From", ""), request.form.get("Body", ""))], Channel.SMS)
+    message = (request.form.get("From", ""), request.form.get("Body", ""))
+    counts = _inbound(twilio.Twilio.name, [message], Channel.SMS)
     log.info("twilio inbound message", extra=counts)
     return current_app.response_class(EMPTY_TWIML, mimetype="text/xml")
 
@@ -164,8 +246,7 @@ def twilio_inbound():
 def twilio_status():
     """Status callback from Twilio"""
     _check_twilio_signature()
-    receipt = twilio.receipt_from_form(request.form)
-    return _answer([receipt] if receipt else [], 1)
+    return _answer(twilio.Twilio.name, *_read(twilio.Twilio.name, twilio.receipt_from_form, [request.form]))
 
 
 def _public_url() -> str:
@@ -215,5 +296,7 @@ def whatsapp_statuses():
         payload = json.loads(body)
     except (ValueError, RecursionError):
         raise AppError("the body is not JSON") from None
-    answer = _answer(whatsapp_cloud.receipts_from_payload(payload), len(whatsapp_cloud.statuses(payload)))
-    return {**answer, "inbound": _inbound(whatsapp_cloud.inbound_texts(payload), Channel.WHATSAPP)}
+    provider = whatsapp_cloud.WhatsAppCloud.name
+    answer = _answer(provider, *_read(provider, whatsapp_cloud.receipt_from_status, whatsapp_cloud.statuses(payload)))
+    texts, _, invalid = _read(provider, whatsapp_cloud.inbound_text, whatsapp_cloud.messages(payload))
+    return {**answer, "inbound": _inbound(provider, texts, Channel.WHATSAPP, invalid)}

@@ -10,7 +10,14 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from app.messaging.providers.base import OutgoingMessage, SendResult
+from app.messaging.providers.base import (
+    MAX_CODE_LENGTH,
+    MAX_ID_LENGTH,
+    OutgoingMessage,
+    SendResult,
+    identifier,
+    optional_identifier,
+)
 from app.messaging.providers.http import http_client, json_or_none, post, unexpected
 from app.messaging.receipts import Receipt
 from app.models import ErrorClass, MessageStatus
@@ -130,20 +137,21 @@ RECEIPT_STATUSES = {
 
 
 def receipt_from_form(form: Mapping[str, str]) -> Receipt | None:
-    """The delivery report Africa's Talking posts (form `id`, `status`, `failureReason`, ...), or None
-    for a status that changes nothing (or a report without an id)."""
+    """The delivery report Africa's Talking posts (form `id`, `status`, `failureReason`, ...), or None for a
+    status that changes nothing. A report that cannot be read (no `id`, an `id` or `failureReason` longer
+    than its column or not printable text) raises `BadItem`."""
     status = RECEIPT_STATUSES.get(form.get("status", ""))
-    message_id = form.get("id", "")
-    if status is None or not message_id:
+    if status is None:
         return None
-    reason = form.get("failureReason") or None
-    error = f"Africa's Talking: {form['status']}" + (f": {reason}" if reason else "")
-    failed = status != MessageStatus.DELIVERED
+    message_id = identifier(form.get("id"), "id", MAX_ID_LENGTH)
+    if status == MessageStatus.DELIVERED:
+        return Receipt(AfricasTalking.name, message_id, status)
+    reason = optional_identifier(form.get("failureReason"), "failureReason", MAX_CODE_LENGTH)
     return Receipt(
         AfricasTalking.name,
         message_id,
         status,
-        error_code=reason if failed else None,
-        error=error if failed else None,
-        error_class=receipt_error_class(reason) if failed else None,
+        error_code=reason,
+        error=f"Africa's Talking: {form['status']}" + (f": {reason}" if reason else ""),
+        error_class=receipt_error_class(reason),
     )

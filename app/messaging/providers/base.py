@@ -1,9 +1,13 @@
-"""What every provider takes and answers: the message to send, and the result of one attempt."""
+"""What every provider takes and answers: the message to send, and the result of one attempt; and how the
+items of their webhook posts are read, each on its own."""
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from app.text import BIDI_CONTROLS
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,53 @@ class Provider(Protocol):
     def send(self, message: OutgoingMessage) -> SendResult:
         """Deliver `message`; a refusal is a `SendResult`, not an exception."""
         ...
+
+
+# --- what a provider's webhook posts: each item read on its own -----------------------------------------
+
+# How long an id and a code may be: their columns (a longer one can name no message, and cannot be kept).
+MAX_ID_LENGTH = 128  # outbound_messages.provider_message_id, delivery_receipts.provider_message_id
+MAX_CODE_LENGTH = 64  # outbound_messages.error_code, delivery_receipts.error_code
+# What a provider's words for people (an error's title) are cut to, as a send's error is.
+MAX_TEXT_LENGTH = 1000
+
+
+class BadItem(ValueError):
+    """One item of a webhook post (a receipt, a customer's message) that cannot be read; the rest of the post
+    can. `field` names the part at fault, `reason` says why: `missing`, `type` (not the JSON type it must
+    be), `too_long` (longer than its column) or `characters` (NUL or another control character, a lone
+    surrogate)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def identifier(value: object, field: str, limit: int) -> str:
+    """`value` as a provider's id or code: a string of 1 to `limit` printable characters. Anything else is a
+    `BadItem` naming `field`."""
+    if value is None or value == "":
+        raise BadItem(field, "missing")
+    if not isinstance(value, str):
+        raise BadItem(field, "type")
+    if len(value) > limit:
+        raise BadItem(field, "too_long")
+    if not value.isprintable():
+        raise BadItem(field, "characters")
+    return value
+
+
+def optional_identifier(value: object, field: str, limit: int) -> str | None:
+    """`identifier`, or None for an absent or empty value."""
+    return None if value is None or value == "" else identifier(value, field, limit)
+
+
+def free_text(value: object) -> str | None:
+    """Words a provider wrote for people (an error's title or details), as the service stores text: None
+    unless a string; control characters, bidirectional overrides and lone surrogates dropped (`app.text`);
+    cut to `MAX_TEXT_LENGTH`."""
+    if not isinstance(value, str):
+        return None
+    kept = "".join(c for c in value if unicodedata.category(c) not in ("Cc", "Cs") and c not in BIDI_CONTROLS)
+    return kept[:MAX_TEXT_LENGTH] or None

@@ -14,7 +14,14 @@ from dataclasses import replace
 
 from flask import Flask
 
-from app.messaging.providers.base import OutgoingMessage, SendResult
+from app.messaging.providers.base import (
+    MAX_CODE_LENGTH,
+    MAX_ID_LENGTH,
+    OutgoingMessage,
+    SendResult,
+    identifier,
+    optional_identifier,
+)
 from app.messaging.providers.http import http_client, json_or_none, post, retry_after, unexpected
 from app.messaging.receipts import Receipt
 from app.models import ErrorClass, MessageStatus
@@ -136,21 +143,22 @@ def signature(url: str, params: Iterable[tuple[str, str]], auth_token: str) -> s
 
 def receipt_from_form(form: Mapping[str, str]) -> Receipt | None:
     """The status callback Twilio posts (form `MessageSid`, `MessageStatus`, `ErrorCode`, ...), or None for
-    a status that changes nothing. Twilio adds parameters without notice: the others are ignored."""
+    a status that changes nothing. Twilio adds parameters without notice: the others are ignored. A callback
+    that cannot be read (no `MessageSid`, a `MessageSid` or a failure's `ErrorCode` longer than its column or
+    not printable text) raises `BadItem`."""
     twilio_status = form.get("MessageStatus", "")
     status = RECEIPT_STATUSES.get(twilio_status)
-    sid = form.get("MessageSid", "")
-    if status is None or not sid:
+    if status is None:
         return None
-    code = form.get("ErrorCode") or None
-    failed = status != MessageStatus.DELIVERED
-    error = f"Twilio: {twilio_status}" + (f" ({code})" if code else "") if failed else None
+    sid = identifier(form.get("MessageSid"), "MessageSid", MAX_ID_LENGTH)
+    if status == MessageStatus.DELIVERED:
+        return Receipt(Twilio.name, sid, status, read=twilio_status == "read")
+    code = optional_identifier(form.get("ErrorCode"), "ErrorCode", MAX_CODE_LENGTH)
     return Receipt(
         Twilio.name,
         sid,
         status,
-        read=twilio_status == "read",
-        error_code=code if failed else None,
-        error=error,
-        error_class=receipt_error_class(code) if failed else None,
+        error_code=code,
+        error=f"Twilio: {twilio_status}" + (f" ({code})" if code else ""),
+        error_class=receipt_error_class(code),
     )

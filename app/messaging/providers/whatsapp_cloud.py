@@ -13,7 +13,17 @@ import hmac
 
 from flask import Flask
 
-from app.messaging.providers.base import OutgoingMessage, SendResult
+from app.messaging.providers.base import (
+    MAX_CODE_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_TEXT_LENGTH,
+    BadItem,
+    OutgoingMessage,
+    SendResult,
+    free_text,
+    identifier,
+    optional_identifier,
+)
 from app.messaging.providers.http import http_client, json_or_none, post, retry_after, unexpected
 from app.messaging.receipts import Receipt
 from app.models import ErrorClass, MessageStatus
@@ -128,72 +138,84 @@ def signature(body: bytes, app_secret: str) -> str:
     return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def receipts_from_payload(payload: object) -> list[Receipt]:
-    """The statuses of a webhook post (`entry[].changes[].value.statuses[]`: `id`, `status`, `errors[]`);
-    one post may carry many. Anything else in it (inbound messages, other fields) is left alone."""
-    found = []
-    for status in statuses(payload):
-        message_status = RECEIPT_STATUSES.get(status.get("status"))
-        wamid = status.get("id")
-        if message_status is None or not isinstance(wamid, str) or not wamid:
-            continue
-        error = code = None
-        errors = status.get("errors")
-        if (
-            message_status == MessageStatus.FAILED
-            and isinstance(errors, list)
-            and errors
-            and isinstance(errors[0], dict)
-        ):
-            first = errors[0]
-            code = str(first.get("code")) if first.get("code") is not None else None
-            details = (
-                (first.get("error_data") or {}).get("details") if isinstance(first.get("error_data"), dict) else None
-            )
-            error = f"WhatsApp {code}: {first.get('title') or first.get('message') or 'failed'}" + (
-                f" ({details})" if details else ""
-            )
-        elif message_status == MessageStatus.FAILED:
-            error = "WhatsApp: failed"
-        found.append(
-            Receipt(
-                WhatsAppCloud.name,
-                wamid,
-                message_status,
-                read=status.get("status") == "read",
-                error_code=code,
-                error=error,
-                error_class=receipt_error_class(code) if message_status == MessageStatus.FAILED else None,
-            )
-        )
-    return found
+def receipt_from_status(status: object) -> Receipt | None:
+    """The receipt of one status of a webhook post (`id`, `status`, `errors[]`), or None for a status that
+    changes nothing (`sent`, or one this service does not know). A status that cannot be read (not an
+    object; an `id` or `status` missing or not a string; an `id` or a failure's error code longer than its
+    column or not printable text) raises `BadItem`."""
+    if not isinstance(status, dict):
+        raise BadItem("status", "type")
+    name = status.get("status")
+    if name is None or name == "":
+        raise BadItem("status.status", "missing")
+    if not isinstance(name, str):
+        raise BadItem("status.status", "type")
+    message_status = RECEIPT_STATUSES.get(name)
+    if message_status is None:
+        return None
+    wamid = identifier(status.get("id"), "status.id", MAX_ID_LENGTH)
+    if message_status != MessageStatus.FAILED:
+        return Receipt(WhatsAppCloud.name, wamid, message_status, read=name == "read")
+    code, error = None, "WhatsApp: failed"
+    errors = status.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        first = errors[0]
+        code = first.get("code")
+        code = str(code) if isinstance(code, int) and not isinstance(code, bool) else code  # Meta's are numbers
+        code = optional_identifier(code, "status.errors.code", MAX_CODE_LENGTH)
+        data = first.get("error_data")
+        details = free_text(data.get("details")) if isinstance(data, dict) else None
+        title = free_text(first.get("title")) or free_text(first.get("message")) or "failed"
+        error = f"WhatsApp {code}: {title}" + (f" ({details})" if details else "")
+    return Receipt(
+        WhatsAppCloud.name,
+        wamid,
+        message_status,
+        error_code=code,
+        error=error[:MAX_TEXT_LENGTH],
+        error_class=receipt_error_class(code),
+    )
 
 
-def _items(payload: object, key: str) -> list[dict]:
-    """Every object under `value.<key>` of a webhook post, whatever else it holds (tolerant of missing parts)."""
-    found: list[dict] = []
+def _items(payload: object, key: str) -> list[object]:
+    """Every item under `value.<key>` of a webhook post, whatever else it holds (tolerant of missing parts)."""
+    found: list[object] = []
     entries = payload.get("entry") if isinstance(payload, dict) else None
     for entry in entries if isinstance(entries, list) else []:
         changes = entry.get("changes") if isinstance(entry, dict) else None
         for change in changes if isinstance(changes, list) else []:
             value = change.get("value") if isinstance(change, dict) else None
             items = value.get(key) if isinstance(value, dict) else None
-            found.extend(item for item in (items if isinstance(items, list) else []) if isinstance(item, dict))
+            found.extend(items if isinstance(items, list) else [])
     return found
 
 
-def statuses(payload: object) -> list[dict]:
-    """Every status object of a webhook post (delivery receipts)."""
+def statuses(payload: object) -> list[object]:
+    """Every status of a webhook post (delivery receipts), each read by `receipt_from_status`."""
     return _items(payload, "statuses")
 
 
-def inbound_texts(payload: object) -> list[tuple[str, str]]:
-    """`(from, text)` of every text message a customer sent us in a webhook post (`messages[]`, type
-    `text`; `from` is the number without `+`). Other types (images, buttons, ...) carry no keyword."""
-    texts = []
-    for message in _items(payload, "messages"):
-        sender, text = message.get("from"), message.get("text")
-        body = text.get("body") if isinstance(text, dict) else None
-        if isinstance(sender, str) and isinstance(body, str):
-            texts.append((sender, body))
-    return texts
+def messages(payload: object) -> list[object]:
+    """Every message customers sent in a webhook post, each read by `inbound_text`."""
+    return _items(payload, "messages")
+
+
+def inbound_text(message: object) -> tuple[str, str] | None:
+    """`(from, text)` of a text message a customer sent us (`from` is the number without `+`), or None for
+    another type (an image, a button, ...), which carries no keyword. A message that cannot be read (not
+    an object; a `text` that is not an object; a `from` or `text.body` that is not a string) raises
+    `BadItem`."""
+    if not isinstance(message, dict):
+        raise BadItem("message", "type")
+    text = message.get("text")
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise BadItem("message.text", "type")
+    sender, body = message.get("from"), text.get("body")
+    for field, value in (("message.from", sender), ("message.text.body", body)):
+        if value is None:
+            raise BadItem(field, "missing")
+        if not isinstance(value, str):
+            raise BadItem(field, "type")
+    return sender, body
