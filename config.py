@@ -348,9 +348,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKER_DATABASE_POOL_SIZE", "8", "the most PostgreSQL connections a `worker` process opens, "
             "whatever its `WORKER_CONCURRENCY`: a send holds one only for its claim and its record, never across "
             "the provider call (the connection budget: docs/architecture.md)", integer(1, 1000)),
-    Setting("DATABASE_PREPARED_STATEMENTS", "true", "whether the send job uses server-side prepared statements "
-            "(and psycopg prepares frequent ones); `false` behind PgBouncer in transaction mode before 1.21",
-            boolean),
+    Setting("DATABASE_PGBOUNCER", "false", "`true` when `DATABASE_URL` is a PgBouncer in transaction mode: no "
+            "server-side prepared statement and no startup option is used (set the statement timeout on the "
+            "database role instead: docs/architecture.md#the-connection-budget)", boolean),
     Setting("DATABASE_RETRY_AFTER", "5", "the `Retry-After` of a `503` for an unavailable database, in seconds",
             integer(1, 3600)),
     Setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for RQ, rq-scheduler and the rate limiter "

@@ -1,30 +1,12 @@
 """Structured logs: one JSON object a line, with the request id in the API and the job, campaign and
 message ids in the worker."""
 
-import io
 import json
-import logging
 
 import pytest
 
 from app.customers import service as customer_service
-from app.logs import JsonFormatter
 from tests.factories import make_campaign, make_customers
-
-
-@pytest.fixture
-def log_lines():
-    """JSON lines logged at INFO and above while the test runs, as the service formats them."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def test_request_logs_carry_the_request_id(client, monkeypatch, log_lines):

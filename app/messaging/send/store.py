@@ -228,11 +228,12 @@ def _sql(name: str, statement, params: dict) -> tuple[str, dict]:
 
 
 class PipelineStore(_ClosedOnExit):
-    """Raw psycopg in pipeline mode, one round trip per transaction. Server-side prepared statements
-    unless `DATABASE_PREPARED_STATEMENTS` is off (PgBouncer in transaction mode before 1.21)."""
+    """Raw psycopg in pipeline mode, one round trip per transaction. Its statements are prepared on the
+    server, but behind PgBouncer in transaction mode (`DATABASE_PGBOUNCER`), where a transaction's next one
+    may run on another server connection."""
 
     def __init__(self) -> None:
-        self._prepare = current_app.config["DATABASE_PREPARED_STATEMENTS"] or None
+        self._prepare = not current_app.config["DATABASE_PGBOUNCER"]
         self._pooled = db.engine.raw_connection()
         self._conn = self._pooled.driver_connection
         self._cursor = self._conn.cursor(row_factory=dict_row)
