@@ -364,7 +364,8 @@ SETTINGS: tuple[Setting, ...] = (
             "`flask up`'s embedded Redis, API key and lock", lambda raw: INSTANCE_PATH),
     # Queues and the worker
     Setting("SEND_QUEUE", "campaign_sends", "the queue of send jobs, one per message", queue_name),
-    Setting("CONTROL_QUEUE", "campaign_control", "the queue of fan-out, dispatch and reconcile jobs", queue_name),
+    Setting("CONTROL_QUEUE", "campaign_control", "the queue of campaign-level jobs: dispatch, refill, cancel, "
+            "reconcile, imports", queue_name),
     Setting("QUEUES", "CONTROL_QUEUE,SEND_QUEUE", "queues a worker listens on, in priority order", queue_names),
     Setting("RETRY_INTERVALS", "10,30,60", "seconds before the 1st, 2nd, 3rd retry of a failed send; the worker "
             "that runs the failed attempt decides, from its own setting", seconds_list),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.messaging.lifecycle import CAMPAIGN_TRANSITIONS, MESSAGE_TRANSITIONS
+from app.messaging.lifecycle import CAMPAIGN_TRANSITIONS, IMPORT_TRANSITIONS, MESSAGE_TRANSITIONS
 from app.openapi import SWAGGER_UI_DIST
 from config import settings_markdown
 
@@ -275,8 +275,12 @@ def documented_transitions(heading: str) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize(
     ("heading", "table"),
-    [("### Campaign statuses", CAMPAIGN_TRANSITIONS), ("### Message statuses", MESSAGE_TRANSITIONS)],
-    ids=["campaign", "message"],
+    [
+        ("### Campaign statuses", CAMPAIGN_TRANSITIONS),
+        ("### Message statuses", MESSAGE_TRANSITIONS),
+        ("### Import statuses", IMPORT_TRANSITIONS),
+    ],
+    ids=["campaign", "message", "import"],
 )
 def test_architecture_doc_shows_the_lifecycle_tables_of_the_code(heading, table):
     assert documented_transitions(heading) == {status: set(targets) for status, targets in table.items()}, (
