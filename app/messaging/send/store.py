@@ -5,15 +5,17 @@ sending), loading what it renders from in the same statement, and commits. It th
 back to the pool: nothing is held while it waits for its throughput slot or for the provider. It ends the
 claim by recording what came of it (`lifecycle.RECORD`, naming the claim), commits, and reads what is left
 to do: its campaign's window (`lifecycle.WINDOW_STATE`) and any receipt that came before its record. On
-PostgreSQL each of those is one round trip (psycopg's pipeline mode); elsewhere (SQLite) the same
-statements run through the session. A store is a context manager: leaving it ends its transaction and
-gives its connection back.
+PostgreSQL each statement is its own transaction (autocommit: no BEGIN or COMMIT to send), three round
+trips in all; elsewhere (SQLite) the same statements run through the session. A store is a context
+manager: leaving it ends its transaction and gives its connection back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, Self
@@ -82,6 +84,14 @@ WAITING_RECEIPT = (
     )
     .limit(1)
 )
+
+
+_STATE = WINDOW_STATE.subquery()
+# What a send reads after its record: its campaign's window, and whether a receipt came for the provider id
+# it just recorded (a fast provider beats the record). One statement; no receipt when it recorded no id.
+AFTER_RECORD = select(
+    _STATE.c.in_window, _STATE.c.pending, WAITING_RECEIPT.exists().label("receipt_waiting")
+).select_from(_STATE)
 
 
 @dataclass(frozen=True)
@@ -206,10 +216,9 @@ class SessionStore(_ClosedOnExit):
     def record(self, params: dict) -> Recorded:
         recorded = db.session.connection().execute(RECORD, params).rowcount == 1
         db.session.commit()
-        state = db.session.connection().execute(WINDOW_STATE, params).one()
-        waiting = params["provider_message_id"] is not None and db.session.scalar(WAITING_RECEIPT, params) is not None
+        state = db.session.connection().execute(AFTER_RECORD, params).one()
         db.session.commit()
-        return Recorded(recorded, state.in_window, bool(state.pending), waiting)
+        return Recorded(recorded, state.in_window, bool(state.pending), bool(state.receipt_waiting))
 
     def close(self) -> None:
         db.session.rollback()
@@ -228,7 +237,9 @@ def _sql(name: str, statement, params: dict) -> tuple[str, dict]:
 
 
 class PipelineStore(_ClosedOnExit):
-    """Raw psycopg in pipeline mode, one round trip per transaction. Its statements are prepared on the
+    """Raw psycopg, each statement committing by itself. (psycopg's pipeline mode would save the record's
+    second round trip, but its wait for results cost the worker more CPU than the round trip it saved.)
+    Its statements are prepared on the
     server, but behind PgBouncer in transaction mode (`DATABASE_PGBOUNCER`), where a transaction's next one
     may run on another server connection."""
 
@@ -239,39 +250,37 @@ class PipelineStore(_ClosedOnExit):
         self._cursor = self._conn.cursor(row_factory=dict_row)
 
     def claim(self, params: dict) -> dict | None:
-        with self._conn.pipeline():
+        with self._autocommit():  # one statement: its own transaction, no BEGIN or COMMIT to send
             self._cursor.execute(*_sql("claim", CLAIM_AND_LOAD, params), prepare=self._prepare)
-            self._conn.commit()
-        return self._cursor.fetchone()
+            return self._cursor.fetchone()
 
     def campaign_status(self, campaign_id: int) -> str | None:
-        with self._conn.pipeline():
+        with self._autocommit():
             self._cursor.execute(
                 *_sql("campaign", CAMPAIGN_STATUS, {"campaign_id": campaign_id}), prepare=self._prepare
             )
-            self._conn.commit()
-        row = self._cursor.fetchone()
+            row = self._cursor.fetchone()
         return None if row is None else row["status"]
 
+    @contextlib.contextmanager
+    def _autocommit(self) -> Iterator[None]:
+        """The block's statements each commit by themselves; the pooled connection goes back as it came."""
+        self._conn.autocommit = True
+        try:
+            yield
+        finally:
+            if not self._conn.closed:
+                self._conn.autocommit = False
+
     def record(self, params: dict) -> Recorded:
-        receipts = params["provider_message_id"] is not None
-        with self._conn.pipeline():
-            recorded = self._conn.cursor()
-            recorded.execute(*_sql("record", RECORD, params), prepare=self._prepare)
-            self._conn.commit()
-            # Runs after the commit above, on the server, in order: it sees every commit before it.
-            self._cursor.execute(*_sql("window", WINDOW_STATE, params), prepare=self._prepare)
-            if receipts:  # in the same round trip: a receipt that came before this commit
-                waiting = self._conn.cursor()
-                waiting.execute(*_sql("receipt", WAITING_RECEIPT, params), prepare=self._prepare)
-            self._conn.commit()
-        state = self._cursor.fetchone()
-        return Recorded(
-            recorded.rowcount == 1,
-            state["in_window"],
-            bool(state["pending"]),
-            receipts and waiting.fetchone() is not None,
-        )
+        with self._autocommit():
+            self._cursor.execute(*_sql("record", RECORD, params), prepare=self._prepare)
+            recorded = self._cursor.rowcount == 1
+            # After the record's commit: it sees every commit before it (two sends ending a campaign's last
+            # messages at once: the later one sees both).
+            self._cursor.execute(*_sql("after", AFTER_RECORD, params), prepare=self._prepare)
+            state = self._cursor.fetchone()
+        return Recorded(recorded, state["in_window"], state["pending"], state["receipt_waiting"])
 
     def close(self) -> None:
         if self._pooled is None:
