@@ -163,6 +163,16 @@ def whatsapp_version(raw: str) -> str:
     return raw
 
 
+def boolean(raw: str) -> bool:
+    """`true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`, any case)."""
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def optional(raw: str) -> str | None:
     return raw or None
 
@@ -332,9 +342,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("EXPORT_STATEMENT_TIMEOUT", "600", "seconds a campaign's CSV export (`GET /campaigns/{id}/messages.csv`) "
             "may run on PostgreSQL, the time its client takes to read it included (its one `COPY` statement's "
             "`statement_timeout`, and its round trips' deadline 1 s longer); 0: no limit", number(0, 86400)),
-    Setting("DATABASE_POOL_SIZE", "24", "PostgreSQL connections each process keeps for reuse (5 more are opened "
-            "for a burst and closed after it); at least `WEB_THREADS` and `WORKER_CONCURRENCY`, so that no request "
-            "or send opens and closes a connection of its own", integer(1, 1000)),
+    Setting("DATABASE_POOL_SIZE", "16", "PostgreSQL connections each `web` process (and each CLI command) keeps "
+            "for reuse (5 more are opened for a burst and closed after it); at least `WEB_THREADS`, so that no "
+            "request opens and closes a connection of its own", integer(1, 1000)),
+    Setting("WORKER_DATABASE_POOL_SIZE", "8", "the most PostgreSQL connections a `worker` process opens, "
+            "whatever its `WORKER_CONCURRENCY`: a send holds one only for its claim and its record, never across "
+            "the provider call (the connection budget: docs/architecture.md)", integer(1, 1000)),
+    Setting("DATABASE_PGBOUNCER", "false", "`true` when `DATABASE_URL` is a PgBouncer in transaction mode: no "
+            "server-side prepared statement and no startup option is used (set the statement timeout on the "
+            "database role instead: docs/architecture.md#the-connection-budget)", boolean),
     Setting("DATABASE_RETRY_AFTER", "5", "the `Retry-After` of a `503` for an unavailable database, in seconds",
             integer(1, 3600)),
     Setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for RQ, rq-scheduler and the rate limiter "
@@ -348,7 +364,8 @@ SETTINGS: tuple[Setting, ...] = (
             "`flask up`'s embedded Redis, API key and lock", lambda raw: INSTANCE_PATH),
     # Queues and the worker
     Setting("SEND_QUEUE", "campaign_sends", "the queue of send jobs, one per message", queue_name),
-    Setting("CONTROL_QUEUE", "campaign_control", "the queue of fan-out, dispatch and reconcile jobs", queue_name),
+    Setting("CONTROL_QUEUE", "campaign_control", "the queue of campaign-level jobs: dispatch, refill, cancel, "
+            "reconcile, imports", queue_name),
     Setting("QUEUES", "CONTROL_QUEUE,SEND_QUEUE", "queues a worker listens on, in priority order", queue_names),
     Setting("RETRY_INTERVALS", "10,30,60", "seconds before the 1st, 2nd, 3rd retry of a failed send; the worker "
             "that runs the failed attempt decides, from its own setting", seconds_list),
@@ -357,11 +374,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("JOB_RESULT_TTL", "10", "seconds a finished send job stays in Redis (the row is the record)",
             integer(0)),
     Setting("RECORD_RETRY_WINDOW", "20", "seconds a send job keeps trying to record an attempt while the database "
-            "is unavailable (at most half of `JOB_TIMEOUT`); a longer outage leaves the message to the reconciler, "
-            "which sends it again", number(0, 3600)),
+            "is unavailable (at most half of `JOB_TIMEOUT`); after a longer outage its claim's lease runs out and "
+            "the reconciler sends it again", number(0, 3600)),
     Setting("ENQUEUE_BATCH_SIZE", "1000", "jobs per pipelined `enqueue_many`", integer(1)),
-    Setting("ENQUEUE_INLINE_LIMIT", "1000", "above this many new rows, `/send` hands enqueueing to a fan-out job",
-            integer(0)),
+    Setting("SEND_WINDOW", "500", "send jobs a sending campaign has in Redis at most (queued or running): Redis "
+            "holds the windows, not the audiences; a `high` priority campaign's window is twice this, a `low` one's "
+            "half. Keep it above the workers' total `WORKER_CONCURRENCY` (docs/operations.md)", integer(1, 100000)),
     # Sending
     Setting("MAX_SEND_IDS", "10000", "most `customer_ids` in one send; use an audience beyond", integer(1)),
     Setting("SMS_SEGMENT_PRICE", "", "what one SMS segment costs (a decimal number, e.g. `0.8`), for the `cost` "
@@ -384,8 +402,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OPT_IN_KEYWORDS", "START,UNSTOP", "comma-separated words that opt a customer back in to the "
             "channel they send them on; none may be an opt-out keyword", keywords),
     Setting("PROVIDER_CONNECT_TIMEOUT", "5", "seconds to connect to a provider's API", number(0.1, 60)),
-    Setting("PROVIDER_READ_TIMEOUT", "15", "seconds to wait for a provider's answer; past it the attempt is a "
-            "transient failure (the provider may have taken it: see docs/providers.md)", number(0.1, 120)),
+    Setting("PROVIDER_READ_TIMEOUT", "15", "seconds to wait for a provider's answer; past it the attempt's "
+            "outcome is unknown (the provider may have taken it: see docs/providers.md)", number(0.1, 120)),
+    Setting("RETRY_UNKNOWN", "false", "whether an attempt whose outcome is unknown (no answer after the request "
+            "went out) is retried like a transient failure: `true` prefers a possible duplicate to a possible "
+            "miss", boolean),
     Setting("PROVIDER_MAX_CONNECTIONS", "24", "connections a process keeps open to each provider; at least "
             "`WORKER_CONCURRENCY`, so that no send waits for a connection after it took its slot at the provider",
             integer(1)),
@@ -437,10 +458,10 @@ SETTINGS: tuple[Setting, ...] = (
     # Scheduling and self-healing
     Setting("SCHEDULER_INTERVAL", "5", "seconds between rq-scheduler's checks", number(0.1)),
     Setting("RECONCILE_INTERVAL", "60", "seconds between reconciler runs", integer(1)),
-    Setting("STALE_AFTER", "300", "seconds a pending message may go untouched before the reconciler re-enqueues "
-            "it", integer(1)),
-    Setting("WORKER_CONCURRENCY", "24", "jobs a `worker` process runs at once, each in a thread with its own "
-            "PostgreSQL connection while it sends (a send mostly waits for the provider); 1 with SQLite",
+    Setting("STALE_AFTER", "300", "seconds a queued message may go untouched before the reconciler looks for its "
+            "job in Redis (and puts it back in line when Redis lost it)", integer(1)),
+    Setting("WORKER_CONCURRENCY", "24", "jobs a `worker` process runs at once, each in a thread (a send mostly "
+            "waits for the provider; its connections come from `WORKER_DATABASE_POOL_SIZE`); 1 with SQLite",
             integer(1, 256)),
     Setting("WORKER_HEARTBEAT_INTERVAL", "10", "seconds an idle worker waits for a job before it heartbeats "
             "again; `/health` stops counting a worker whose heartbeat is this (or its job's timeout) plus 5 s "
@@ -448,7 +469,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("STATS_FOLD_INTERVAL", "1", "seconds between the moves of the message count changes into each "
             "campaign's kept counts (PostgreSQL), done by one worker at a time; the stats are exact either way, "
             "this bounds what a read of them sums", number(0.05, 3600)),
-    Setting("RECONCILE_BATCH_SIZE", "5000", "rows per batch in the reconciler and fan-out", integer(1)),
+    Setting("RECONCILE_BATCH_SIZE", "5000", "rows per batch in the reconciler", integer(1)),
     # The API
     Setting("SECRET_KEY", "", "the key that signs what the service hands out and must recognise again "
             "(pagination cursors; changing it makes cursors already handed out a `422`); at least 32 characters; "
@@ -543,12 +564,11 @@ def check_settings(config: Mapping[str, object]) -> None:
             f"PROVIDER_MAX_CONNECTIONS: {config['PROVIDER_MAX_CONNECTIONS']} is below WORKER_CONCURRENCY "
             f"({config['WORKER_CONCURRENCY']}): a send would wait for a connection"
         )
-    for threads in ("WEB_THREADS", "WORKER_CONCURRENCY"):
-        if config["DATABASE_POOL_SIZE"] < config[threads]:
-            raise SettingsError(
-                f"DATABASE_POOL_SIZE: {config['DATABASE_POOL_SIZE']} is below {threads} ({config[threads]}): "
-                "each thread holds a connection while it serves a request or sends a message"
-            )
+    if config["DATABASE_POOL_SIZE"] < config["WEB_THREADS"]:
+        raise SettingsError(
+            f"DATABASE_POOL_SIZE: {config['DATABASE_POOL_SIZE']} is below WEB_THREADS ({config['WEB_THREADS']}): "
+            "each thread holds a connection while it serves a request"
+        )
     for name, other in (("SMS_SEGMENT_PRICE", "CURRENCY"), ("CURRENCY", "SMS_SEGMENT_PRICE")):
         if config.get(name) is not None and config.get(other) is None:
             raise SettingsError(f"{other}: required when {name} is set (an estimate's cost needs both)")

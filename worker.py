@@ -58,8 +58,9 @@ def main() -> None:
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     args = parser.parse_args()
     try:
-        # No pre-ping round trip per job: a dropped connection fails one attempt, and RQ retries it.
-        app = create_app(overrides={"SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": False}})
+        # Its own connection budget (WORKER_DATABASE_POOL_SIZE), and no pre-ping round trip per job: a
+        # dropped connection fails one attempt, and RQ retries it.
+        app = create_app(overrides={"WORKER_PROCESS": True, "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": False}})
     except SettingsError as exc:
         sys.exit(f"configuration error: {exc}")
     run(app, args.burst)

@@ -31,6 +31,9 @@ class App(Flask):
 
 # Connections a process may open beyond DATABASE_POOL_SIZE in a burst, closed when returned.
 POOL_OVERFLOW = 5
+# Seconds a worker's thread waits for one of its process's WORKER_DATABASE_POOL_SIZE connections: a
+# longer wait means the database, not the pool, is what holds it up (counted as the database unavailable).
+WORKER_POOL_TIMEOUT = 10
 
 
 def create_app(config: object | str = "config.Config", overrides: dict | None = None) -> Flask:
@@ -53,11 +56,13 @@ def create_app(config: object | str = "config.Config", overrides: dict | None = 
 
 def register_extensions(app: Flask) -> None:
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
-        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
-            **app.config["SQLALCHEMY_ENGINE_OPTIONS"],
-            "pool_size": app.config["DATABASE_POOL_SIZE"],
-            "max_overflow": POOL_OVERFLOW,
-        }
+        if app.config.get("WORKER_PROCESS"):
+            # A fixed budget whatever the concurrency: sends hold a connection only for their short transactions.
+            pool = {"pool_size": app.config["WORKER_DATABASE_POOL_SIZE"], "max_overflow": 0}
+            pool["pool_timeout"] = WORKER_POOL_TIMEOUT
+        else:
+            pool = {"pool_size": app.config["DATABASE_POOL_SIZE"], "max_overflow": POOL_OVERFLOW}
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {**app.config["SQLALCHEMY_ENGINE_OPTIONS"], **pool}
     db.init_app(app)
     database.init_app(app)
     migrate.init_app(app, db, directory=str(app.config.get("MIGRATIONS_DIR", "migrations")))

@@ -29,7 +29,7 @@ customers = AppGroup("customers", help="Customer operations.")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def import_customers_command(path: str) -> None:
     """Create or update customers from a CSV file (phone,first_name,last_name,location,preferred_product)."""
-    from app.customers.importer import import_customers
+    from app.customers.csv_import import import_customers
 
     size = os.path.getsize(path)
     with open(path, "rb") as binary, click.progressbar(length=size, label="importing", show_pos=False) as bar:

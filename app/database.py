@@ -79,17 +79,22 @@ def _limits_apply() -> bool:
     return ctx is None or ctx.info_name in SERVICE_COMMANDS
 
 
-def _connect(connect_timeout: int, statement_timeout: float, dialect, conn_rec, cargs, cparams):
-    """SQLAlchemy's `do_connect`: open a `DeadlineConnection` with the connect and statement timeouts."""
+def _connect(connect_timeout: int, statement_timeout: float, pgbouncer: bool, dialect, conn_rec, cargs, cparams):
+    """SQLAlchemy's `do_connect`: open a `DeadlineConnection` with the connect and statement timeouts.
+    Behind PgBouncer in transaction mode (`pgbouncer`) a transaction's next one may run on another server
+    connection: no statement is prepared on the server, and the statement timeout is the database role's
+    (PgBouncer refuses startup options), the client's deadline following this process's setting."""
     if connect_timeout:
         cparams.setdefault("connect_timeout", connect_timeout)
     limited = statement_timeout if statement_timeout and _limits_apply() else None
-    if limited:
+    if limited and not pgbouncer:
         # A startup option: no extra round trip per connection.
         option = f"-c statement_timeout={round(limited * 1000)}"
         cparams["options"] = f"{cparams['options']} {option}" if cparams.get("options") else option
     connection = DeadlineConnection.connect(*cargs, **cparams)
     connection.deadline = limited + DEADLINE_MARGIN if limited else None
+    if pgbouncer:
+        connection.prepare_threshold = None
     return connection
 
 
@@ -102,7 +107,12 @@ def init_app(app: Flask) -> None:
     if engine.dialect.driver != "psycopg":
         return
     config = app.config
-    listener = partial(_connect, config["DATABASE_CONNECT_TIMEOUT"], config["DATABASE_STATEMENT_TIMEOUT"])
+    listener = partial(
+        _connect,
+        config["DATABASE_CONNECT_TIMEOUT"],
+        config["DATABASE_STATEMENT_TIMEOUT"],
+        config["DATABASE_PGBOUNCER"],
+    )
     event.listen(engine, "do_connect", listener)
     if config["DATABASE_CONNECT_TIMEOUT"]:
         _bound_ping(engine, config["DATABASE_CONNECT_TIMEOUT"])

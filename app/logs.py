@@ -154,14 +154,45 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_scrubbed(entry, secrets), default=lambda value: redact(str(value), secrets))
 
 
+# RQ's lines about each job (taken, done, its result kept, its retry scheduled): four a message, beside the
+# service's own line about its outcome. Kept at DEBUG only.
+_PER_JOB_LINES = (
+    "Worker %s: %s: %s",
+    "Successfully completed",
+    "Worker %s: job %s result",
+    "Job %s: scheduled for retry",
+    "Job %s: enqueued for retry",
+)
+
+
+class PerJobLines(logging.Filter):
+    """Drops RQ's INFO lines about each job (`_PER_JOB_LINES`); its other lines (a worker starting,
+    stopping, cleaning its registries) and every warning pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno != logging.INFO or not str(record.msg).startswith(_PER_JOB_LINES)
+
+
 def configure_logging(app: Flask) -> None:
-    """JSON lines on stderr, at `LOG_LEVEL`; every response carries its `X-Request-ID`."""
+    """JSON lines on stderr, at `LOG_LEVEL`; every response carries its `X-Request-ID`. Below DEBUG, the
+    libraries' lines about each job and each request to a provider (RQ's, httpx's) are left out: one line
+    per message's outcome is the service's own."""
     root = logging.getLogger()
     if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
         root.handlers = [handler]
-    root.setLevel(app.config["LOG_LEVEL"])
+    level = app.config["LOG_LEVEL"]
+    root.setLevel(level)
+    debug = logging.getLevelName(level) == logging.DEBUG or level == "DEBUG"
+    for name in ("rq.worker", "rq.job"):
+        logger = logging.getLogger(name)
+        for existing in [f for f in logger.filters if isinstance(f, PerJobLines)]:
+            logger.removeFilter(existing)
+        if not debug:
+            logger.addFilter(PerJobLines())
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else max(logging.WARNING, root.level))
 
     @app.before_request
     def _assign_request_id() -> None:

@@ -117,6 +117,13 @@ RECEIPTS = Metric(
     "counter",
     ("provider", "status", "result"),
 )
+IN_DOUBT = Metric(
+    "sends_in_doubt",
+    "Messages put back in line although their send may have reached the provider, by why: `lease_expired` "
+    "(the claim's worker died or hung past its job's timeout)",
+    "counter",
+    ("reason",),
+)
 WEBHOOK_INVALID_ITEMS = Metric(
     "webhook_invalid_items",
     "Items of webhook posts refused (the rest of their post applied), by provider and reason: missing, type, "
@@ -124,7 +131,7 @@ WEBHOOK_INVALID_ITEMS = Metric(
     "counter",
     ("provider", "reason"),
 )
-EVENT_METRICS = (HTTP_REQUESTS, HTTP_DURATION, MESSAGES, SEND_DURATION, RECEIPTS, WEBHOOK_INVALID_ITEMS)
+EVENT_METRICS = (HTTP_REQUESTS, HTTP_DURATION, MESSAGES, SEND_DURATION, RECEIPTS, IN_DOUBT, WEBHOOK_INVALID_ITEMS)
 
 # A histogram's fields: `<label values>` + SEPARATOR + `b<index of the bucket>` (the last is +Inf) or `sum`.
 SEPARATOR = "\x1f"  # JSON escapes it: it never occurs in the encoded label values
@@ -330,15 +337,10 @@ def _request_answered(response: Response) -> Response:
 
 
 def message_outcome(outcome) -> tuple[str, str] | None:
-    """The `outcome` and `error_class` labels of a send job's decision (`message_store.Outcome`; None when
-    the message was no longer pending). None for a hand-back, counted where it is decided."""
-    if outcome is None:
-        return "skipped", ""
-    status = getattr(outcome, "status", None)
-    if status is None:  # RQ's Retry: the throughput limit or quiet hours (see `count_message`)
-        return None
-    if outcome.held:
-        return "held", ""
+    """The `outcome` and `error_class` labels of what a send's claim ended in (`send.store.Outcome`). None
+    for a hand-back for want of a slot or for quiet hours: counted where it is decided (`limited`,
+    `quiet_hours`)."""
+    status = outcome.status
     if status == MessageStatus.SENT:
         return "sent", ""
     if status == MessageStatus.CANCELED:
@@ -349,6 +351,10 @@ def message_outcome(outcome) -> tuple[str, str] | None:
         return "throttled", ""
     if outcome.error_class == ErrorClass.ACCOUNT:
         return "paused", ErrorClass.ACCOUNT
+    if outcome.not_before is not None or outcome.hand_back is not None:
+        return None
+    if status == MessageStatus.PENDING:  # a pause or a cancel came while it waited for its slot
+        return "held", ""
     return "retry", outcome.error_class or ""
 
 
@@ -365,11 +371,25 @@ def _provider_of(channel: str) -> str:
     return current_app.config["WHATSAPP_PROVIDER" if channel == Channel.WHATSAPP else "SMS_PROVIDER"]
 
 
-def count_send(row: dict | None, outcome) -> None:
-    """Count what the send job decided for its message (`row` is what it loaded; None: nothing to send)."""
+def count_outcome(channel: str, outcome) -> None:
+    """Count what a send's claim ended in (see `message_outcome`)."""
     labels = message_outcome(outcome)
-    if row is not None and labels is not None:
-        count_message(row["channel"], *labels)
+    if labels is not None:
+        count_message(channel, *labels)
+
+
+def count_skipped() -> None:
+    """Count a send job that found its message not queued for it (a repeat, or an earlier turn's job)."""
+    recorder = _recorder()
+    if recorder is not None:
+        recorder.count(MESSAGES, ("", "", "skipped", ""))
+
+
+def count_in_doubt(count: int, reason: str = "lease_expired") -> None:
+    """Count `count` messages put back in line although their send may have reached the provider."""
+    recorder = _recorder()
+    if recorder is not None and count:
+        recorder.count(IN_DOUBT, (reason,), count)
 
 
 @contextlib.contextmanager

@@ -69,15 +69,27 @@ class CampaignStatus:
     RETRYABLE = (SENDING, SENT, FAILED)  # retry-failed takes these back to sending
 
 
+class CampaignPriority:
+    """A campaign's share of the send workers beside other campaigns sending at once (its window's weight)."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+    ALL = (HIGH, NORMAL, LOW)
+
+
 class MessageStatus:
-    PENDING = "pending"
+    PENDING = "pending"  # waits its turn: no job in Redis yet (or held by quiet hours until `not_before`)
+    QUEUED = "queued"  # in its campaign's window: its send job (`job_seq`) is in Redis
+    SENDING = "sending"  # claimed by a worker (`claimed_by`, until `lease_until`): at the provider now
     SENT = "sent"  # accepted by the provider
     DELIVERED = "delivered"  # the provider's receipt says it reached the handset (a read one too)
     UNDELIVERED = "undelivered"  # accepted, then the receipt says it could not be delivered
     FAILED = "failed"  # never accepted, or refused for good
     CANCELED = "canceled"  # still pending when its campaign was canceled: never sent
-    ALL = (PENDING, SENT, DELIVERED, UNDELIVERED, FAILED, CANCELED)
+    ALL = (PENDING, QUEUED, SENDING, SENT, DELIVERED, UNDELIVERED, FAILED, CANCELED)
     ACCEPTED = (SENT, DELIVERED, UNDELIVERED)  # the provider took it
+    UNFINISHED = (PENDING, QUEUED, SENDING)  # a campaign with any of these is still sending
 
 
 class ErrorClass:
@@ -87,7 +99,10 @@ class ErrorClass:
     TRANSIENT = "transient"  # worth retrying (RETRY_INTERVALS)
     THROTTLED = "throttled"  # slow down: tried again later without using a retry
     ACCOUNT = "account"  # nothing succeeds until a person acts (balance, credentials, sender id): pauses the campaign
-    ALL = (PERMANENT, TRANSIENT, THROTTLED, ACCOUNT)
+    # The request went out and no answer came (a read timeout, a dropped connection): the provider may have
+    # taken it. Not retried unless RETRY_UNKNOWN; retry-failed leaves it unless asked (`include_unknown`).
+    UNKNOWN = "unknown"
+    ALL = (PERMANENT, TRANSIENT, THROTTLED, ACCOUNT, UNKNOWN)
 
 
 class Channel:
@@ -216,6 +231,11 @@ class Campaign(db.Model):
     # Whether QUIET_HOURS hold its messages (in each recipient's local time); false for what may go at
     # night (a one-time code, an outage notice).
     respect_quiet_hours: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    # Its share of the send workers beside other campaigns sending at once: `high`, `normal` or `low`
+    # weight its window (app.messaging.send.window).
+    priority: Mapped[str] = mapped_column(
+        String(8), default=CampaignPriority.NORMAL, server_default=CampaignPriority.NORMAL
+    )
     # Why a campaign ended `failed` when no message says it (e.g. it reached its time with no recipients),
     # or why it was paused by a provider's account-level refusal.
     status_reason: Mapped[str | None] = mapped_column(Text)
@@ -240,6 +260,22 @@ class OutboundMessage(db.Model):
             "not_before",
             postgresql_where=text("status = 'pending' AND not_before IS NOT NULL"),
             sqlite_where=text("status = 'pending' AND not_before IS NOT NULL"),
+        ),
+        # What a window refill takes next: pending messages not held by quiet hours, in id order (those
+        # held are found by `ix_outbound_messages_waiting` once due).
+        Index(
+            "ix_outbound_messages_ready",
+            "campaign_id",
+            "id",
+            postgresql_where=text("status = 'pending' AND not_before IS NULL"),
+            sqlite_where=text("status = 'pending' AND not_before IS NULL"),
+        ),
+        # Claims whose lease may have passed: only messages being sent are in it.
+        Index(
+            "ix_outbound_messages_leases",
+            "lease_until",
+            postgresql_where=text("status = 'sending'"),
+            sqlite_where=text("status = 'sending'"),
         ),
         # A delivery receipt finds its message by the provider's id; one message per id and provider.
         Index(
@@ -274,6 +310,15 @@ class OutboundMessage(db.Model):
     provider: Mapped[str | None] = mapped_column(String(32))
     provider_message_id: Mapped[str | None] = mapped_column(String(128))
     read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a read WhatsApp message stays delivered
+    # Which send job may claim it: `outbound_message-<id>-<job_seq>`, counted up each time the message
+    # enters its campaign's window, so that a job left from an earlier turn never claims it.
+    job_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The worker that claimed it (`sending`), and until when: past it the claim is taken to be dead and
+    # the reconciler puts the message back in line (app.messaging.reconcile). `claim_token` names the
+    # claim: the outcome is recorded only by the claim that holds it.
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[int | None] = mapped_column(BigInteger)
     # When a message held by quiet hours may go (the window's end in its recipient's time zone); kept after
     # it goes, as a record. Set by the send job (`lifecycle.HOLD_UNTIL`), never a status change.
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -79,7 +79,7 @@ def seed_sample_data() -> tuple[int, int]:
     db.session.add_all(customers + campaigns)
     db.session.commit()
     if campaigns:
-        from app.messaging.scheduling import sync_dispatch
+        from app.messaging.triggers import sync_dispatch
 
         sync_dispatch(campaigns[2].id, campaigns[2].scheduled_at)
     return len(customers), len(campaigns)

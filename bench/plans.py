@@ -34,7 +34,7 @@ def api_queries(campaign_id: int, cursor_at: int = 0) -> dict[str, str]:
 
     from app import create_app
     from app.extensions import db
-    from app.messaging.message_store import LAST_PENDING
+    from app.messaging.send.store import LAST_PENDING
     from app.messaging.stats import counts_query, rows_query, waiting_quiet_hours_query
     from app.models import MessageStatus, OutboundMessage
     from app.pagination import decode_cursor, encode_cursor

@@ -20,7 +20,6 @@ and recreated) and BENCH_REDIS_URL (default redis://127.0.0.1:6379/12; flushed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
@@ -29,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -63,18 +61,32 @@ def free_port() -> int:
 
 
 class Peak:
-    """Peak resident memory of a process and its children, sampled while `sample()` is called."""
+    """Peak resident memory of a process and its children, and their CPU time, sampled while `sample()`
+    (or `cpu()`) is called."""
 
     def __init__(self, pid: int):
         self.process = psutil.Process(pid)
         self.peak = 0
+        self.seen: dict[int, float] = {}  # CPU seconds of each process of the tree, as last read
 
     def sample(self) -> None:
         try:
             procs = [self.process, *self.process.children(recursive=True)]
-            self.peak = max(self.peak, max(p.memory_info().rss for p in procs if p.is_running()))
         except psutil.Error:
-            pass
+            return
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                    times = proc.cpu_times()
+                    self.seen[proc.pid] = times.user + times.system
+            except psutil.Error:
+                continue
+
+    def cpu(self) -> float:
+        """CPU seconds the tree has spent so far (read now)."""
+        self.sample()
+        return sum(self.seen.values())
 
     @property
     def mb(self) -> float:
@@ -176,37 +188,23 @@ class Bench:
         return elapsed
 
     def send(self, tag: str) -> tuple[int, float, float]:
-        """Create a campaign, send it to the tag's customers; returns (id, answer s, all-jobs-in-Redis s)."""
+        """Create a campaign, send it to the tag's customers; returns (id, answer s, first window in Redis s)."""
         campaign = self.request(
             "POST",
             "/campaigns",
             {"name": f"bench {tag}", "channel": "sms", "base_template": "Hi {first_name}, {preferred_product}"},
         )
-        with self.fan_out_worker():
-            time.sleep(2)  # its start-up is not part of the send
-            start = time.perf_counter()
-            answer = self.request("POST", f"/campaigns/{campaign['id']}/send", {"audience": {"location": tag}})
-            answered = time.perf_counter() - start
-            self.wait_for_jobs(answer["messages_queued"], sample=self.web_peak.sample)
-            in_redis = time.perf_counter() - start
+        start = time.perf_counter()
+        answer = self.request("POST", f"/campaigns/{campaign['id']}/send", {"audience": {"location": tag}})
+        answered = time.perf_counter() - start
+        self.wait_for_jobs(min(answer["messages_queued"], self.window), sample=self.web_peak.sample)
+        in_redis = time.perf_counter() - start
         return campaign["id"], answered, in_redis
 
-    @contextlib.contextmanager
-    def fan_out_worker(self) -> Iterator[None]:
-        """A worker on the control queue only, for the block: it runs a send's fan-out job, and nothing
-        drains the send queue yet."""
-        fan_out = subprocess.Popen(
-            [sys.executable, "worker.py"],
-            cwd=ROOT,
-            env={**self.env, "QUEUES": CONTROL_QUEUE},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            yield
-        finally:
-            fan_out.terminate()
-            fan_out.wait()
+    @property
+    def window(self) -> int:
+        """The send window of the workers and the web (SEND_WINDOW, as the bench sets it or by default)."""
+        return int(self.env.get("SEND_WINDOW", "500"))
 
     def wait_for_jobs(self, count: int, sample=None) -> None:
         """Wait until `count` send jobs are in Redis (calling `sample` while it waits)."""
@@ -216,9 +214,24 @@ class Bench:
                 sample()
             time.sleep(0.01)
 
-    def drain(self, workers: int, total: int, env: dict | None = None, then=None) -> tuple[float, float]:
-        """Start `workers` worker processes; returns (messages/s over the measured window, peak MB).
-        `then`, if given, is called once the jobs are taken, before the workers are stopped."""
+    def sent(self, campaign_id: int) -> int:
+        """The campaign's messages a provider took, from the counts PostgreSQL keeps (a few rows, however many
+        messages: polling it does not load the database the workers use)."""
+        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            return conn.execute(
+                "SELECT coalesce(sum(messages), 0) FROM (SELECT messages FROM campaign_message_counts "
+                "WHERE campaign_id = %s AND status IN ('sent', 'delivered', 'undelivered') UNION ALL "
+                "SELECT messages FROM campaign_message_count_changes "
+                "WHERE campaign_id = %s AND status IN ('sent', 'delivered', 'undelivered')) AS counted",
+                (campaign_id, campaign_id),
+            ).fetchone()[0]
+
+    def drain(
+        self, campaign_id: int, workers: int, total: int, env: dict | None = None, then=None
+    ) -> tuple[float, float, float]:
+        """Start `workers` worker processes on the campaign; returns (messages/s over the measured window,
+        peak MB, worker CPU ms per message over it). `then`, if given, is called once the measured messages
+        are sent, before the workers are stopped."""
         target = min(total, self.drain_cap)
         procs = [
             subprocess.Popen(
@@ -231,21 +244,19 @@ class Bench:
             for _ in range(workers)
         ]
         peaks = [Peak(p.pid) for p in procs]
-        queue = Queue((env or {}).get("QUEUES", QUEUE), connection=self.redis)
-        before = queue.count
+        before = self.sent(campaign_id)
         first = None
-        # Counted in Redis, as for RQ's own worker below: polling PostgreSQL would load the database
-        # the workers are using.
         while True:
             for p in peaks:
                 p.sample()
-            done = before - queue.count
+            done = self.sent(campaign_id) - before
             now = time.perf_counter()
             if first is None and done > 0:
-                first = (now, done)  # from the first job taken: worker start-up is not drain
+                first = (now, done, sum(p.cpu() for p in peaks))  # from the first send: start-up is not drain
             if done >= target:
                 break
-            time.sleep(0.05)
+            time.sleep(0.1)
+        cpu = sum(p.cpu() for p in peaks) - first[2]
         rate = (done - first[1]) / (now - first[0])
         if then:
             then()
@@ -253,14 +264,45 @@ class Bench:
             proc.terminate()
         for proc in procs:
             proc.wait()
+        Queue(QUEUE, connection=self.redis).empty()
+        return rate, max(p.mb for p in peaks), cpu * 1000 / max(1, done - first[1])
+
+    def drain_noop(self, workers: int, total: int) -> float:
+        """This service's worker on `total` no-op jobs of NOOP_QUEUE (queued by floor_enqueue): jobs/s."""
+        target = min(total, self.drain_cap)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "worker.py"],
+                cwd=ROOT,
+                env={**self.env, "QUEUES": NOOP_QUEUE},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(workers)
+        ]
+        queue = Queue(NOOP_QUEUE, connection=self.redis)
+        before = queue.count
+        first = None
+        while True:
+            done = before - queue.count
+            now = time.perf_counter()
+            if first is None and done > 0:
+                first = (now, done)
+            if done >= target:
+                break
+            time.sleep(0.05)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
         queue.empty()
-        return rate, max(p.mb for p in peaks)
+        return (done - first[1]) / (now - first[0])
 
     def drain_tail(self, tag: str, size: int) -> tuple[float, float, float, float]:
         """The last tenth of a campaign. Sends a campaign to the tag, marks all but its last tenth sent in
-        one UPDATE (leaving behind the index entries a campaign's progress leaves) and drops their jobs,
-        then one worker drains the rest. Returns (messages/s, seconds from the last job taken to the
-        campaign being `sent`, and the send's answer and all-jobs-in-Redis seconds)."""
+        one UPDATE (leaving behind the index entries a campaign's progress leaves) and drops the window's
+        jobs, then one worker refills the window and drains the rest. Returns (messages/s, seconds from the
+        last message sent to the campaign being `sent`, and the send's answer and first-window seconds)."""
         campaign_id, answered, in_redis = self.send(tag)
         tail = min(size // 10, self.drain_cap)
         with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
@@ -269,8 +311,9 @@ class Bench:
                 "WHERE campaign_id = %s AND id <= (SELECT max(id) FROM outbound_messages WHERE campaign_id = %s) - %s",
                 (campaign_id, campaign_id, tail),
             )
-        queue = Queue(QUEUE, connection=self.redis)
-        self.redis.ltrim(queue.key, -tail, -1)  # jobs are queued in id order
+        # The window's jobs now name sent messages: drop them, and let a worker refill the window from the rest.
+        Queue(QUEUE, connection=self.redis).empty()
+        Queue(CONTROL_QUEUE, connection=self.redis).enqueue("app.messaging.jobs.refill_window", campaign_id)
         finished = {}
 
         def wait_for_sent() -> None:
@@ -281,7 +324,7 @@ class Bench:
                     time.sleep(0.01)
             finished["after"] = time.perf_counter() - start
 
-        rate, _ = self.drain(1, tail, then=wait_for_sent)
+        rate, _, _ = self.drain(campaign_id, 1, tail, then=wait_for_sent)
         return rate, finished["after"], answered, in_redis
 
     # -- floors ----------------------------------------------------------------------------------
@@ -352,29 +395,30 @@ class Bench:
         log(f"{size}: import")
         imported = self.import_customers(size, tag)
         log(f"{size}: send (drain with 1 worker)")
-        _, answer, in_redis = self.send(tag)
+        campaign_id, answer, in_redis = self.send(tag)
         floor_insert = self.floor_insert(tag)
-        floor_enqueue = self.floor_enqueue(size)
-        drain1, worker_mb = self.drain(1, size)
+        floor_enqueue = self.floor_enqueue(min(size, self.window))
+        drain1, worker_mb, cpu_ms = self.drain(campaign_id, 1, size)
         log(f"{size}: send (drain with 2 workers)")
-        _, answer2, in_redis2 = self.send(tag)
-        drain2, worker_mb2 = self.drain(2, size)
+        campaign_id, answer2, in_redis2 = self.send(tag)
+        drain2, worker_mb2, _ = self.drain(campaign_id, 2, size)
         log(f"{size}: send (drain the last tenth with 1 worker)")
         drain_tail, tail_to_sent, answer3, in_redis3 = self.drain_tail(tag, size)
         log(f"{size}: RQ no-op floors")
         noop_simple = self.floor_drain("rq.worker.SimpleWorker", min(size, self.drain_cap))
         noop_fork = self.floor_drain("rq.worker.Worker", min(size, self.drain_cap) // 10)
         self.floor_enqueue(min(size, self.drain_cap))
-        noop_ours, _ = self.drain(1, min(size, self.drain_cap), env={"QUEUES": NOOP_QUEUE})
+        noop_ours = self.drain_noop(1, min(size, self.drain_cap))
         self.web_peak.sample()
         return {
             "size": size,
             "import_s": imported,
             "send_answer_s": min(answer, answer2, answer3),  # the best of three sends
-            "all_jobs_in_redis_s": min(in_redis, in_redis2, in_redis3),
+            "window_in_redis_s": min(in_redis, in_redis2, in_redis3),
             "floor_insert_s": floor_insert,
             "floor_enqueue_s": floor_enqueue,
             "drain_1_worker": drain1,
+            "cpu_ms_per_message": cpu_ms,
             "drain_2_workers": drain2,
             "drain_tail": drain_tail,
             "tail_to_sent_s": tail_to_sent,
@@ -391,9 +435,9 @@ def table(results: list[dict]) -> str:
         ("import customers (s)", "import_s", None, None),
         ("`/send` answer (s)", "send_answer_s", "PG INSERT ... SELECT alone (s)", lambda r: r["floor_insert_s"]),
         (
-            "all jobs in Redis (s)",
-            "all_jobs_in_redis_s",
-            "PG insert + RQ enqueue_many (s)",
+            "first window in Redis (s)",
+            "window_in_redis_s",
+            "PG insert + RQ enqueue_many of a window (s)",
             lambda r: r["floor_insert_s"] + r["floor_enqueue_s"],
         ),
         (
@@ -414,7 +458,8 @@ def table(results: list[dict]) -> str:
             "RQ SimpleWorker, no-op (jobs/s)",
             lambda r: r["noop_simpleworker"],
         ),
-        ("last job taken to campaign `sent` (s)", "tail_to_sent_s", None, None),
+        ("last message sent to campaign `sent` (s)", "tail_to_sent_s", None, None),
+        ("worker CPU per message, 1 worker (ms)", "cpu_ms_per_message", None, None),
         ("RQ forking Worker, no-op (jobs/s)", "noop_forking_worker", None, None),
         ("this service's worker, no-op (jobs/s)", "noop_ours", None, None),
         ("web peak RSS (MB)", "web_peak_mb", None, None),
@@ -443,7 +488,7 @@ def table(results: list[dict]) -> str:
             for name, key in [
                 ("import", "import_s"),
                 ("send answer", "send_answer_s"),
-                ("jobs in Redis", "all_jobs_in_redis_s"),
+                ("first window in Redis", "window_in_redis_s"),
             ]
         )
         lines.append("")

@@ -4,6 +4,7 @@ A real service that cannot be reached fails the run; it is never skipped."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from werkzeug.serving import make_server
 from app import clock as app_clock
 from app import create_app
 from app.extensions import db
+from app.logs import JsonFormatter
 from app.messaging.app_worker import build_worker
 from config import check_settings, database_url
 from tests.helpers import free_port, procfile_command
@@ -531,3 +533,18 @@ def use_provider(app, fake_providers, live_server):
         check_settings(app.config)
 
     return configure
+
+
+@pytest.fixture
+def log_lines():
+    """JSON lines logged at INFO and above while the test runs, as the service formats them."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    root.removeHandler(handler)
+    root.setLevel(level)

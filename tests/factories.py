@@ -42,3 +42,24 @@ def make_campaign(**fields) -> Campaign:
     db.session.add(campaign)
     db.session.commit()
     return campaign
+
+
+def bulk_customers(count: int, **fields) -> list[int]:
+    """`count` customers like `make_customer`'s, written in one statement (for tests that need thousands)."""
+    first = next(_numbers)
+    for _ in range(count - 1):
+        next(_numbers)
+    rows = [
+        {
+            "phone": f"+2547{n:08d}",
+            "first_name": f"First{n}",
+            "last_name": f"Last{n}",
+            "location": "Nairobi",
+            "preferred_product": f"Product{n}",
+            **fields,
+        }
+        for n in range(first, first + count)
+    ]
+    ids = db.session.scalars(db.insert(Customer).returning(Customer.id), rows).all()
+    db.session.commit()
+    return sorted(ids)

@@ -72,6 +72,13 @@ def raw_request(
         sock.close()
 
 
+def job_ids_of(messages) -> list[str]:
+    """The RQ job ids of these messages' current turns in their campaigns' windows."""
+    from app.messaging.send.window import message_job_id
+
+    return [message_job_id(m.id, m.job_seq) for m in messages]
+
+
 def stats(**counts: int) -> dict[str, int]:
     """A campaign's `stats` as the API answers them: every status counted (0 unless given), `read` and `total`;
     `segments_sent` is compared only when given (the tests of segments give it); `waiting_quiet_hours` is 0
@@ -80,6 +87,8 @@ def stats(**counts: int) -> dict[str, int]:
         "segments_sent": ANY,
         "total": 0,
         "pending": 0,
+        "queued": 0,
+        "sending": 0,
         "sent": 0,
         "delivered": 0,
         "undelivered": 0,
@@ -89,3 +98,29 @@ def stats(**counts: int) -> dict[str, int]:
         "waiting_quiet_hours": 0,
         **counts,
     }
+
+
+def claim(message, worker: str = "test:1", lease_seconds: float = 60):
+    """Claim `message` (queued, with its current `job_seq`) as its send job would; returns the `Claim`, or
+    None when the claim took nothing (the message was not queued, or its campaign was not sending)."""
+    import random
+    from datetime import timedelta
+
+    from app import clock
+    from app.messaging.send.store import Claim, claim_params, open_store
+    from app.models import MessageStatus
+
+    now = clock.now()
+    held = Claim(worker, random.getrandbits(62), now + timedelta(seconds=lease_seconds))
+    with open_store() as store:
+        row = store.claim(claim_params(message.id, message.job_seq, held, now))
+    return held if row is not None and row["status"] == MessageStatus.SENDING else None
+
+
+def record(message, held, outcome):
+    """End the claim `held` of `message` with `outcome`, as its send job would; returns what was found after."""
+    from app import clock
+    from app.messaging.send.store import record_params, record_through_outage
+
+    params = record_params(message.id, message.campaign_id, held, outcome, 500, clock.now())
+    return record_through_outage(params, 0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.messaging.lifecycle import CAMPAIGN_TRANSITIONS, MESSAGE_TRANSITIONS
+from app.messaging.lifecycle import CAMPAIGN_TRANSITIONS, IMPORT_TRANSITIONS, MESSAGE_TRANSITIONS
 from app.openapi import SWAGGER_UI_DIST
 from config import settings_markdown
 
@@ -275,8 +275,12 @@ def documented_transitions(heading: str) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize(
     ("heading", "table"),
-    [("### Campaign statuses", CAMPAIGN_TRANSITIONS), ("### Message statuses", MESSAGE_TRANSITIONS)],
-    ids=["campaign", "message"],
+    [
+        ("### Campaign statuses", CAMPAIGN_TRANSITIONS),
+        ("### Message statuses", MESSAGE_TRANSITIONS),
+        ("### Import statuses", IMPORT_TRANSITIONS),
+    ],
+    ids=["campaign", "message", "import"],
 )
 def test_architecture_doc_shows_the_lifecycle_tables_of_the_code(heading, table):
     assert documented_transitions(heading) == {status: set(targets) for status, targets in table.items()}, (
@@ -284,10 +288,10 @@ def test_architecture_doc_shows_the_lifecycle_tables_of_the_code(heading, table)
     )
 
 
-def layout_entries() -> set[str]:
-    """The paths the README's Layout block lists (`app/messaging/jobs.py`; directories end with `/`): a
+def layout_entries(path: Path) -> set[str]:
+    """The paths a document's Layout block lists (`app/messaging/jobs.py`; directories end with `/`): a
     tree indented two spaces a level, the name first on its line; deeper lines continue a description."""
-    block = README.read_text().split("\n## Layout\n", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    block = path.read_text().split("\n## Layout\n", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
     entries: set[str] = set()
     parents: list[str] = []
     for line in block.splitlines():
@@ -310,13 +314,19 @@ def ignored(name: str) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in patterns if not pattern.startswith("#"))
 
 
-def test_readme_layout_lists_every_module_and_nothing_else():
-    listed = layout_entries()
+def test_the_layouts_list_every_module_and_nothing_else():
+    """The README lists the top level; docs/architecture.md every module of `app`, one line each."""
     modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "app").rglob("*.py")}
-    listed_modules = {entry for entry in listed if entry.startswith("app/") and not entry.endswith("/")}
+    listed_modules = {
+        entry
+        for entry in layout_entries(DOCS / "architecture.md")
+        if entry.startswith("app/") and not entry.endswith("/")
+    }
     assert listed_modules == modules, (
-        f"README's Layout: add {sorted(modules - listed_modules)}, remove {sorted(listed_modules - modules)}"
+        f"docs/architecture.md's Layout: add {sorted(modules - listed_modules)}, "
+        f"remove {sorted(listed_modules - modules)}"
     )
+    listed = layout_entries(README)
     top_level = {
         f"{path.name}/" if path.is_dir() else path.name
         for path in ROOT.iterdir()

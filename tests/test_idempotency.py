@@ -12,7 +12,7 @@ from app.campaigns import service as campaign_service
 from app.customers import service as customer_service
 from app.extensions import db
 from app.idempotency import request_fingerprint
-from app.messaging.scheduling import get_scheduler, register_periodic_jobs
+from app.messaging.triggers import get_scheduler, register_periodic_jobs
 from app.models import Campaign, Customer, IdempotencyKey, OutboundMessage
 from tests.conftest import TEST_API_KEY
 from tests.factories import make_campaign, make_customers

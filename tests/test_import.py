@@ -276,7 +276,7 @@ def test_a_row_the_database_refuses_costs_only_itself(client, app):
 def run_concurrently(app, bodies: list[bytes]) -> list:
     """Import each body in its own thread, app context and session, all at once; returns each
     report, or the exception it raised."""
-    from app.customers.importer import import_customers
+    from app.customers.csv_import import import_customers
 
     results: list = [None] * len(bodies)
     barrier = threading.Barrier(len(bodies))

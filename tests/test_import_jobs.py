@@ -7,8 +7,8 @@ import pytest
 from rq import Queue
 from rq.job import Job
 
-from app.customers import imports
-from app.customers.importer import ImportReport
+from app.customers import import_jobs
+from app.customers.csv_import import ImportReport
 from app.extensions import db
 from app.messaging.reconcile import reconcile
 from app.models import Customer, CustomerImport, CustomerImportChunk
@@ -81,9 +81,9 @@ def test_a_big_import_is_202_with_a_location_and_a_job_imports_it(app, client, b
     assert queued["report"] == {"created": 0, "updated": 0, "invalid": 0, "errors": [], "errors_truncated": False}
     assert imported(client, location)["status"] == "queued"
     assert customer_count() == 0
-    job = Job.fetch(imports.import_job_id(queued["id"]), connection=redis_conn)
+    job = Job.fetch(import_jobs.import_job_id(queued["id"]), connection=redis_conn)
     assert job.origin == app.config["CONTROL_QUEUE"]
-    assert job.timeout == imports.IMPORT_JOB_TIMEOUT  # not RQ's default of 180 s
+    assert job.timeout == import_jobs.IMPORT_JOB_TIMEOUT  # not RQ's default of 180 s
 
     work()
     done = imported(client, location)
@@ -114,7 +114,7 @@ def test_an_import_at_most_the_sync_limit_answers_at_once(client, app):
 
 
 def test_the_upload_is_read_back_across_its_chunks(client, big, work, monkeypatch):
-    monkeypatch.setattr(imports, "CHUNK_BYTES", 97)  # records cut across chunks everywhere
+    monkeypatch.setattr(import_jobs, "CHUNK_BYTES", 97)  # records cut across chunks everywhere
     body, expected = make_file(1200)
     response = post(client, body)
     import_id = response.get_json()["id"]
@@ -150,7 +150,7 @@ def test_an_unknown_import_is_404(client):
 def fail_after(monkeypatch, batches: int) -> None:
     """Make the import job fail at its `batches`+1-th batch, as a crash would."""
     calls = {"n": 0}
-    real = imports.write_batch
+    real = import_jobs.write_batch
 
     def flaky(batch, columns, report: ImportReport):
         calls["n"] += 1
@@ -158,7 +158,7 @@ def fail_after(monkeypatch, batches: int) -> None:
             raise RuntimeError("the worker died here")
         real(batch, columns, report)
 
-    monkeypatch.setattr(imports, "write_batch", flaky)
+    monkeypatch.setattr(import_jobs, "write_batch", flaky)
 
 
 def test_an_interrupted_import_resumes_where_its_last_batch_ended(client, big, work, monkeypatch):
@@ -168,7 +168,7 @@ def test_an_interrupted_import_resumes_where_its_last_batch_ended(client, big, w
     with monkeypatch.context() as patch:
         fail_after(patch, 20)
         with pytest.raises(RuntimeError):
-            imports.run_import(import_id)  # a run that dies at its 21st batch
+            import_jobs.run_import(import_id)  # a run that dies at its 21st batch
         db.session.rollback()
     stopped = imported(client, location)
     assert stopped["status"] == "running"
@@ -188,17 +188,17 @@ def test_an_import_that_keeps_failing_is_given_up(app, client, big, monkeypatch)
     location = post(client, make_file(300)[0]).headers["Location"]
     import_id = int(location.rsplit("/", 1)[1])
     fail_after(monkeypatch, 0)
-    for _ in range(imports.MAX_ATTEMPTS):
+    for _ in range(import_jobs.MAX_ATTEMPTS):
         with pytest.raises(RuntimeError):
-            imports.run_import(import_id)
+            import_jobs.run_import(import_id)
         db.session.rollback()
     assert imported(client, location)["status"] == "running"
-    assert imports.run_import(import_id) == "failed"
+    assert import_jobs.run_import(import_id) == "failed"
     failed = imported(client, location)
     assert failed["status"] == "failed"
     assert "gave up" in failed["status_reason"]
     assert chunk_count() == 0
-    assert imports.run_import(import_id).startswith("nothing to do")
+    assert import_jobs.run_import(import_id).startswith("nothing to do")
 
 
 def test_the_reconciler_requeues_an_import_whose_job_redis_lost(app, client, big, work, clock, redis_conn):
@@ -226,7 +226,7 @@ def test_a_job_run_again_after_the_end_does_nothing(client, big, work):
     location = post(client, body).headers["Location"]
     work()
     import_id = int(location.rsplit("/", 1)[1])
-    assert imports.run_import(import_id).startswith("nothing to do")
+    assert import_jobs.run_import(import_id).startswith("nothing to do")
     assert_report(imported(client, location)["report"], expected)
 
 

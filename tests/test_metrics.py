@@ -24,8 +24,8 @@ from sqlalchemy import text
 from app import metrics
 from app.customers import optouts
 from app.extensions import db
-from app.messaging import throttle
 from app.messaging.app_worker import build_worker
+from app.messaging.send import throttle
 from app.models import CampaignStatus, OptOutSource
 from app.queues import redis_options
 from tests.conftest import ROOT, TEST_API_KEY, kill_group

@@ -14,8 +14,8 @@ from app.extensions import db
 from app.messaging.providers.africastalking import receipt_from_form as africastalking_receipt
 from app.messaging.providers.twilio import receipt_from_form as twilio_receipt
 from app.messaging.providers.whatsapp_cloud import receipt_from_status as whatsapp_receipt
-from app.messaging.queueing import message_job_id
 from app.messaging.reconcile import reconcile
+from app.messaging.send.window import message_job_id
 from app.models import DeliveryReceipt, OutboundMessage
 from tests.factories import make_campaign, make_customer
 from tests.fake_providers import accept, hang, refuse, server_error, throttle
@@ -211,11 +211,12 @@ def test_a_throttled_attempt_waits_and_uses_no_retry(
     send(client, campaign.id, [customer.id])
     work()
     [row] = messages(client, campaign.id)
-    assert (row["status"], row["retry_count"], row["error_class"]) == ("pending", 0, "throttled")
+    # Still in its campaign's window, its job postponed: no retry used.
+    assert (row["status"], row["retry_count"], row["error_class"]) == ("queued", 0, "throttled")
     registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
-    waits = registry.get_scheduled_time(message_job_id(row["id"])).timestamp() - time.time()
+    waits = registry.get_scheduled_time(message_job_id(row["id"], 1)).timestamp() - time.time()
     assert 4 <= waits <= 8  # the provider's Retry-After
-    assert run_postponed(app, redis_conn, work) == [message_job_id(row["id"])]
+    assert run_postponed(app, redis_conn, work) == [message_job_id(row["id"], 1)]
     [row] = messages(client, campaign.id)
     assert (row["status"], row["retry_count"]) == ("sent", 0)
 
@@ -287,7 +288,7 @@ def test_retry_failed_sends_again_the_transient_failures_only(app, client, use_p
     assert (body["requeued"], body["not_retryable"]) == (2, 2)
     assert (body["campaign"]["status"], body["campaign"]["stats"]) == (
         "sending",
-        stats(total=5, pending=2, failed=1, undelivered=1, delivered=1),
+        stats(total=5, queued=2, failed=1, undelivered=1, delivered=1),
     )
     again = client.post(f"/campaigns/{campaign.id}/retry-failed", headers=key)
     assert again.get_json() == body and again.headers["Idempotent-Replayed"] == "true"

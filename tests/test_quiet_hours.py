@@ -1,6 +1,7 @@
 """Quiet hours (`QUIET_HOURS`, in the recipient's local time, from their number): no message of a campaign
-that respects them reaches a provider inside the window; it waits, pending with its retries, for the
-window's end, its job scheduled in RQ for then, and the wait survives a flushed Redis."""
+that respects them reaches a provider inside the window; it waits, pending with its retries, out of its
+campaign's window until the window's end (a refill of the campaign's window scheduled in RQ for then),
+and the wait survives a flushed Redis."""
 
 from __future__ import annotations
 
@@ -9,21 +10,20 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+from rq import Queue
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 from sqlalchemy import select
 
 from app.extensions import db
-from app.messaging import throttle
-from app.messaging.queueing import message_job_id
-from app.messaging.quiet_hours import quiet_until, recipient_zones, window_end
 from app.messaging.reconcile import reconcile
+from app.messaging.send import throttle
+from app.messaging.send.quiet_hours import quiet_until, recipient_zones, window_end
 from app.models import OutboundMessage
 from config import TimeWindow, quiet_hours
-from tests.conftest import read_send_log, wait_for
+from tests.conftest import read_send_log
 from tests.factories import make_campaign, make_customer, make_customers
 from tests.helpers import stats as expected_stats
-from tests.test_providers import run_postponed
 
 NAIROBI = ZoneInfo("Africa/Nairobi")  # UTC+3 all year
 NIGHT = quiet_hours("20:00-08:00")
@@ -161,7 +161,25 @@ def test_the_window_ends_at_its_end_in_the_recipients_zone(local, window, ends):
 # --- the send job ---
 
 
-def test_inside_the_window_nothing_is_sent_and_the_job_comes_back_at_its_end(
+def scheduled_refills(app, redis_conn) -> dict[str, float]:
+    """The window refills waiting in RQ's schedule of the control queue: job id -> seconds from now."""
+    registry = ScheduledJobRegistry(app.config["CONTROL_QUEUE"], connection=redis_conn)
+    return {job_id: registry.get_scheduled_time(job_id).timestamp() - time.time() for job_id in registry.get_job_ids()}
+
+
+def run_scheduled_refills(app, redis_conn, work) -> list[str]:
+    """Run now the refills waiting in the control queue's schedule (as RQ's scheduler does at their time)."""
+    registry = ScheduledJobRegistry(app.config["CONTROL_QUEUE"], connection=redis_conn)
+    job_ids = registry.get_job_ids()
+    for job_id in job_ids:
+        job = Job.fetch(job_id, connection=redis_conn)
+        registry.remove(job)
+        registry.get_queue().enqueue_job(job)
+    work()
+    return job_ids
+
+
+def test_inside_the_window_nothing_is_sent_and_the_message_waits_for_its_end(
     app, client, clock, night, redis_conn, work, send_log
 ):
     clock.current = EVENING
@@ -179,18 +197,15 @@ def test_inside_the_window_nothing_is_sent_and_the_job_comes_back_at_its_end(
     assert body["stats"] == expected_stats(total=1, pending=1, waiting_quiet_hours=1)
     listed = client.get(f"/campaigns/{campaign.id}/messages").get_json()["data"]
     assert listed[0]["not_before"] == "2030-01-02T05:00:00+00:00"
-    # The job waits in RQ's schedule, for the window's end (RQ counts on the real clock).
-    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
-    job_id = message_job_id(message.id)
-    assert registry.get_job_ids() == [job_id]
-    due = registry.get_scheduled_time(job_id).timestamp()
-    assert abs(due - (time.time() + (MORNING - EVENING).total_seconds())) < 60
-    job = Job.fetch(job_id, connection=redis_conn)
-    assert job.retries_left == app.config["MAX_RETRIES"]  # no retry of the message's was used
-    assert redis_conn.ttl(job.key) == -1  # the job waits the whole night without expiring
+    # Out of its campaign's window: no job of it in Redis, one refill of the window scheduled for the end
+    # (RQ counts on the real clock), which waits the whole night without expiring.
+    assert Queue(app.config["SEND_QUEUE"], connection=redis_conn).count == 0
+    [(job_id, due)] = scheduled_refills(app, redis_conn).items()
+    assert abs(due - (MORNING - EVENING).total_seconds()) < 60
+    assert redis_conn.ttl(Job.key_for(job_id)) == -1
 
     clock.current = MORNING + timedelta(seconds=1)
-    assert run_postponed(app, redis_conn, work) == [job_id]
+    assert run_scheduled_refills(app, redis_conn, work) == [job_id]
     [attempt] = read_send_log(send_log)
     assert attempt["message_id"] == message.id
     [message] = messages(campaign.id)
@@ -306,7 +321,9 @@ def test_a_paused_campaign_holds_before_quiet_hours_are_looked_at(app, client, c
     assert [(m.status, m.not_before) for m in messages(campaign.id)] == [("pending", None)]
 
 
-def test_waiting_messages_queued_again_by_a_resume_wait_again(app, client, clock, night, redis_conn, work, send_log):
+def test_a_resume_during_the_night_leaves_waiting_messages_to_their_time(
+    app, client, clock, night, redis_conn, work, send_log
+):
     clock.current = EVENING
     campaign = make_campaign()
     send_to(client, campaign.id, make_customers(2))
@@ -314,17 +331,14 @@ def test_waiting_messages_queued_again_by_a_resume_wait_again(app, client, clock
     assert client.post(f"/campaigns/{campaign.id}/pause").status_code == 200
     clock.advance(hours=2)  # 22:05 in Nairobi
     assert client.post(f"/campaigns/{campaign.id}/resume").status_code == 200
-    work()  # the jobs the resume queued run, and find the night still on
+    # Nothing is queued for the night: no job runs only to find it still on.
+    assert Queue(app.config["SEND_QUEUE"], connection=redis_conn).count == 0
+    work()
     assert read_send_log(send_log) == []
     assert {(m.status, m.retry_count, m.not_before) for m in messages(campaign.id)} == {("pending", 0, MORNING)}
     assert detail(client, campaign.id)["stats"]["waiting_quiet_hours"] == 2
-    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
-    wait = (MORNING - clock.now()).total_seconds()  # ten hours now, from the second hold
-    for message in messages(campaign.id):
-        due = registry.get_scheduled_time(message_job_id(message.id)).timestamp()
-        assert abs(due - (time.time() + wait)) < 60
     clock.current = MORNING
-    run_postponed(app, redis_conn, work)
+    assert len(run_scheduled_refills(app, redis_conn, work)) == 1
     assert len(read_send_log(send_log)) == 2
 
 
@@ -349,7 +363,7 @@ def test_a_held_message_takes_no_slot_of_the_throughput_limit(app, client, clock
 # --- surviving a flushed Redis ---
 
 
-def test_after_a_redis_flush_the_reconciler_requeues_a_waiting_message_once_its_time_has_come(
+def test_after_a_redis_flush_the_reconciler_queues_waiting_messages_once_their_time_has_come(
     app, client, clock, night, redis_conn, work, send_log
 ):
     clock.current = EVENING
@@ -357,62 +371,65 @@ def test_after_a_redis_flush_the_reconciler_requeues_a_waiting_message_once_its_
     send_to(client, campaign.id, make_customers(2))
     work()
     assert {m.not_before for m in messages(campaign.id)} == {MORNING}
-    redis_conn.flushdb()  # the scheduled jobs are gone
+    redis_conn.flushdb()  # the scheduled refill is gone
 
-    stale_after = app.config["STALE_AFTER"]
-    clock.advance(seconds=stale_after + 1)
-    assert reconcile().requeued == 0  # untouched for long, but waiting for its time
+    clock.advance(seconds=app.config["STALE_AFTER"] + 1)
+    assert reconcile().refilled == 0  # untouched for long, but waiting for its time
     clock.current = MORNING - timedelta(seconds=1)
-    assert reconcile().requeued == 0
-    clock.current = MORNING + timedelta(seconds=stale_after - 5)
-    assert reconcile().requeued == 0  # its job is given STALE_AFTER from its time, as any job
-    clock.current = MORNING + timedelta(seconds=stale_after + 1)
-    assert reconcile().requeued == 2
-    assert reconcile().requeued == 0  # queued: not again
+    assert reconcile().refilled == 0
+    clock.current = MORNING + timedelta(seconds=1)
+    assert reconcile().refilled == 2  # its time has come: into the window, whatever Redis lost
+    assert reconcile().refilled == 0  # queued: not again
     work()
     assert sorted(a["message_id"] for a in read_send_log(send_log)) == sorted(m.id for m in messages(campaign.id))
     assert detail(client, campaign.id)["status"] == "sent"
 
 
-def test_a_waiting_message_whose_job_is_scheduled_is_left_alone(app, client, clock, night, redis_conn, work):
+def test_a_waiting_message_is_queued_once_by_whichever_refill_comes_first(
+    app, client, clock, night, redis_conn, work, send_log
+):
     clock.current = EVENING
     campaign = make_campaign()
     send_to(client, campaign.id, make_customers(1))
     work()
-    clock.current = MORNING + timedelta(seconds=app.config["STALE_AFTER"] + 1)
-    assert reconcile().requeued == 0  # its job is still in RQ's schedule: it will run
+    clock.current = MORNING + timedelta(seconds=1)
+    assert reconcile().refilled == 1  # the reconciler's pass came before the scheduled refill
+    run_scheduled_refills(app, redis_conn, work)  # which then finds it queued already
+    assert len(read_send_log(send_log)) == 1
 
 
 # --- real worker processes ---
 
 
 @pytest.mark.real_only
-def test_a_night_campaign_runs_each_job_once_and_waits_in_the_schedule(app, client, redis_conn, spawn_worker, send_log):
+def test_a_night_campaign_runs_each_job_once_and_waits_out_of_redis(app, client, redis_conn, spawn_worker, send_log):
     """A worker process on the real clock: a window around now where the recipients are. Each job runs
-    once, holds its message and waits in RQ's schedule: no job runs again before the window's end."""
+    once and holds its message in the database; Redis keeps one refill of the campaign's window for the
+    window's end, and nothing runs again before it."""
     local = datetime.now(NAIROBI)
     window = f"{(local - timedelta(hours=1)):%H:%M}-{(local + timedelta(hours=1)):%H:%M}"
+    app.config["SEND_WINDOW"] = 50
     ids = make_customers(200)
     campaign = make_campaign()
     send_to(client, campaign.id, ids)
-    worker = spawn_worker(QUIET_HOURS=window, DEFAULT_TIMEZONE="Africa/Nairobi")
+    worker = spawn_worker(QUIET_HOURS=window, DEFAULT_TIMEZONE="Africa/Nairobi", SEND_WINDOW=50)
     assert worker.wait(timeout=120) == 0, worker.stderr.read().decode()[-2000:]
 
     assert read_send_log(send_log) == []
     held = messages(campaign.id)
-    assert len(held) == 200 and {(m.status, m.retry_count) for m in held} == {("pending", 0)}
+    assert len(held) == 200 and {(m.status, m.retry_count, m.job_seq) for m in held} == {("pending", 0, 1)}
     ends = {m.not_before for m in held}
     assert len(ends) == 1
     [end] = ends
     assert timedelta(minutes=58) < end - datetime.now(UTC) <= timedelta(hours=1)
-    registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
-    assert sorted(registry.get_job_ids()) == sorted(message_job_id(m.id) for m in held)
-    jobs = Job.fetch_many([message_job_id(m.id) for m in held], connection=redis_conn)
-    assert {job.number_of_retries for job in jobs} == {1}  # each ran once
+    assert Queue(app.config["SEND_QUEUE"], connection=redis_conn).count == 0
+    assert ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn).count == 0
+    [(_, due)] = scheduled_refills(app, redis_conn).items()
+    assert timedelta(minutes=58).total_seconds() < due <= timedelta(hours=1).total_seconds()
     assert detail(client, campaign.id)["stats"]["waiting_quiet_hours"] == 200
 
     # A second worker finds nothing to run before the window's end.
-    again = spawn_worker(QUIET_HOURS=window, DEFAULT_TIMEZONE="Africa/Nairobi")
+    again = spawn_worker(QUIET_HOURS=window, DEFAULT_TIMEZONE="Africa/Nairobi", SEND_WINDOW=50)
     assert again.wait(timeout=60) == 0
-    wait_for(lambda: len(registry.get_job_ids()) == 200, timeout=5)
     assert read_send_log(send_log) == []
+    assert {m.job_seq for m in messages(campaign.id)} == {1}

@@ -11,7 +11,7 @@ import pytest
 from rq_scheduler import Scheduler
 
 from app.messaging.app_worker import live_worker_count
-from app.messaging.scheduling import PERIODIC_JOBS
+from app.messaging.triggers import PERIODIC_JOBS
 from tests.conftest import read_send_log, wait_for
 from tests.factories import make_campaign, make_customers
 from tests.helpers import stats

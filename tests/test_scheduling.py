@@ -6,7 +6,7 @@ import pytest
 from redis import Redis
 
 from app.messaging.reconcile import reconcile
-from app.messaging.scheduling import dispatch_job_id, get_scheduler
+from app.messaging.triggers import dispatch_job_id, get_scheduler
 from app.queues import get_control_queue
 from tests.factories import make_customers
 from tests.helpers import stats
@@ -184,7 +184,7 @@ def test_send_on_a_due_scheduled_campaign_starts_it_with_stored_recipients(clien
 
 def test_dispatch_does_not_wait_behind_queued_sends(client, clock, app, redis_conn, send_queue):
     from app.messaging.app_worker import build_worker
-    from app.messaging.scheduling import schedule_dispatch
+    from app.messaging.triggers import schedule_dispatch
 
     busy = client.post("/campaigns", json={"name": "Busy", "channel": "sms", "base_template": "Hi"}).get_json()
     client.post(f"/campaigns/{busy['id']}/send", json={"customer_ids": make_customers(5)})

@@ -2,7 +2,7 @@
 
 from rq_scheduler import Scheduler
 
-from app.messaging.scheduling import dispatch_job_id
+from app.messaging.triggers import dispatch_job_id
 
 
 def test_seed_adds_the_sample_data_once_with_a_trigger_for_the_scheduled_campaign(client, runner, redis_conn, app):

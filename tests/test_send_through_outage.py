@@ -6,14 +6,16 @@ A private cluster and real worker processes."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from rq.job import Job
 from sqlalchemy import select
 
 from app.extensions import db
-from app.messaging.queueing import message_job_id
 from app.messaging.reconcile import reconcile
+from app.messaging.send.job import LEASE_MARGIN
+from app.messaging.send.window import message_job_id
 from app.models import Campaign, OutboundMessage
 from tests.conftest import TEST_API_KEY, read_send_log
 from tests.factories import make_campaign, make_customers
@@ -41,7 +43,7 @@ def start_sending_one(app) -> tuple[int, int]:
 
 def stop_database_mid_send(pg_server, redis_conn, message_id: int) -> None:
     """Stop the cluster while the worker waits for the provider: the message is loaded, not recorded."""
-    job_key = Job.key_for(message_job_id(message_id))
+    job_key = Job.key_for(message_job_id(message_id, 1))
     wait_until(lambda: redis_conn.hget(job_key, "status") == b"started", timeout=30)
     time.sleep(PROVIDER_LATENCY / 4)
     pg_server.stop()
@@ -70,7 +72,7 @@ def test_outage_shorter_than_the_record_window_sends_once(
 
 
 def test_outage_longer_than_the_record_window_sends_again_with_the_same_idempotency_key(
-    private_app, private_database, pg_server, spawn_worker, redis_conn, send_log
+    private_app, private_database, pg_server, spawn_worker, redis_conn, send_log, clock
 ):
     message_id, campaign_id = start_sending_one(private_app)
     worker = spawn_worker(DATABASE_URL=private_database, MOCK_SENDER_LATENCY=PROVIDER_LATENCY, RECORD_RETRY_WINDOW=1)
@@ -79,10 +81,10 @@ def test_outage_longer_than_the_record_window_sends_again_with_the_same_idempote
     assert worker.wait(timeout=60) == 0
     assert "gave up recording a send attempt" in worker.stderr.read().decode()
     pg_server.start()
-    assert statuses(message_id, campaign_id) == ("pending", "sending")
+    assert statuses(message_id, campaign_id) == ("sending", "sending")  # its claim outlived the worker
 
-    private_app.config["STALE_AFTER"] = 0
-    assert reconcile().requeued == 1
+    clock.current = datetime.now(UTC) + timedelta(seconds=private_app.config["JOB_TIMEOUT"] + LEASE_MARGIN + 1)
+    assert reconcile().in_doubt == 1
     assert spawn_worker(DATABASE_URL=private_database).wait(timeout=60) == 0
     attempts = read_send_log(send_log)
     assert [(a["message_id"], a["ok"]) for a in attempts] == [(message_id, True), (message_id, True)]

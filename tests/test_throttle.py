@@ -17,8 +17,8 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
 from app.extensions import db
-from app.messaging import throttle
-from app.messaging.queueing import message_job_id
+from app.messaging.send import throttle
+from app.messaging.send.window import message_job_id
 from app.models import Customer, OutboundMessage
 from tests.conftest import TEST_REDIS_URL, wait_for
 from tests.factories import make_campaign, make_customer, make_customers
@@ -188,18 +188,20 @@ def test_a_message_with_no_slot_soon_is_handed_back_untouched_and_sent_later_wit
     campaign = make_campaign()
     assert client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": [customer.id]}).status_code == 202
     row = db.session.scalars(db.select(OutboundMessage)).one()
-    before = (row.status, row.retry_count, row.last_error, row.error_class, row.updated_at)
+    before = (row.status, row.retry_count, row.last_error, row.error_class, row.job_seq)
     throttle.take_slot(app, "sms")  # another worker just sent: the next slot is 2.03 s away, beyond MAX_WAIT
     work()
     assert fake_providers.requests("twilio") == []
     db.session.refresh(row)
-    assert (row.status, row.retry_count, row.last_error, row.error_class, row.updated_at) == before
+    # Claimed, then given back to the same job: queued as it was, no retry used, no error.
+    assert (row.status, row.retry_count, row.last_error, row.error_class, row.job_seq) == before
     registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
-    due = registry.get_scheduled_time(message_job_id(row.id)).timestamp()
+    job_id = message_job_id(row.id, row.job_seq)
+    due = registry.get_scheduled_time(job_id).timestamp()
     assert time.time() + 1 <= due <= time.time() + 3  # its turn, in whole seconds as RQ schedules
-    assert Job.fetch(message_job_id(row.id), connection=redis_conn).retries_left == 3  # none used
+    assert Job.fetch(job_id, connection=redis_conn).retries_left == 3  # none used
     time.sleep(max(0.0, due - time.time()))
-    assert run_postponed(app, redis_conn, work) == [message_job_id(row.id)]
+    assert run_postponed(app, redis_conn, work) == [job_id]
     assert len(fake_providers.requests("twilio")) == 1
     db.session.refresh(row)
     assert (row.status, row.retry_count, row.last_error) == ("sent", 0, None)
@@ -217,7 +219,7 @@ def test_each_channel_has_its_own_limit(app, client, use_provider, fake_provider
     work()
     assert (len(fake_providers.requests("twilio")), len(fake_providers.requests("whatsapp"))) == (1, 0)
     statuses = db.session.execute(db.select(OutboundMessage.status).order_by(OutboundMessage.id)).scalars().all()
-    assert statuses == ["sent", "pending"]
+    assert statuses == ["sent", "queued"]
 
 
 @pytest.mark.real_only
@@ -267,7 +269,7 @@ def test_a_send_held_up_past_its_slot_makes_no_request_and_is_handed_back_untouc
     work()
     assert fake_providers.requests("twilio") == []  # no request left late
     row = db.session.scalars(db.select(OutboundMessage)).one()
-    assert (row.status, row.retry_count, row.last_error) == ("pending", 0, None)
+    assert (row.status, row.retry_count, row.last_error) == ("queued", 0, None)
     registry = ScheduledJobRegistry(app.config["SEND_QUEUE"], connection=redis_conn)
-    assert message_job_id(row.id) in registry.get_job_ids()  # handed back for later
-    assert Job.fetch(message_job_id(row.id), connection=redis_conn).retries_left == 3  # none used
+    assert message_job_id(row.id, row.job_seq) in registry.get_job_ids()  # handed back for later
+    assert Job.fetch(message_job_id(row.id, row.job_seq), connection=redis_conn).retries_left == 3  # none used

@@ -1,6 +1,6 @@
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus
+from app.models import CampaignPriority, CampaignStatus, Channel, ErrorClass, MessageStatus
 from app.schemas import Id, PageQuerySchema, Text, UTCDateTime
 
 
@@ -8,7 +8,14 @@ class StatsSchema(Schema):
     """Each message counted once, under its current status."""
 
     total = fields.Integer(required=True)
-    pending = fields.Integer(required=True)
+    pending = fields.Integer(
+        required=True,
+        metadata={"description": "Waiting their turn in PostgreSQL (held by quiet hours among them), no job in Redis."},
+    )
+    queued = fields.Integer(
+        required=True, metadata={"description": "In the campaign's window: their send job is in Redis."}
+    )
+    sending = fields.Integer(required=True, metadata={"description": "Claimed by a worker: at the provider right now."})
     sent = fields.Integer(required=True, metadata={"description": "Accepted by the provider, no receipt yet."})
     delivered = fields.Integer(required=True)
     undelivered = fields.Integer(required=True)
@@ -94,6 +101,13 @@ class CampaignSchema(Schema):
             "waits for the window's end). false: sent at any hour (one-time codes, outage notices)."
         },
     )
+    priority = fields.String(
+        validate=validate.OneOf(CampaignPriority.ALL),
+        metadata={
+            "description": "Default normal. Its share of the send workers beside other campaigns sending at "
+            "once: a high one's window is twice a normal one's, a low one's half (docs/operations.md)."
+        },
+    )
     status = fields.String(dump_only=True, metadata={"enum": list(CampaignStatus.ALL)})
     status_reason = fields.String(
         dump_only=True,
@@ -158,15 +172,15 @@ class SendResultSchema(Schema):
     messages_queued = fields.Integer(
         required=True,
         metadata={
-            "description": "Send jobs this request placed in Redis (a large send's count once its fan-out job is "
-            "there). 0 while Redis is down."
+            "description": "Messages this request put in line to be sent: the first window's jobs go to Redis "
+            "at once, the rest as the window moves. Less those whose job Redis refused."
         },
     )
     messages_left_for_reconciler = fields.Integer(
         required=True,
         metadata={
-            "description": "Messages stored but not queued because Redis failed: they stay pending and the "
-            "reconciler queues them (within RECONCILE_INTERVAL + STALE_AFTER). 0 normally."
+            "description": "Messages whose job Redis refused: the reconciler puts them back in line (within "
+            "RECONCILE_INTERVAL + STALE_AFTER). 0 normally."
         },
     )
     skipped_opted_out = fields.Integer(
@@ -255,6 +269,17 @@ class MessageSchema(Schema):
     provider = fields.String(allow_none=True, metadata={"description": "Who took it: mock, africastalking, ..."})
     provider_message_id = fields.String(allow_none=True, metadata={"description": "The provider's id for it."})
     read_at = UTCDateTime(allow_none=True)
+    claimed_by = fields.String(
+        allow_none=True,
+        metadata={"description": "While sending: the worker (host:pid) that claimed it."},
+    )
+    lease_until = UTCDateTime(
+        allow_none=True,
+        metadata={
+            "description": "While sending: until when its claim holds; past it the reconciler puts it back in line "
+            "(its send in doubt)."
+        },
+    )
     not_before = UTCDateTime(
         allow_none=True,
         metadata={

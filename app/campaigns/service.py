@@ -17,8 +17,9 @@ from app.customers.service import get_customer
 from app.database import statement_budget
 from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
-from app.messaging import lifecycle, queueing, recipients, scheduling
+from app.messaging import lifecycle, recipients, triggers
 from app.messaging.segments import GSM_7, UCS_2, encode_info, measure
+from app.messaging.send import window
 from app.messaging.stats import campaign_stats, stats_for
 from app.messaging.templates import (
     CHANNEL_LIMITS,
@@ -113,7 +114,7 @@ def create_campaign(data: Mapping) -> Campaign:
     db.session.add(campaign)
     db.session.commit()
     if scheduled_at:
-        scheduling.sync_dispatch(campaign.id, scheduled_at)
+        triggers.sync_dispatch(campaign.id, scheduled_at)
     return with_stats(campaign)
 
 
@@ -139,7 +140,7 @@ def update_campaign(campaign_id: int, data: Mapping) -> Campaign:
     db.session.commit()
     db.session.refresh(campaign)
     if "scheduled_at" in data:
-        scheduling.sync_dispatch(campaign.id, campaign.scheduled_at)
+        triggers.sync_dispatch(campaign.id, campaign.scheduled_at)
     return with_stats(campaign)
 
 
@@ -229,7 +230,7 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
             }
         starting = campaign.status != CampaignStatus.SENDING
         if starting:
-            # Recipients stored while it was scheduled are queued together with the new ones.
+            # Recipients stored while it was scheduled go out together with the new ones.
             count = db.session.scalar(
                 select(func.count()).where(
                     OutboundMessage.campaign_id == campaign.id, OutboundMessage.status == MessageStatus.PENDING
@@ -250,32 +251,15 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
         db.session.rollback()
         raise
     if starting:
-        scheduling.sync_dispatch(campaign.id, None)
-    queued = _enqueue_after_commit(campaign.id, count, rows if not starting else None)
+        triggers.sync_dispatch(campaign.id, None)
+    lost = window.refill(campaign.id).lost
     return {
         "campaign_id": campaign.id,
-        "messages_queued": queued,
-        "messages_left_for_reconciler": max(count - queued, 0),
+        "messages_queued": count - lost,
+        "messages_left_for_reconciler": lost,
         "skipped_opted_out": skipped,
         "status": CampaignStatus.SENDING,
     }
-
-
-def _enqueue_after_commit(campaign_id: int, count: int, rows: recipients.NewRows | None) -> int:
-    """Queue the committed messages, `rows` or else all the campaign's pending ones; returns how many jobs
-    reached Redis. If Redis fails, the rest are left pending for the reconciler, which queues them once
-    they are `STALE_AFTER` old."""
-    try:
-        if rows is None:
-            return queueing.enqueue_all_pending(campaign_id, count)
-        return queueing.enqueue_new_rows(campaign_id, rows)
-    except queueing.EnqueueInterrupted as exc:
-        log.warning(
-            "could not enqueue after commit; the reconciler will",
-            extra={"campaign_id": campaign_id, "queued": exc.queued, "left_for_reconciler": count - exc.queued},
-            exc_info=True,
-        )
-        return exc.queued
 
 
 def preview(campaign_id: int, customer_id: int) -> dict:
@@ -396,9 +380,10 @@ def pause_campaign(campaign_id: int) -> Campaign:
 
 
 def resume_campaign(campaign_id: int) -> Campaign:
-    """Paused -> sending, its pending messages queued again; or scheduled, keeping its trigger, when its
-    `scheduled_at` is still ahead. The message rows are the truth: only pending ones are queued, and a
-    job queued twice sends once (it locks the row and sends only a pending message)."""
+    """Paused -> sending, its window queued again at once; or scheduled, keeping its trigger, when its
+    `scheduled_at` is still ahead. The message rows are the truth: the jobs a pause found ran without
+    work and put their messages back in line, and a job from before the pause that runs now claims its
+    message as before (a job of an earlier turn claims nothing)."""
     campaign = get_campaign(campaign_id, lock=True)
     try:
         if campaign.status in (CampaignStatus.SENDING, CampaignStatus.SCHEDULED):
@@ -407,33 +392,35 @@ def resume_campaign(campaign_id: int) -> Campaign:
         if campaign.status != CampaignStatus.PAUSED:
             raise _not_allowed(campaign, "be resumed", (CampaignStatus.PAUSED,))
         status = lifecycle.resume(campaign.id)
-        count = _pending_count(campaign.id) if status == CampaignStatus.SENDING else 0
         scheduled_at = campaign.scheduled_at
         db.session.commit()
     except Exception:
         db.session.rollback()
         raise
     if status == CampaignStatus.SCHEDULED:
-        scheduling.sync_dispatch(campaign_id, scheduled_at)  # put back a trigger Redis may have lost
+        triggers.sync_dispatch(campaign_id, scheduled_at)  # put back a trigger Redis may have lost
     else:
-        scheduling.sync_dispatch(campaign_id, None)
-        if count:
-            _enqueue_after_commit(campaign_id, count, None)
-        else:
-            lifecycle.finish_campaign(campaign_id)  # everything went out before the pause
+        triggers.sync_dispatch(campaign_id, None)
+        window.refill(campaign_id)
+        lifecycle.finish_campaign(campaign_id)  # everything went out before the pause
     return _answer(campaign_id)
 
 
+# Seconds a cancel spends canceling its campaign's waiting messages before it answers; a job of the
+# control queue (and the reconciler after it) does the rest.
+CANCEL_ANSWER_BUDGET = 0.5
+
+
 def cancel_campaign(campaign_id: int) -> Campaign:
-    """Draft, scheduled, sending or paused -> canceled, for good; its pending messages canceled in one
-    statement. Sends in flight finish and are recorded (a message the provider took stays `sent`); jobs
-    still queued find their message canceled and do nothing."""
+    """Draft, scheduled, sending or paused -> canceled, for good, committed at once: no send claims another
+    of its messages from then on. Then its waiting messages are canceled in batches that skip rows another
+    transaction holds, for at most `CANCEL_ANSWER_BUDGET` seconds, the rest by a job. Sends in flight are
+    not waited for: each records what its provider said (a message the provider took is `sent`)."""
     campaign = get_campaign(campaign_id, lock=True)
     try:
         if campaign.status != CampaignStatus.CANCELED:
-            with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
-                if lifecycle.cancel(campaign.id) is None:
-                    raise _not_allowed(campaign, "be canceled", CampaignStatus.CANCELABLE)
+            if not lifecycle.cancel(campaign.id):
+                raise _not_allowed(campaign, "be canceled", CampaignStatus.CANCELABLE)
             had_trigger = campaign.scheduled_at is not None
         else:
             had_trigger = False
@@ -442,7 +429,10 @@ def cancel_campaign(campaign_id: int) -> Campaign:
         db.session.rollback()
         raise
     if had_trigger:
-        scheduling.sync_dispatch(campaign_id, None)
+        triggers.sync_dispatch(campaign_id, None)
+    _, done = lifecycle.cancel_all_waiting(campaign_id, CANCEL_ANSWER_BUDGET)
+    if not done:
+        window.enqueue_cancel(campaign_id)
     return _answer(campaign_id)
 
 
@@ -470,13 +460,5 @@ def retry_failed(campaign_id: int) -> dict:
         db.session.rollback()
         raise
     if rows.count:
-        _enqueue_after_commit(campaign_id, rows.count, rows)
+        window.refill(campaign_id)
     return {"campaign": _answer(campaign_id), "requeued": rows.count, "not_retryable": not_retryable}
-
-
-def _pending_count(campaign_id: int) -> int:
-    return db.session.scalar(
-        select(func.count()).where(
-            OutboundMessage.campaign_id == campaign_id, OutboundMessage.status == MessageStatus.PENDING
-        )
-    )

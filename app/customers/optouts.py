@@ -63,18 +63,6 @@ def opt_in_ids(customer_ids: Iterable[int], channel: str) -> int:
     ).rowcount
 
 
-def opt_outs_of(customer_ids: Iterable[int]) -> dict[int, dict[str, dict]]:
-    """`{customer_id: {channel: {"opted_out_at": ..., "source": ...}}}` for these customers (an absent
-    customer has none), in one query."""
-    ids = list(set(customer_ids))
-    found: dict[int, dict[str, dict]] = {i: {} for i in ids}
-    if not ids:
-        return found
-    for row in db.session.execute(select(_opt_outs).where(_opt_outs.c.customer_id.in_(ids))):
-        found[row.customer_id][row.channel] = {"opted_out_at": row.opted_out_at, "source": row.source}
-    return found
-
-
 def inbound_phone(raw: str) -> str | None:
     """An inbound sender's number in E.164, as customers store it: Twilio and Africa's Talking send
     `+254...`, WhatsApp `254...` (international, without the plus); a national `07...` is read in

@@ -5,8 +5,8 @@ from flask.views import MethodView
 
 from app.blueprint import Blueprint
 from app.bodies import spool
-from app.customers import imports, service
-from app.customers.importer import COLUMNS
+from app.customers import import_jobs, service
+from app.customers.csv_import import COLUMNS
 from app.customers.schemas import (
     CustomerImportSchema,
     CustomerQuerySchema,
@@ -130,7 +130,7 @@ def _upload() -> IO[bytes]:
 def import_csv():
     """Create or update customers from CSV (upsert by phone); bad rows are reported, good rows kept"""
     with _upload() as upload:
-        result = imports.import_upload(upload)
+        result = import_jobs.import_upload(upload)
     if isinstance(result, CustomerImport):
         location = url_for("customers.CustomerImportById", import_id=result.id)
         return jsonify(CustomerImportSchema().dump(result)), 202, {"Location": location}
@@ -143,4 +143,4 @@ class CustomerImportById(MethodView):
     @bp.alt_response(404, schema=ErrorSchema, description="Unknown import")
     def get(self, import_id):
         """Get an import that runs as a job: its status, progress and report"""
-        return imports.get_import(import_id)
+        return import_jobs.get_import(import_id)

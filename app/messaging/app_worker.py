@@ -68,7 +68,7 @@ from rq.worker import WorkerStatus
 from app.extensions import db
 from app.logs import worker_job_id
 from app.messaging import stats
-from app.messaging.queueing import SEND_JOB
+from app.messaging.send.window import SEND_JOB
 
 log = logging.getLogger(__name__)
 

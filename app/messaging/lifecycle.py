@@ -9,15 +9,32 @@ the tables; a test checks that every function here moves only along them.
 from __future__ import annotations
 
 import functools
+import time
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, String, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    String,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal_column,
+    null,
+    or_,
+    select,
+    tuple_,
+    union_all,
+    update,
+)
 
 from app import clock
 from app.extensions import db
 from app.messaging import stats
 from app.messaging.recipients import NewRows
-from app.models import Campaign, CampaignStatus, MessageStatus, OutboundMessage
+from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
 
 # Status -> the statuses it may move to.
 CAMPAIGN_TRANSITIONS: dict[str, frozenset[str]] = {
@@ -36,10 +53,25 @@ CAMPAIGN_TRANSITIONS: dict[str, frozenset[str]] = {
     CampaignStatus.CANCELED: frozenset(),
 }
 MESSAGE_TRANSITIONS: dict[str, frozenset[str]] = {
-    # An attempt's outcome; one that RQ retries, or that a paused campaign holds, leaves the message
-    # pending. A campaign's cancel cancels it.
-    MessageStatus.PENDING: frozenset(
-        {MessageStatus.PENDING, MessageStatus.SENT, MessageStatus.FAILED, MessageStatus.CANCELED}
+    # Pending: waiting its turn. A window refill queues it; a cancel cancels it. `sent` only for the late
+    # record of a claim that was lost meanwhile (below).
+    MessageStatus.PENDING: frozenset({MessageStatus.QUEUED, MessageStatus.CANCELED, MessageStatus.SENT}),
+    # Queued: its job is in Redis. Its job claims it, or finds the campaign paused (back to pending, out of
+    # the window) or canceled; the reconciler puts it back in line when Redis lost its job.
+    MessageStatus.QUEUED: frozenset(
+        {MessageStatus.SENDING, MessageStatus.PENDING, MessageStatus.CANCELED, MessageStatus.SENT}
+    ),
+    # Sending: claimed. The attempt's outcome; queued again for a retry or a hand-back (its job runs
+    # again); pending when quiet hours, a pause or an account refusal hold it, or when its lease passed
+    # (the reconciler); canceled when its customer opted out meanwhile.
+    MessageStatus.SENDING: frozenset(
+        {
+            MessageStatus.SENT,
+            MessageStatus.FAILED,
+            MessageStatus.QUEUED,
+            MessageStatus.PENDING,
+            MessageStatus.CANCELED,
+        }
     ),
     # The provider's receipts. Never a step back: a late `sent` after `delivered`, or a repeated receipt,
     # changes nothing (a `read` one only sets `read_at` on a delivered message).
@@ -48,9 +80,20 @@ MESSAGE_TRANSITIONS: dict[str, frozenset[str]] = {
     # retry-failed: a transient failure is tried again, with fresh retries.
     MessageStatus.UNDELIVERED: frozenset({MessageStatus.PENDING}),
     MessageStatus.FAILED: frozenset({MessageStatus.PENDING}),
-    # The record of an attempt that was in flight when its campaign was canceled, and that the provider
-    # took: the message did go out, and says so.
+    # The late record of a claim lost meanwhile (its lease passed), whose provider took the message: it did
+    # go out, and says so, whatever happened to it since (short of another claim).
     MessageStatus.CANCELED: frozenset({MessageStatus.SENT}),
+}
+
+
+IMPORT_TRANSITIONS: dict[str, frozenset[str]] = {
+    # Its job starts it.
+    ImportStatus.QUEUED: frozenset({ImportStatus.RUNNING}),
+    # A run that resumes after a crash starts it again; it ends done, or failed (a file that cannot be read
+    # on, or a run that keeps failing at the same place).
+    ImportStatus.RUNNING: frozenset({ImportStatus.RUNNING, ImportStatus.DONE, ImportStatus.FAILED}),
+    ImportStatus.DONE: frozenset(),
+    ImportStatus.FAILED: frozenset(),
 }
 
 
@@ -119,24 +162,70 @@ def resume(campaign_id: int, now: datetime | None = None) -> str | None:
     return None
 
 
-def cancel(campaign_id: int) -> int | None:
-    """Draft, scheduled, sending or paused -> canceled, and its pending messages canceled in one UPDATE,
-    in the caller's transaction. Returns how many messages were canceled, or None when the campaign did
-    not move.
-
-    The UPDATE waits for the rows that send jobs hold locked (a send in flight) and then sees their
-    record: a message the provider took stays `sent`, one whose attempt failed and was left pending for
-    a retry is canceled."""
-    if not move_campaign(
+def cancel(campaign_id: int) -> bool:
+    """Draft, scheduled, sending or paused -> canceled, in the caller's transaction: the campaign row only,
+    so that the caller commits at once and no send job claims another of its messages from then on. Its
+    waiting messages are canceled afterwards, in batches (`cancel_waiting_messages`). True when this call
+    made the move."""
+    return move_campaign(
         campaign_id, CampaignStatus.CANCELED, Campaign.status.in_(CampaignStatus.CANCELABLE), status_reason=None
-    ):
-        return None
+    )
+
+
+# Messages a cancel moves per transaction: short enough that nothing waits on it for long.
+CANCEL_BATCH = 5000
+_WAITING_STATUSES = (MessageStatus.PENDING, MessageStatus.QUEUED)
+
+
+def cancel_waiting_messages(campaign_id: int, batch: int = CANCEL_BATCH) -> int:
+    """Up to `batch` messages of the canceled campaign that still wait (pending or queued) -> canceled, in
+    the caller's transaction; returns how many. Rows another transaction holds (a send claiming one right
+    now) are skipped, never waited for: a claim of a canceled campaign's message cancels it itself.
+    Messages being sent are left to their send, which records what the provider said."""
+    picked = (
+        select(OutboundMessage.id)
+        .where(OutboundMessage.campaign_id == campaign_id, OutboundMessage.status.in_(_WAITING_STATUSES))
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+    )
+    canceled = select(Campaign.id).where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.CANCELED)
     return db.session.execute(
         update(OutboundMessage)
-        .where(OutboundMessage.campaign_id == campaign_id, OutboundMessage.status == MessageStatus.PENDING)
+        .where(
+            OutboundMessage.id.in_(picked.scalar_subquery()),
+            OutboundMessage.status.in_(_WAITING_STATUSES),
+            canceled.exists(),
+        )
         .values(status=MessageStatus.CANCELED, updated_at=clock.now())
         .execution_options(synchronize_session=False)
     ).rowcount
+
+
+def cancel_all_waiting(campaign_id: int, seconds: float | None = None) -> tuple[int, bool]:
+    """Cancel the canceled campaign's waiting messages, a batch per transaction (each committed), for at
+    most `seconds` (None: until none is left). Returns how many, and whether none is left."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    total = 0
+    while True:
+        moved = cancel_waiting_messages(campaign_id)
+        db.session.commit()
+        total += moved
+        if moved < CANCEL_BATCH:
+            if not waiting_messages_left(campaign_id):
+                db.session.commit()
+                return total, True
+            time.sleep(0.01)  # a batch skipped a row another transaction held for a moment: look again
+        if deadline is not None and time.monotonic() > deadline:
+            db.session.commit()
+            return total, False
+
+
+def waiting_messages_left(campaign_id: int) -> bool:
+    """Whether the campaign has a message still pending or queued (a canceled one's, left by a batch that
+    skipped a row another transaction held)."""
+    return any(
+        db.session.scalar(_last_of(status), {"campaign_id": campaign_id}) is not None for status in _WAITING_STATUSES
+    )
 
 
 def reopen_for_retry(campaign_id: int) -> bool:
@@ -193,28 +282,59 @@ def start_due_campaign(campaign_id: int, now: datetime | None = None) -> bool:
     return moved
 
 
-# The campaign's pending message with the highest id, if any. Sends go out roughly in id order, and the
-# index range of its pending messages fills from the bottom with entries of messages already sent
-# (dead until vacuum), so the check reads the range from the top. `EXISTS` reads it from the bottom
-# (PostgreSQL drops an ORDER BY inside EXISTS): at 90% of a 100k campaign it made the send job's
-# second round trip 1.3 ms instead of 0.8, and 9 ms when stale statistics chose a sequential scan.
-LAST_PENDING = (
-    select(OutboundMessage.id)
-    .where(OutboundMessage.campaign_id == bindparam("campaign_id"), OutboundMessage.status == MessageStatus.PENDING)
-    .order_by(OutboundMessage.id.desc())
-    .limit(1)
+def _is(column, value: str) -> ColumnElement[bool]:
+    """`column = 'value'` with the value written into the SQL, not bound: the planner then sees that a
+    partial index's condition holds (`status = 'pending'`), on a prepared statement too. Only for the
+    module's own constants."""
+    return column == literal_column(f"'{value}'")
+
+
+def _last_of(status: str):
+    """The campaign's message in `status` with the highest id, if any. Sends go out roughly in id order,
+    and the index range of a status fills from the bottom with entries of messages that left it (dead
+    until vacuum), so the range is read from the top: `EXISTS` reads it from the bottom (PostgreSQL drops
+    an ORDER BY inside EXISTS), which at 90% of a 100k campaign made the check 1.3 ms instead of 0.8."""
+    return (
+        select(OutboundMessage.id)
+        .where(OutboundMessage.campaign_id == bindparam("campaign_id"), _is(OutboundMessage.status, status))
+        .order_by(OutboundMessage.id.desc())
+        .limit(1)
+    )
+
+
+# Some message of the campaign not finished yet (pending, queued or being sent), or null: one index probe
+# per status at most (COALESCE stops at the first it finds).
+UNFINISHED = select(func.coalesce(*(_last_of(status).scalar_subquery() for status in MessageStatus.UNFINISHED)))
+
+
+def _in_status_upto(status: str):
+    limited = (
+        select(OutboundMessage.id)
+        .where(OutboundMessage.campaign_id == bindparam("campaign_id"), _is(OutboundMessage.status, status))
+        .limit(bindparam("cap"))
+        .subquery()
+    )
+    return select(func.count()).select_from(limited).scalar_subquery()
+
+
+# A sending campaign's window as a send job sees it after its record: how many of its messages are queued
+# or being sent (each counted up to `cap`, a window's size: it reads no more), and whether one is pending
+# (waiting for a refill; or held by quiet hours).
+WINDOW_STATE = select(
+    (_in_status_upto(MessageStatus.QUEUED) + _in_status_upto(MessageStatus.SENDING)).label("in_window"),
+    _last_of(MessageStatus.PENDING).scalar_subquery().is_not(None).label("pending"),
 )
 
 
-def pending_exists(connection, campaign_id: int) -> bool:
-    """Whether the campaign has a pending message, as `connection` sees it."""
-    return connection.scalar(LAST_PENDING, {"campaign_id": campaign_id}) is not None
+def unfinished_exists(connection, campaign_id: int) -> bool:
+    """Whether the campaign has a message not finished yet, as `connection` sees it."""
+    return connection.scalar(UNFINISHED, {"campaign_id": campaign_id}) is not None
 
 
-def pending_exists_now(campaign_id: int) -> bool:
-    """Whether the campaign has a pending message, read outside any transaction (one round trip)."""
+def unfinished_exists_now(campaign_id: int) -> bool:
+    """Whether the campaign has a message not finished yet, read outside any transaction (one round trip)."""
     with db.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
-        return pending_exists(conn, campaign_id)
+        return unfinished_exists(conn, campaign_id)
 
 
 def _has_messages(campaign_id: int, statuses: tuple[str, ...] | None = None) -> bool:
@@ -224,24 +344,25 @@ def _has_messages(campaign_id: int, statuses: tuple[str, ...] | None = None) -> 
     return bool(db.session.scalar(select(exists().where(and_(*conditions)))))
 
 
-def finish_campaign(campaign_id: int, pending_checked: bool = False) -> str | None:
-    """If the `sending` campaign has no pending message left, end it: `sent` when a provider accepted at
-    least one message, else `failed` with the reason. Returns the new status, or None when nothing changed.
+def finish_campaign(campaign_id: int, checked: bool = False) -> str | None:
+    """If the `sending` campaign has no message left unfinished (pending, queued or being sent), end it:
+    `sent` when a provider accepted at least one message, else `failed` with the reason. Returns the new
+    status, or None when nothing changed.
 
-    Call after the commit of the message that may have been the last (`pending_checked` when the caller
-    has just seen, after that commit, that nothing is pending). Safe when several workers finish the last
-    messages at once: the campaign row is locked before the final count, so the count sees every commit
-    that came before, and only one caller moves it out of `sending`. The one that does recounts the
-    campaign's stats from its rows (`stats.recount`).
+    Call after the commit of the message that may have been the last (`checked` when the caller has just
+    seen, after that commit, that nothing is left). Safe when several workers finish the last messages at
+    once: the campaign row is locked before the final check, so the check sees every commit that came
+    before, and only one caller moves it out of `sending`. The one that does recounts the campaign's stats
+    from its rows (`stats.recount`).
     """
-    if not pending_checked and pending_exists_now(campaign_id):
-        return None  # the common case: one indexed lookup, no lock, no transaction
+    if not checked and unfinished_exists_now(campaign_id):
+        return None  # the common case: a few indexed lookups, no lock, no transaction
     locked = db.session.scalar(
         select(Campaign.id)
         .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.SENDING)
         .with_for_update()
     )
-    if locked is None or pending_exists(db.session, campaign_id):
+    if locked is None or unfinished_exists(db.session, campaign_id):
         db.session.commit()
         return None
     if _has_messages(campaign_id, MessageStatus.ACCEPTED):
@@ -258,48 +379,154 @@ def finish_campaign(campaign_id: int, pending_checked: bool = False) -> str | No
     return status
 
 
-# An attempt's outcome (`sent`, `failed`, or still `pending` with a retry used). Only a pending message
-# takes one (plain comparisons keep the statement's SQL fixed, which the send job's store compiles once):
-# a record retried after its row lock was lost (a database outage) must not overwrite a later attempt's.
-# The one exception is a message canceled meanwhile that the provider took: it did go out, and its
-# record says so (a cancel waits for the row lock of a send in flight, so only a lost lock gets here).
-RECORD_ATTEMPT = (
-    update(OutboundMessage)
+# --- the send path: a message enters its campaign's window, is claimed, and its claim ends ---------------
+
+_M = OutboundMessage.__table__
+_C = Campaign.__table__
+
+
+def queue_next(campaign_id: int, room: int, now: datetime) -> list[tuple[int, int, int]]:
+    """Up to `room` of the sending campaign's pending messages -> queued, in the caller's transaction:
+    first those held by quiet hours whose time has come, then the others in id order. Each one's
+    `job_seq` is counted up (its job's id, `app.messaging.send.window`). Rows another transaction holds
+    are skipped (two refills at once take different rows). Returns `(id, job_seq, retry_count)` of each,
+    oldest first."""
+    due = (
+        select(_M.c.id)
+        .where(
+            _M.c.campaign_id == campaign_id,
+            _is(_M.c.status, MessageStatus.PENDING),
+            _M.c.not_before.is_not(None),
+            _M.c.not_before <= now,
+        )
+        .order_by(_M.c.not_before)
+        .limit(room)
+        .subquery()
+    )
+    ready = (
+        select(_M.c.id)
+        .where(_M.c.campaign_id == campaign_id, _is(_M.c.status, MessageStatus.PENDING), _M.c.not_before.is_(None))
+        .order_by(_M.c.id)
+        .limit(room)
+        .subquery()
+    )
+    candidates = union_all(select(due.c.id), select(ready.c.id)).subquery()
+    picked = (
+        select(_M.c.id)
+        .where(_M.c.id.in_(select(candidates.c.id)), _M.c.status == MessageStatus.PENDING)
+        .order_by(_M.c.id)
+        .limit(room)
+        .with_for_update(skip_locked=True)
+    )
+    sending = select(_C.c.id).where(_C.c.id == campaign_id, _C.c.status == CampaignStatus.SENDING)
+    rows = db.session.execute(
+        update(_M)
+        .where(_M.c.id.in_(picked.scalar_subquery()), _M.c.status == MessageStatus.PENDING, sending.exists())
+        .values(status=MessageStatus.QUEUED, job_seq=_M.c.job_seq + 1, updated_at=now)
+        .returning(_M.c.id, _M.c.job_seq, _M.c.retry_count)
+    ).all()
+    return sorted(tuple(row) for row in rows)
+
+
+_CAMPAIGN_SENDING = _C.c.status == CampaignStatus.SENDING
+
+# A send job claims its message: queued with the job's own `job_seq` -> sending, with the worker, its lease
+# and a token naming this claim, when the campaign (read in the same statement) is sending. A paused
+# campaign's message goes back to pending instead (out of the window: resume queues it again), a canceled
+# one's is canceled. One statement, committed at once: no lock is held past it. A job from an earlier
+# turn of the message (another `job_seq`) changes nothing.
+CLAIM = (
+    update(_M)
     .where(
-        OutboundMessage.id == bindparam("message_id"),
+        _M.c.id == bindparam("message_id"),
+        _M.c.status == MessageStatus.QUEUED,
+        _M.c.job_seq == bindparam("queued_seq"),
+        _C.c.id == _M.c.campaign_id,
+    )
+    .values(
+        status=case(
+            (_CAMPAIGN_SENDING, MessageStatus.SENDING),
+            (_C.c.status == CampaignStatus.CANCELED, MessageStatus.CANCELED),
+            else_=MessageStatus.PENDING,
+        ),
+        claimed_by=case((_CAMPAIGN_SENDING, bindparam("worker", type_=String)), else_=null()),
+        lease_until=case((_CAMPAIGN_SENDING, bindparam("lease", type_=_M.c.lease_until.type)), else_=null()),
+        claim_token=case((_CAMPAIGN_SENDING, bindparam("token", type_=BigInteger)), else_=null()),
+        updated_at=bindparam("now"),
+    )
+    .returning(_M.c.id, _M.c.status, _M.c.retry_count, _M.c.campaign_id, _M.c.customer_id)
+)
+
+# A claim ends: what its attempt came to (`sent`, `failed`, `canceled`), or the message goes back to
+# queued (a retry or a hand-back: its job runs again) or pending (held by quiet hours until `not_before`,
+# by a pause, by an account refusal). Only the claim that holds the message records (`claim_token`), so a
+# claim whose lease passed cannot overwrite a later one. The one exception: a `sent` outcome recorded
+# after its claim was lost (its lease passed meanwhile) while the message still waits, or was canceled:
+# the provider took it, so it did go out, and says so. Fixed SQL (plain comparisons), compiled once by the
+# send job's store.
+RECORD = (
+    update(_M)
+    .where(
+        _M.c.id == bindparam("message_id"),
         or_(
-            OutboundMessage.status == MessageStatus.PENDING,
+            and_(_M.c.status == MessageStatus.SENDING, _M.c.claim_token == bindparam("token")),
             and_(
-                OutboundMessage.status == MessageStatus.CANCELED,
                 bindparam("new_status", type_=String) == MessageStatus.SENT,
+                # Plain comparisons, not IN: the store compiles this once, and IN's values are bound late.
+                or_(*(_M.c.status == s for s in (MessageStatus.PENDING, MessageStatus.QUEUED, MessageStatus.CANCELED))),
             ),
         ),
     )
     .values(
         status=bindparam("new_status"),
-        rendered_content=bindparam("body"),
-        segments=bindparam("segments"),
+        rendered_content=func.coalesce(bindparam("body"), _M.c.rendered_content),
+        segments=func.coalesce(bindparam("segments"), _M.c.segments),
         # A success keeps the last error, its code and class, for the record.
-        last_error=func.coalesce(bindparam("error"), OutboundMessage.last_error),
-        error_code=func.coalesce(bindparam("error_code"), OutboundMessage.error_code),
-        error_class=func.coalesce(bindparam("error_class"), OutboundMessage.error_class),
+        last_error=func.coalesce(bindparam("error"), _M.c.last_error),
+        error_code=func.coalesce(bindparam("error_code"), _M.c.error_code),
+        error_class=func.coalesce(bindparam("error_class"), _M.c.error_class),
         retry_count=bindparam("retries_used"),
-        provider=func.coalesce(bindparam("provider"), OutboundMessage.provider),
-        provider_message_id=func.coalesce(bindparam("provider_message_id"), OutboundMessage.provider_message_id),
+        provider=func.coalesce(bindparam("provider"), _M.c.provider),
+        provider_message_id=func.coalesce(bindparam("provider_message_id"), _M.c.provider_message_id),
+        not_before=func.coalesce(bindparam("not_before", type_=_M.c.not_before.type), _M.c.not_before),
+        claimed_by=null(),
+        lease_until=null(),
+        claim_token=null(),
         updated_at=bindparam("now"),
     )
 )
 
 
-# A message held by quiet hours: it stays pending, with the time it may go and no retry used. Only a
-# pending one is held (the send job holds its row lock; the condition keeps a record retried after a lost
-# lock from touching a later outcome). Not a status change; `updated_at` moves, so the reconciler sees it
-# was just handled (and leaves it until `not_before` anyway, `app.messaging.reconcile`).
-HOLD_UNTIL = (
-    update(OutboundMessage)
-    .where(OutboundMessage.id == bindparam("message_id"), OutboundMessage.status == MessageStatus.PENDING)
-    .values(not_before=bindparam("not_before"), updated_at=bindparam("now"))
-)
+def release_expired_claims(now: datetime, batch: int) -> list[tuple[int, int]]:
+    """Up to `batch` messages whose claim's lease has passed (their worker died, or hung past its job's
+    timeout) -> pending, in the caller's transaction: back in line, to be sent again. Their send is in
+    doubt: the provider may have taken it. Returns `(id, campaign_id)` of each."""
+    picked = (
+        select(_M.c.id)
+        .where(_is(_M.c.status, MessageStatus.SENDING), _M.c.lease_until < now)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+    )
+    rows = db.session.execute(
+        update(_M)
+        .where(_M.c.id.in_(picked.scalar_subquery()), _M.c.status == MessageStatus.SENDING, _M.c.lease_until < now)
+        .values(status=MessageStatus.PENDING, claimed_by=null(), lease_until=null(), claim_token=null(), updated_at=now)
+        .returning(_M.c.id, _M.c.campaign_id)
+    ).all()
+    return [(row.id, row.campaign_id) for row in rows]
+
+
+def unqueue_lost(jobs: list[tuple[int, int]], now: datetime) -> int:
+    """Queued messages whose job Redis no longer has (`(id, job_seq)` pairs) -> pending, in the caller's
+    transaction: back in line for the next refill, which queues them with a new job. Returns how many."""
+    if not jobs:
+        return 0
+    return db.session.execute(
+        update(_M)
+        .where(tuple_(_M.c.id, _M.c.job_seq).in_(jobs), _M.c.status == MessageStatus.QUEUED)
+        .values(status=MessageStatus.PENDING, updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
 
 
 _MESSAGES = OutboundMessage.__table__
@@ -356,3 +583,38 @@ def apply_receipt(
     if moved:
         return True
     return False if connection.scalar(_RECEIPT_FINDS, key) else None
+
+
+# --- customer imports run as jobs (app.customers.import_jobs) ---
+
+_IMPORTS = CustomerImport.__table__
+
+
+def start_import(import_id: int) -> bool:
+    """Queued (or running, for a run that resumes after a crash) -> running, counting the run, in the
+    caller's transaction. True when this call made the move (False: done, failed or unknown)."""
+    return (
+        db.session.execute(
+            update(_IMPORTS)
+            .where(
+                _IMPORTS.c.id == import_id,
+                _IMPORTS.c.status.in_(sources(IMPORT_TRANSITIONS, ImportStatus.RUNNING)),
+            )
+            .values(status=ImportStatus.RUNNING, attempts=_IMPORTS.c.attempts + 1, updated_at=clock.now())
+        ).rowcount
+        == 1
+    )
+
+
+def end_import(import_id: int, status: str, reason: str | None = None) -> bool:
+    """Running -> done or failed (`status`), with its reason, in the caller's transaction. True when this
+    call made the move."""
+    now = clock.now()
+    return (
+        db.session.execute(
+            update(_IMPORTS)
+            .where(_IMPORTS.c.id == import_id, _IMPORTS.c.status.in_(sources(IMPORT_TRANSITIONS, status)))
+            .values(status=status, status_reason=reason, finished_at=now, updated_at=now)
+        ).rowcount
+        == 1
+    )

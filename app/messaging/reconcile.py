@@ -2,15 +2,18 @@
 
 It runs every `RECONCILE_INTERVAL` seconds and
 1. dispatches due `scheduled` campaigns that nothing dispatched (scheduler down, Redis flushed);
-2. re-enqueues pending messages of `sending` campaigns untouched for `STALE_AFTER` seconds whose job
-   is not waiting in Redis (a crash between commit and enqueue, a flushed Redis, a killed worker); a
-   message waiting out quiet hours counts as untouched only from its `not_before`;
-3. finishes `sending` campaigns with nothing pending;
-4. applies delivery receipts kept because their message's provider id was not recorded yet;
-5. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
+2. puts back in line the messages whose claim's lease has passed (their worker was killed, or hung past
+   its job's timeout): their send is in doubt (the provider may have taken it), so each is logged and
+   counted (`dispatch_messages_total{outcome="in_doubt"}`) before it is sent again;
+3. for each `sending` campaign: puts back in line its queued messages whose job Redis no longer holds
+   (a flushed Redis, a worker killed between taking a job and claiming), untouched for `STALE_AFTER`
+   seconds; refills its window; and ends it when nothing is left;
+4. cancels what canceled campaigns still have waiting (a cancel cut short);
+5. applies delivery receipts kept because their message's provider id was not recorded yet;
+6. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
    job is not waiting in Redis (a flushed Redis, a killed worker); the job resumes where the import was.
-It works in batches and is safe beside workers and beside itself: a message a worker is sending holds
-its row lock and is skipped here, and a job that runs twice does not send twice.
+It works in batches and is safe beside workers and beside itself: every move is a conditional UPDATE,
+rows another transaction holds are skipped, and a job from an earlier turn of a message claims nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ from datetime import timedelta
 from flask import current_app
 from rq import Queue
 from rq.job import Job, JobStatus
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 
-from app import clock
-from app.customers import imports
+from app import clock, metrics
+from app.customers import import_jobs
 from app.extensions import db
 from app.messaging import lifecycle, receipts
-from app.messaging.queueing import enqueue_messages, message_job_id
-from app.messaging.scheduling import dispatch_due_campaign
+from app.messaging.send import window
+from app.messaging.triggers import dispatch_due_campaign
 from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
 from app.queues import get_control_queue, get_queue, get_redis
 
@@ -42,10 +45,32 @@ _WAITING = {JobStatus.QUEUED.value, JobStatus.SCHEDULED.value, JobStatus.DEFERRE
 @dataclass
 class ReconcileReport:
     dispatched: list[int] = field(default_factory=list)
+    in_doubt: int = 0
     requeued: int = 0
+    refilled: int = 0
     finalized: dict[int, str] = field(default_factory=dict)
+    canceled: int = 0
     requeued_imports: int = 0
     applied_receipts: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"dispatched {self.dispatched}, in doubt {self.in_doubt}, requeued {self.requeued}, "
+            f"refilled {self.refilled}, finalized {self.finalized}, canceled {self.canceled}, "
+            f"applied receipts {self.applied_receipts}, requeued imports {self.requeued_imports}"
+        )
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.dispatched
+            or self.in_doubt
+            or self.requeued
+            or self.refilled
+            or self.finalized
+            or self.canceled
+            or self.applied_receipts
+            or self.requeued_imports
+        )
 
 
 def dispatch_due_campaigns() -> list[int]:
@@ -100,44 +125,66 @@ def _left_queue_before(queue: Queue) -> str | None:
     return enqueued[0] if enqueued else None
 
 
-def requeue_stale_messages(campaign_id: int) -> int:
-    """Re-enqueue the campaign's stale pending messages that have no job waiting; returns how many."""
+def release_expired_claims() -> int:
+    """Put back in line every message whose claim's lease has passed; returns how many. Each is a send in
+    doubt: logged with its ids and counted, so that an operator sees what may reach a recipient twice."""
+    batch = current_app.config["RECONCILE_BATCH_SIZE"]
+    total = 0
+    while True:
+        released = lifecycle.release_expired_claims(clock.now(), batch)
+        db.session.commit()
+        for message_id, campaign_id in released:
+            log.warning(
+                "a claim's lease passed: the send is in doubt, and the message is sent again",
+                extra={"message_id": message_id, "campaign_id": campaign_id},
+            )
+        metrics.count_in_doubt(len(released))
+        total += len(released)
+        if len(released) < batch:
+            return total
+
+
+def requeue_lost_jobs(campaign_id: int) -> int:
+    """Put back in line the campaign's queued messages, untouched for `STALE_AFTER` seconds, whose job
+    will not run by itself; returns how many. (A window holds a few hundred: one pass reads them all.)"""
     config = current_app.config
     cutoff = clock.now() - timedelta(seconds=config["STALE_AFTER"])
-    batch_size = config["RECONCILE_BATCH_SIZE"]
-    after, requeued = 0, 0
-    while True:
-        rows = db.session.execute(
-            select(OutboundMessage.id, OutboundMessage.retry_count)
+    rows = db.session.execute(
+        select(OutboundMessage.id, OutboundMessage.job_seq)
+        .where(
+            OutboundMessage.campaign_id == campaign_id,
+            OutboundMessage.status == MessageStatus.QUEUED,
+            OutboundMessage.updated_at < cutoff,
+        )
+        .order_by(OutboundMessage.id)
+        .limit(config["RECONCILE_BATCH_SIZE"])
+    ).all()
+    db.session.commit()
+    if not rows:
+        return 0
+    waiting = _jobs_waiting([window.message_job_id(r.id, r.job_seq) for r in rows], get_queue())
+    lost = [(r.id, r.job_seq) for r, will_run in zip(rows, waiting, strict=True) if not will_run]
+    moved = lifecycle.unqueue_lost(lost, clock.now())
+    db.session.commit()
+    return moved
+
+
+def cancel_leftovers() -> int:
+    """Cancel what canceled campaigns still have waiting (a cancel whose batches were cut short: the
+    request ran out of time and its job was lost, say); returns how many messages."""
+    leftovers = db.session.scalars(
+        select(Campaign.id).where(
+            Campaign.status == CampaignStatus.CANCELED,
+            select(OutboundMessage.id)
             .where(
-                OutboundMessage.campaign_id == campaign_id,
-                OutboundMessage.status == MessageStatus.PENDING,
-                OutboundMessage.id > after,
-                OutboundMessage.updated_at < cutoff,
-                # A message waiting out quiet hours is not lost before its time: its job is scheduled for
-                # `not_before`, and is given `STALE_AFTER` from then, like any job from its last touch.
-                or_(OutboundMessage.not_before.is_(None), OutboundMessage.not_before < cutoff),
+                OutboundMessage.campaign_id == Campaign.id,
+                OutboundMessage.status.in_((MessageStatus.PENDING, MessageStatus.QUEUED)),
             )
-            .order_by(OutboundMessage.id)
-            .limit(batch_size)
-            .with_for_update(skip_locked=True)  # a locked row is being sent right now
-        ).all()
-        if not rows:
-            db.session.commit()
-            return requeued
-        after = rows[-1].id
-        waiting = _jobs_waiting([message_job_id(r.id) for r in rows], get_queue())
-        lost = [r for r, will_run in zip(rows, waiting, strict=True) if not will_run]
-        if lost:
-            # Touching them keeps the next run from re-enqueueing them again before they are stale.
-            db.session.execute(
-                update(OutboundMessage)
-                .where(OutboundMessage.id.in_([r.id for r in lost]))
-                .values(updated_at=clock.now())
-                .execution_options(synchronize_session=False)
-            )
-        db.session.commit()
-        requeued += enqueue_messages((r.id, r.retry_count) for r in lost)
+            .exists(),
+        )
+    ).all()
+    db.session.commit()
+    return sum(lifecycle.cancel_all_waiting(campaign_id)[0] for campaign_id in leftovers)
 
 
 def requeue_stale_imports() -> int:
@@ -153,7 +200,7 @@ def requeue_stale_imports() -> int:
     if not stale:
         db.session.commit()
         return 0
-    waiting = _jobs_waiting([imports.import_job_id(i) for i in stale], get_control_queue())
+    waiting = _jobs_waiting([import_jobs.import_job_id(i) for i in stale], get_control_queue())
     lost = [i for i, will_run in zip(stale, waiting, strict=True) if not will_run]
     if lost:
         # Touched, so that the next pass leaves them to the job until they are stale again.
@@ -165,30 +212,36 @@ def requeue_stale_imports() -> int:
         )
     db.session.commit()
     for import_id in lost:
-        imports.enqueue_import(import_id)
+        import_jobs.enqueue_import(import_id)
     return len(lost)
 
 
 def reconcile() -> ReconcileReport:
-    """One pass of the five steps above."""
+    """One pass of the six steps above."""
     report = ReconcileReport(dispatched=dispatch_due_campaigns())
+    report.in_doubt = release_expired_claims()
     sending = db.session.scalars(select(Campaign.id).where(Campaign.status == CampaignStatus.SENDING)).all()
     db.session.commit()
     for campaign_id in sending:
-        report.requeued += requeue_stale_messages(campaign_id)
-        # finish_campaign checks for pending messages itself, and does nothing when there are some.
+        report.requeued += requeue_lost_jobs(campaign_id)
+        report.refilled += window.refill(campaign_id).queued
+        # finish_campaign checks for unfinished messages itself, and does nothing when there are some.
         status = lifecycle.finish_campaign(campaign_id)
         if status:
             report.finalized[campaign_id] = status
+    report.canceled = cancel_leftovers()
     report.applied_receipts = receipts.apply_waiting()
     report.requeued_imports = requeue_stale_imports()
-    if report.dispatched or report.requeued or report.finalized or report.applied_receipts or report.requeued_imports:
+    if report:
         log.info(
             "reconciled",
             extra={
                 "dispatched": report.dispatched,
+                "in_doubt": report.in_doubt,
                 "requeued": report.requeued,
+                "refilled": report.refilled,
                 "finalized": report.finalized,
+                "canceled": report.canceled,
                 "applied_receipts": report.applied_receipts,
                 "requeued_imports": report.requeued_imports,
             },

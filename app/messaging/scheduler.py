@@ -23,7 +23,7 @@ from flask import current_app
 from redis.exceptions import RedisError
 from rq_scheduler import Scheduler
 
-from app.messaging.scheduling import register_periodic_jobs, restore_periodic_jobs
+from app.messaging.triggers import register_periodic_jobs, restore_periodic_jobs
 from app.queues import get_control_queue, get_redis
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,6 @@ from gsm0338.charset import BASIC_CHARACTER_SET, BASIC_CHARACTER_SET_EXTENSION
 
 GSM_7 = "GSM-7"
 UCS_2 = "UCS-2"
-ENCODINGS = (GSM_7, UCS_2)
 
 # Septets or code units in one SMS, and per part of a longer one.
 SINGLE = {GSM_7: 160, UCS_2: 70}

@@ -37,7 +37,7 @@ def http_client(app: Flask) -> httpx.Client:
 
 
 # The latest `time.monotonic()` at which this thread's next request may leave, set by the throughput limit
-# (`app.messaging.throttle`) when it grants a slot; None: no limit.
+# (`app.messaging.send.throttle`) when it grants a slot; None: no limit.
 send_by: ContextVar[float | None] = ContextVar("send_by", default=None)
 # The error code of a request not made because it was late for its slot.
 LATE_FOR_SLOT = "late_for_slot"

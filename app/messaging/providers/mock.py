@@ -18,7 +18,8 @@ from app.models import ErrorClass
 class MockProvider:
     """Succeeds unless told otherwise: `fail_attempts` fails the first N attempts of every message,
     `failure_rate` fails attempts at random (transient failures, so RQ retries them), `latency` seconds
-    stand for the provider's round trip. With `log_path`, appends one JSON line per attempt."""
+    stand for the provider's round trip. With `log_path`, appends one JSON line per attempt, when it ends
+(with the time it started)."""
 
     name = "mock"
     _log_lock = threading.Lock()
@@ -41,6 +42,7 @@ class MockProvider:
         )
 
     def send(self, message: OutgoingMessage) -> SendResult:
+        started = time.time()
         if self.latency:
             time.sleep(self.latency)  # a provider's round trip
         if message.attempt <= self.fail_attempts:
@@ -51,10 +53,10 @@ class MockProvider:
         else:
             result = SendResult.accepted(f"mock-{message.message_id}")
         if self.log_path:
-            self._log(message, result)
+            self._log(message, result, started)
         return result
 
-    def _log(self, message: OutgoingMessage, result: SendResult) -> None:
+    def _log(self, message: OutgoingMessage, result: SendResult, started: float) -> None:
         line = json.dumps(
             {
                 "message_id": message.message_id,
@@ -66,6 +68,7 @@ class MockProvider:
                 "ok": result.ok,
                 "attempt": message.attempt,
                 "idempotency_key": message.idempotency_key,
+                "started": started,  # when the request reached the provider (Unix time)
             }
         )
         # One write of a whole line with O_APPEND: lines from several processes do not interleave.

@@ -22,16 +22,17 @@ from rq import Retry
 from sqlalchemy import delete, insert, select, update
 
 from app import clock
-from app.customers.importer import ImportReport, LineSource, import_customers, read_batches, read_header, write_batch
+from app.customers.csv_import import ImportReport, LineSource, import_customers, read_batches, read_header, write_batch
 from app.errors import NotFoundError, ValidationFailed
 from app.extensions import db
+from app.messaging import lifecycle
 from app.models import CustomerImport, CustomerImportChunk, ImportStatus
 from app.queues import get_control_queue
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
-IMPORT_JOB = "app.customers.imports.run_import"
+IMPORT_JOB = "app.customers.import_jobs.run_import"
 IMPORT_JOB_TIMEOUT = 3600  # a run stopped by it resumes where it was, when RQ retries it
 # Runs without progress after which an import is given up as failed.
 MAX_ATTEMPTS = 5
@@ -133,23 +134,14 @@ def _open_upload(import_id: int, position: int = 0) -> IO[bytes]:
 def _claim(import_id: int) -> CustomerImport | None:
     """Mark the import running (from queued, or running for a run that resumes), counting the run;
     None when it is done, failed or unknown."""
-    claimed = db.session.execute(
-        update(_imports)
-        .where(_imports.c.id == import_id, _imports.c.status.in_(ImportStatus.ACTIVE))
-        .values(status=ImportStatus.RUNNING, attempts=_imports.c.attempts + 1, updated_at=clock.now())
-    ).rowcount
+    claimed = lifecycle.start_import(import_id)
     db.session.commit()
     return db.session.get(CustomerImport, import_id) if claimed else None
 
 
 def _end(import_id: int, status: str, reason: str | None = None) -> None:
     """End the import (in the caller's transaction) and delete its upload."""
-    now = clock.now()
-    db.session.execute(
-        update(_imports)
-        .where(_imports.c.id == import_id, _imports.c.status == ImportStatus.RUNNING)
-        .values(status=status, status_reason=reason, finished_at=now, updated_at=now)
-    )
+    lifecycle.end_import(import_id, status, reason)
     db.session.execute(delete(_chunks).where(_chunks.c.import_id == import_id))
 
 

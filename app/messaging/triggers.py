@@ -16,7 +16,7 @@ from rq.job import Job
 from rq_scheduler import Scheduler
 
 from app.messaging import lifecycle
-from app.messaging.queueing import enqueue_messages, pending_messages
+from app.messaging.send import window
 from app.queues import get_control_queue, get_redis
 
 log = logging.getLogger(__name__)
@@ -25,12 +25,12 @@ DISPATCH_JOB = "app.messaging.jobs.dispatch_scheduled_campaign"
 
 
 def dispatch_due_campaign(campaign_id: int, now: datetime | None = None) -> int | None:
-    """Start a due scheduled campaign and enqueue all its pending messages; one with none ends `failed`
-    at once. Idempotent: returns how many were queued, or None when it was not due or was already
+    """Start a due scheduled campaign and queue its first window; one with no messages ends `failed` at
+    once. Idempotent: returns how many jobs were queued, or None when it was not due or was already
     dispatched."""
     if not lifecycle.start_due_campaign(campaign_id, now):
         return None
-    queued = enqueue_messages(pending_messages(campaign_id))
+    queued = window.refill(campaign_id).queued
     if not queued:
         lifecycle.finish_campaign(campaign_id)
     return queued
