@@ -17,9 +17,9 @@ from app.models import ErrorClass
 
 class MockProvider:
     """Succeeds unless told otherwise: `fail_attempts` fails the first N attempts of every message,
-    `failure_rate` fails attempts at random (transient failures, so RQ retries them), `latency` seconds
-    stand for the provider's round trip. With `log_path`, appends one JSON line per attempt, when it ends
-(with the time it started)."""
+        `failure_rate` fails attempts at random (transient failures, so RQ retries them), `latency` seconds
+        stand for the provider's round trip. With `log_path`, appends one JSON line per attempt, when it ends
+    (with the time it started)."""
 
     name = "mock"
     _log_lock = threading.Lock()
