@@ -117,6 +117,12 @@ RECEIPTS = Metric(
     "counter",
     ("provider", "status", "result"),
 )
+RECEIPTS_EXPIRED = Metric(
+    "receipts_expired",
+    "Kept delivery receipts deleted after KEPT_RECEIPT_TTL without finding their message, by provider",
+    "counter",
+    ("provider",),
+)
 IN_DOUBT = Metric(
     "sends_in_doubt",
     "Messages put back in line although their send may have reached the provider, by why: `lease_expired` "
@@ -131,7 +137,16 @@ WEBHOOK_INVALID_ITEMS = Metric(
     "counter",
     ("provider", "reason"),
 )
-EVENT_METRICS = (HTTP_REQUESTS, HTTP_DURATION, MESSAGES, SEND_DURATION, RECEIPTS, IN_DOUBT, WEBHOOK_INVALID_ITEMS)
+EVENT_METRICS = (
+    HTTP_REQUESTS,
+    HTTP_DURATION,
+    MESSAGES,
+    SEND_DURATION,
+    RECEIPTS,
+    RECEIPTS_EXPIRED,
+    IN_DOUBT,
+    WEBHOOK_INVALID_ITEMS,
+)
 
 # A histogram's fields: `<label values>` + SEPARATOR + `b<index of the bucket>` (the last is +Inf) or `sum`.
 SEPARATOR = "\x1f"  # JSON escapes it: it never occurs in the encoded label values
@@ -383,6 +398,14 @@ def count_skipped() -> None:
     recorder = _recorder()
     if recorder is not None:
         recorder.count(MESSAGES, ("", "", "skipped", ""))
+
+
+def count_expired_receipts(providers: Iterable[str]) -> None:
+    """Count kept receipts deleted unmatched, one `provider` each."""
+    recorder = _recorder()
+    if recorder is not None:
+        for provider in providers:
+            recorder.count(RECEIPTS_EXPIRED, (provider,))
 
 
 def count_in_doubt(count: int, reason: str = "lease_expired") -> None:

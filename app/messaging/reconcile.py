@@ -9,7 +9,8 @@ It runs every `RECONCILE_INTERVAL` seconds and
    (a flushed Redis, a worker killed between taking a job and claiming), untouched for `STALE_AFTER`
    seconds; refills its window; and ends it when nothing is left;
 4. cancels what canceled campaigns still have waiting (a cancel cut short);
-5. applies delivery receipts kept because their message's provider id was not recorded yet;
+5. applies delivery receipts kept because their message's provider id was not recorded yet (every one whose
+   message now exists), and deletes those kept longer than `KEPT_RECEIPT_TTL` (counted);
 6. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
    job is not waiting in Redis (a flushed Redis, a killed worker); the job resumes where the import was.
 It works in batches and is safe beside workers and beside itself: every move is a conditional UPDATE,
@@ -52,12 +53,14 @@ class ReconcileReport:
     canceled: int = 0
     requeued_imports: int = 0
     applied_receipts: int = 0
+    expired_receipts: int = 0
 
     def summary(self) -> str:
         return (
             f"dispatched {self.dispatched}, in doubt {self.in_doubt}, requeued {self.requeued}, "
             f"refilled {self.refilled}, finalized {self.finalized}, canceled {self.canceled}, "
-            f"applied receipts {self.applied_receipts}, requeued imports {self.requeued_imports}"
+            f"applied receipts {self.applied_receipts}, expired receipts {self.expired_receipts}, "
+            f"requeued imports {self.requeued_imports}"
         )
 
     def __bool__(self) -> bool:
@@ -69,6 +72,7 @@ class ReconcileReport:
             or self.finalized
             or self.canceled
             or self.applied_receipts
+            or self.expired_receipts
             or self.requeued_imports
         )
 
@@ -231,6 +235,7 @@ def reconcile() -> ReconcileReport:
             report.finalized[campaign_id] = status
     report.canceled = cancel_leftovers()
     report.applied_receipts = receipts.apply_waiting()
+    report.expired_receipts = receipts.expire_kept()
     report.requeued_imports = requeue_stale_imports()
     if report:
         log.info(
@@ -243,6 +248,7 @@ def reconcile() -> ReconcileReport:
                 "finalized": report.finalized,
                 "canceled": report.canceled,
                 "applied_receipts": report.applied_receipts,
+                "expired_receipts": report.expired_receipts,
                 "requeued_imports": report.requeued_imports,
             },
         )
