@@ -108,6 +108,8 @@ def drain(redis: Redis, apply: Callable[[dict], None]) -> int:
     """Apply what waits with `apply(item)`, outcomes first, in order; returns how many items were applied.
     Stops at the first item the database cannot take now (unavailable: it stays at the head for the next
     drain). Does nothing while another process drains. Call inside an app context."""
+    if not any(lengths(redis).values()):
+        return 0  # the common case: one round trip
     token = secrets.token_hex(8)
     if not redis.set(LOCK_KEY, token, nx=True, px=LOCK_TTL * 1000):
         return 0
@@ -132,7 +134,6 @@ def drain(redis: Redis, apply: Callable[[dict], None]) -> int:
                 applied += 1
                 hold(keys=[LOCK_KEY], args=[token, LOCK_TTL * 1000])
     finally:
-        db.session.remove()
         hold(keys=[LOCK_KEY], args=[token, 0])
     if applied:
         log.info("applied what waited in Redis for the database", extra={"items": applied})
@@ -167,7 +168,10 @@ class Drainer:
             try:
                 if any(lengths(self.redis).values()):
                     with self.app.app_context():
-                        drain(self.redis, self.apply)
+                        try:
+                            drain(self.redis, self.apply)
+                        finally:
+                            db.session.remove()
                 self._failing = False
             except RedisError as exc:
                 if not self._failing:
