@@ -234,7 +234,7 @@ def reconcile() -> ReconcileReport:
     db.session.commit()
     for campaign_id in sending:
         report.requeued += requeue_lost_jobs(campaign_id)
-        report.refilled += window.refill(campaign_id).queued
+        report.refilled += window.refill(campaign_id, wait=True).queued
         # finish_campaign checks for unfinished messages itself, and does nothing when there are some.
         status = lifecycle.finish_campaign(campaign_id)
         if status:
