@@ -470,6 +470,9 @@ SETTINGS: tuple[Setting, ...] = (
             "campaign's kept counts (PostgreSQL), done by one worker at a time; the stats are exact either way, "
             "this bounds what a read of them sums", number(0.05, 3600)),
     Setting("RECONCILE_BATCH_SIZE", "5000", "rows per batch in the reconciler", integer(1)),
+    Setting("KEPT_RECEIPT_TTL", "86400", "seconds a delivery receipt that names no recorded message is kept, to be "
+            "applied if its message is recorded meanwhile; older ones are deleted by the reconciler and counted "
+            "(`dispatch_receipts_expired_total`)", integer(60)),
     # The API
     Setting("SECRET_KEY", "", "the key that signs what the service hands out and must recognise again "
             "(pagination cursors; changing it makes cursors already handed out a `422`); at least 32 characters; "

@@ -5,7 +5,8 @@ Beside it, for the life of the process, a thread moves the jobs waiting in RQ's 
 (`app.messaging.scheduled_jobs`; RQ's own scheduler is not used). `--burst` drains the queues and exits.
 Redis going away does not end the process: RQ waits for it while dequeueing, a worker that quits on a
 Redis error anywhere else (at start, between jobs) is replaced by a new one once Redis answers again, and
-the mover tries again every second.
+the mover tries again every second. Another thread applies what waited in Redis while PostgreSQL was
+unavailable (sends' records, receipts, keywords: `app.messaging.spool`) once it is back.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import time
 from redis.exceptions import RedisError
 
 from app import create_app
+from app.messaging import deferred
 from app.messaging.app_worker import build_worker
 from app.messaging.scheduled_jobs import DueJobMover
 from config import SettingsError
@@ -31,9 +33,12 @@ def run(app, burst: bool) -> None:
     """Work until stopped (SIGTERM, SIGINT) or, with `burst`, until the queues are empty; move due scheduled
     jobs meanwhile, through the workers' restarts too."""
     mover = DueJobMover(app.extensions["redis"], app.config["QUEUES"]).start()
+    with app.app_context():
+        drainer = deferred.drainer().start()  # what waited in Redis for the database, applied when it returns
     try:
         _work(app, burst)
     finally:
+        drainer.stop()
         mover.stop()
 
 

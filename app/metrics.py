@@ -49,6 +49,7 @@ from app.database import round_trip_budget
 from app.extensions import db
 from app.messaging.app_worker import live_worker_count
 from app.messaging.scheduled_jobs import OVERDUE_AFTER, count_overdue
+from app.messaging.spool import INBOUND_KEY, OUTCOMES_KEY
 from app.models import Campaign, CampaignStatus, Channel, ErrorClass, MessageStatus
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__, description="Metrics for Prometheus")
 
 PREFIX = "dispatch"
+# The spool's lists (app.messaging.spool), by the name the gauge gives them.
+SPOOL_KEYS = {"outcomes": OUTCOMES_KEY, "inbound": INBOUND_KEY}
 # The Redis hashes the processes add into: one per metric, fields named by the series' label values.
 KEY_PREFIX = "campaign_dispatch:metrics:"
 # Series a process keeps between two flushes; beyond it (labels gone wild, or Redis down for long with
@@ -117,6 +120,19 @@ RECEIPTS = Metric(
     "counter",
     ("provider", "status", "result"),
 )
+SPOOLED = Metric(
+    "spooled",
+    "Items kept in Redis while PostgreSQL was unavailable, to be applied when it returns, by kind: `outcome` (a "
+    "send's record), `receipt`, `keyword` (a customer's opt-out or opt-in)",
+    "counter",
+    ("kind",),
+)
+RECEIPTS_EXPIRED = Metric(
+    "receipts_expired",
+    "Kept delivery receipts deleted after KEPT_RECEIPT_TTL without finding their message, by provider",
+    "counter",
+    ("provider",),
+)
 IN_DOUBT = Metric(
     "sends_in_doubt",
     "Messages put back in line although their send may have reached the provider, by why: `lease_expired` "
@@ -131,7 +147,17 @@ WEBHOOK_INVALID_ITEMS = Metric(
     "counter",
     ("provider", "reason"),
 )
-EVENT_METRICS = (HTTP_REQUESTS, HTTP_DURATION, MESSAGES, SEND_DURATION, RECEIPTS, IN_DOUBT, WEBHOOK_INVALID_ITEMS)
+EVENT_METRICS = (
+    HTTP_REQUESTS,
+    HTTP_DURATION,
+    MESSAGES,
+    SEND_DURATION,
+    RECEIPTS,
+    RECEIPTS_EXPIRED,
+    SPOOLED,
+    IN_DOUBT,
+    WEBHOOK_INVALID_ITEMS,
+)
 
 # A histogram's fields: `<label values>` + SEPARATOR + `b<index of the bucket>` (the last is +Inf) or `sum`.
 SEPARATOR = "\x1f"  # JSON escapes it: it never occurs in the encoded label values
@@ -385,6 +411,21 @@ def count_skipped() -> None:
         recorder.count(MESSAGES, ("", "", "skipped", ""))
 
 
+def count_spooled(kind: str, count: int = 1) -> None:
+    """Count `count` items of `kind` kept in Redis for PostgreSQL (`app.messaging.spool`)."""
+    recorder = _recorder()
+    if recorder is not None and count:
+        recorder.count(SPOOLED, (kind,), count)
+
+
+def count_expired_receipts(providers: Iterable[str]) -> None:
+    """Count kept receipts deleted unmatched, one `provider` each."""
+    recorder = _recorder()
+    if recorder is not None:
+        for provider in providers:
+            recorder.count(RECEIPTS_EXPIRED, (provider,))
+
+
 def count_in_doubt(count: int, reason: str = "lease_expired") -> None:
     """Count `count` messages put back in line although their send may have reached the provider."""
     recorder = _recorder()
@@ -434,6 +475,7 @@ class Snapshot:
     queues: dict[tuple[str, str], int] = field(default_factory=dict)
     workers: int | None = None
     overdue: dict[str, int] = field(default_factory=dict)
+    spooled: dict[str, int] = field(default_factory=dict)
     redis_ok: bool = False
     campaigns: dict[str, int] | None = None
 
@@ -469,6 +511,8 @@ def read_redis(snapshot: Snapshot, recorder: Recorder | None) -> None:
             for _, _, command, key in queue_reads:
                 getattr(pipe, command)(key)
             count_overdue(pipe, current_app.config["QUEUES"])
+            for key in SPOOL_KEYS.values():
+                pipe.llen(key)
             answers = pipe.execute()[len(deltas) :]
     except Exception:  # noqa: BLE001 - Redis down or stalled: the scrape answers without it
         log.warning("metrics: Redis unavailable for the scrape", exc_info=True)
@@ -480,8 +524,9 @@ def read_redis(snapshot: Snapshot, recorder: Recorder | None) -> None:
     queue_counts = answers[len(EVENT_METRICS) : len(EVENT_METRICS) + len(queue_reads)]
     for (queue, state, _, _), count in zip(queue_reads, queue_counts, strict=True):
         snapshot.queues[(queue, state)] = int(count)
-    overdue = answers[len(EVENT_METRICS) + len(queue_reads) :]
+    overdue = answers[len(EVENT_METRICS) + len(queue_reads) : -len(SPOOL_KEYS)]
     snapshot.overdue = dict(zip(current_app.config["QUEUES"], overdue, strict=True))
+    snapshot.spooled = dict(zip(SPOOL_KEYS, answers[-len(SPOOL_KEYS) :], strict=True))
     snapshot.redis_ok = True
     try:
         snapshot.workers = live_worker_count(connection)
@@ -564,6 +609,16 @@ def families(snapshot: Snapshot) -> Iterator:
         for queue, count in snapshot.overdue.items():
             overdue.add_metric([queue], count)
         yield overdue
+    if snapshot.spooled:
+        waiting = GaugeMetricFamily(
+            f"{PREFIX}_spool_waiting",
+            "Items waiting in Redis for PostgreSQL to come back: send records (`outcomes`), receipts and keywords "
+            "(`inbound`)",
+            labels=("list",),
+        )
+        for name, count in snapshot.spooled.items():
+            waiting.add_metric([name], count)
+        yield waiting
     if snapshot.campaigns is not None:
         campaigns = GaugeMetricFamily(f"{PREFIX}_campaigns", "Campaigns by status", labels=("status",))
         for status, count in snapshot.campaigns.items():

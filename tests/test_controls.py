@@ -383,7 +383,7 @@ def test_the_openapi_document_lists_the_new_statuses_and_the_retry_answer(client
     assert {"paused", "canceled"} <= set(CampaignStatus.ALL)
     assert "canceled" in schemas["Message"]["properties"]["status"]["enum"]
     assert "canceled" in schemas["Stats"]["required"]
-    assert set(schemas["RetryFailedResult"]["required"]) == {"campaign", "requeued", "not_retryable"}
+    assert set(schemas["RetryFailedResult"]["required"]) == {"campaign", "requeued", "not_retryable", "unknown_left"}
     retry = spec["paths"]["/campaigns/{campaign_id}/retry-failed"]["post"]
     assert {"200", "404", "409"} <= set(retry["responses"])
     for action in ("pause", "resume", "cancel"):

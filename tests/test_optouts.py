@@ -42,7 +42,7 @@ def test_africas_talking_stop_and_start_opt_the_sender_out_and_back_in(app, use_
     customer = make_customer()
     answer = fake_providers.africastalking_inbound(customer.phone, "  stop \n")
     assert answer.status == 200, answer.body
-    assert answer.json() == {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 0}
+    assert answer.json() == {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 0, "deferred": 0}
     assert opt_outs(customer.id) == {"sms": "keyword"}
     assert fake_providers.africastalking_inbound(customer.phone, "Start").json()["opted_in"] == 1
     assert opt_outs(customer.id) == {}
@@ -84,7 +84,7 @@ def test_whatsapp_messages_opt_out_of_whatsapp_only_beside_statuses_in_one_post(
     )
     assert answer.status == 200, answer.body
     body = answer.json()
-    assert body["inbound"] == {"opted_out": 1, "opted_in": 0, "ignored": 1, "invalid": 0}
+    assert body["inbound"] == {"opted_out": 1, "opted_in": 0, "ignored": 1, "invalid": 0, "deferred": 0}
     assert body["applied"] == 1  # the status in the same post is a receipt as ever
     assert opt_outs(customer.id) == {"whatsapp": "keyword"}
     assert opt_outs(other.id) == {}
@@ -97,7 +97,10 @@ def test_text_that_is_not_exactly_a_keyword_is_ignored(app, use_provider, fake_p
     use_provider("africastalking")
     customer = make_customer()
     answer = fake_providers.africastalking_inbound(customer.phone, text)
-    assert (answer.status, answer.json()) == (200, {"opted_out": 0, "opted_in": 0, "ignored": 1, "invalid": 0})
+    assert (answer.status, answer.json()) == (
+        200,
+        {"opted_out": 0, "opted_in": 0, "ignored": 1, "invalid": 0, "deferred": 0},
+    )
     assert opt_outs(customer.id) == {}
 
 

@@ -306,7 +306,7 @@ def test_retry_failed_sends_again_the_transient_failures_only(app, client, use_p
     new_sid = by_customer[off.id]["provider_message_id"]
     assert new_sid and new_sid != old_sid  # the old provider id is replaced
     late = fake_providers.send_receipt("twilio", old_sid, "failed", error_code=30008)  # a late one for the old id
-    assert late.json() == {"applied": 0, "unchanged": 0, "kept": 1, "ignored": 0, "invalid": 0}
+    assert late.json() == {"applied": 0, "unchanged": 0, "kept": 1, "ignored": 0, "invalid": 0, "deferred": 0}
     assert detail(client, campaign.id)["status"] == "sent"
     # Nothing transient is left: a new retry requeues nothing and leaves the campaign as it is.
     assert client.post(f"/campaigns/{campaign.id}/retry-failed").get_json()["requeued"] == 0
@@ -339,7 +339,11 @@ def test_a_failure_receipt_is_classed_from_the_providers_code(parse, permanent, 
     assert parse(transient).error_class == "transient"
 
 
-def test_a_provider_that_hangs_times_out_and_the_retry_sends(app, client, use_provider, fake_providers, work):
+def test_a_provider_that_hangs_leaves_the_outcome_unknown_and_it_is_not_sent_again(
+    app, client, use_provider, fake_providers, work
+):
+    """The request went out and no answer came: the provider may have the message. It is not retried, nor
+    sent again by retry-failed unless asked: one hung provider used to deliver four copies, then two more."""
     use_provider("twilio", PROVIDER_READ_TIMEOUT=0.5)
     customer, campaign = one_message(app, "twilio")
     fake_providers.script("twilio", customer.phone, hang(3), accept())
@@ -348,8 +352,37 @@ def test_a_provider_that_hangs_times_out_and_the_retry_sends(app, client, use_pr
     work()
     assert time.monotonic() - started < 3  # the job gave up on the hung request, did not wait it out
     [row] = messages(client, campaign.id)
-    assert (row["status"], row["retry_count"], row["error_code"]) == ("sent", 1, "timeout")
+    assert (row["status"], row["retry_count"], row["error_class"], row["error_code"]) == (
+        "failed",
+        0,
+        "unknown",
+        "no_answer",
+    )
     assert "may have taken it" in row["last_error"]
+    assert len(fake_providers.requests("twilio")) == 1  # one attempt reached the provider: no automatic retry
+    assert detail(client, campaign.id)["status"] == "failed"
+
+    answer = client.post(f"/campaigns/{campaign.id}/retry-failed").get_json()
+    assert (answer["requeued"], answer["not_retryable"], answer["unknown_left"]) == (0, 0, 1)
+    work()
+    assert len(fake_providers.requests("twilio")) == 1  # still one
+
+    answer = client.post(f"/campaigns/{campaign.id}/retry-failed", json={"include_unknown": True}).get_json()
+    assert (answer["requeued"], answer["unknown_left"]) == (1, 0)
+    work()
+    assert len(fake_providers.requests("twilio")) == 2  # asked for: sent again
+    assert messages(client, campaign.id)[0]["status"] == "sent"
+
+
+def test_with_retry_unknown_a_hung_provider_is_tried_again(app, client, use_provider, fake_providers, work):
+    use_provider("twilio", PROVIDER_READ_TIMEOUT=0.5, RETRY_UNKNOWN=True)
+    customer, campaign = one_message(app, "twilio")
+    fake_providers.script("twilio", customer.phone, hang(3), accept())
+    send(client, campaign.id, [customer.id])
+    work()
+    [row] = messages(client, campaign.id)
+    assert (row["status"], row["retry_count"], row["error_class"]) == ("sent", 1, "unknown")
+    assert len(fake_providers.requests("twilio")) == 2
 
 
 def test_whatsapp_receipts_in_any_order_never_step_back(app, client, use_provider, fake_providers, work):
@@ -386,7 +419,8 @@ def test_many_whatsapp_statuses_in_one_post(app, client, use_provider, fake_prov
         "kept": 0,
         "ignored": 1,
         "invalid": 0,
-        "inbound": {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0},
+        "deferred": 0,
+        "inbound": {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0, "deferred": 0},
     }
     assert detail(client, campaign.id)["stats"] == stats(total=3, sent=1, delivered=1, failed=1)
     failed = next(m for m in messages(client, campaign.id) if m["status"] == "failed")

@@ -249,3 +249,33 @@ def test_workers_send_through_pgbouncer_in_transaction_mode(app, app_with, clien
     sends = Counter(line["message_id"] for line in read_send_log(send_log) if line["ok"])
     assert len(sends) == 600 and set(sends.values()) == {1}
     assert detail(client, campaign.id)["stats"] == stats(total=600, sent=600)
+
+
+def test_a_killed_worker_repeats_at_most_the_sends_it_had_in_flight(
+    app, client, clock, spawn_worker, use_provider, fake_providers
+):
+    """The true bound of repeats after a crash: the sends in flight (at most WORKER_CONCURRENCY a process),
+    each counted as in doubt; not one. Counted at the provider, which sees a request when it arrives."""
+    use_provider("twilio")
+    fake_providers.latency = 3  # every answer takes 3 s: the kill finds a full set of sends in flight
+    settings = ("SMS_PROVIDER", "PUBLIC_BASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_FROM")
+    env = {name: app.config[name] for name in settings} | {"TWILIO_BASE_URL": fake_providers.base_url}
+    campaign = make_campaign()
+    send_all(client, campaign.id, bulk_customers(40))
+    victim = spawn_worker(burst=False, WORKER_CONCURRENCY=8, **env)
+    wait_for(lambda: len(fake_providers.requests("twilio")) >= 8, timeout=60, interval=0.05)
+    kill_group(victim)
+    in_flight = len(fake_providers.requests("twilio"))
+    assert 1 < in_flight <= 8
+
+    clock.current = datetime.now(UTC) + timedelta(seconds=app.config["JOB_TIMEOUT"] + LEASE_MARGIN + 1)
+    report = reconcile()
+    assert report.in_doubt == in_flight  # each counted
+    fake_providers.latency = 0
+    drain = spawn_worker(burst=True, **env)
+    assert drain.wait(timeout=120) == 0, drain.stderr.read().decode()[-2000:]
+    delivered = Counter(request.params["To"] for request in fake_providers.requests("twilio"))
+    assert len(delivered) == 40
+    repeated = [to for to, count in delivered.items() if count > 1]
+    assert len(repeated) == in_flight and max(delivered.values()) == 2
+    assert detail(client, campaign.id)["stats"] == stats(total=40, sent=40)

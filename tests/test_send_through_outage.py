@@ -1,10 +1,11 @@
 """PostgreSQL goes away while a worker is sending: the provider has the message, the record of it fails.
-A short outage is waited out (the message is sent once and recorded); a longer one leaves the message
-pending, and it is sent again after the reconciler re-enqueues it, with the same idempotency key.
+A short outage is waited out (the message is sent once and recorded); during a longer one the record waits
+in Redis and is applied when the database returns: the message is sent once either way.
 A private cluster and real worker processes."""
 
 from __future__ import annotations
 
+import signal
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -13,11 +14,12 @@ from rq.job import Job
 from sqlalchemy import select
 
 from app.extensions import db
+from app.messaging import spool
 from app.messaging.reconcile import reconcile
 from app.messaging.send.job import LEASE_MARGIN
 from app.messaging.send.window import message_job_id
 from app.models import Campaign, OutboundMessage
-from tests.conftest import TEST_API_KEY, read_send_log
+from tests.conftest import TEST_API_KEY, kill_group, read_send_log
 from tests.factories import make_campaign, make_customers
 from tests.pg_server import wait_until
 
@@ -71,22 +73,47 @@ def test_outage_shorter_than_the_record_window_sends_once(
     assert "could not record a send attempt; trying again" in worker.stderr.read().decode()
 
 
-def test_outage_longer_than_the_record_window_sends_again_with_the_same_idempotency_key(
+def test_outage_longer_than_the_record_window_keeps_the_record_in_redis_and_sends_once(
+    private_app, private_database, pg_server, spawn_worker, redis_conn, send_log
+):
+    message_id, campaign_id = start_sending_one(private_app)
+    worker = spawn_worker(
+        burst=False, DATABASE_URL=private_database, MOCK_SENDER_LATENCY=PROVIDER_LATENCY, RECORD_RETRY_WINDOW=1
+    )
+    stop_database_mid_send(pg_server, redis_conn, message_id)
+    # The provider took it; the database cannot take its record: the record waits in Redis.
+    wait_until(lambda: redis_conn.llen(spool.OUTCOMES_KEY) == 1, timeout=30)
+    time.sleep(5)  # a long outage: the record window (1 s) is long gone
+    pg_server.start()
+    # The worker's drainer applies the record within a second or so of the database's return.
+    try:
+        wait_until(lambda: statuses(message_id, campaign_id) == ("sent", "sent"), timeout=60)
+    except AssertionError:
+        kill_group(worker, signal.SIGTERM)
+        raise AssertionError(worker.stderr.read().decode()[-6000:]) from None
+    wait_until(lambda: redis_conn.llen(spool.OUTCOMES_KEY) == 0, timeout=10)  # taken off once applied
+    attempts = read_send_log(send_log)
+    assert [(a["message_id"], a["ok"]) for a in attempts] == [(message_id, True)]  # sent once
+    kill_group(worker, signal.SIGTERM)
+    logged = worker.stderr.read().decode()
+    assert "the database is unavailable: the send's record waits in Redis" in logged
+
+
+def test_the_reconciler_applies_a_kept_record_before_it_releases_the_claim(
     private_app, private_database, pg_server, spawn_worker, redis_conn, send_log, clock
 ):
+    """No worker is left to drain (the one that sent was stopped), and the claim's lease has run out by the
+    time the database returns: the reconciler applies the record first, and does not send it again."""
     message_id, campaign_id = start_sending_one(private_app)
     worker = spawn_worker(DATABASE_URL=private_database, MOCK_SENDER_LATENCY=PROVIDER_LATENCY, RECORD_RETRY_WINDOW=1)
     stop_database_mid_send(pg_server, redis_conn, message_id)
-    # The record is given up after its window; RQ's retries fail on the stopped database; the burst ends.
     assert worker.wait(timeout=60) == 0
-    assert "gave up recording a send attempt" in worker.stderr.read().decode()
+    assert redis_conn.llen(spool.OUTCOMES_KEY) == 1
     pg_server.start()
-    assert statuses(message_id, campaign_id) == ("sending", "sending")  # its claim outlived the worker
-
+    db.session.remove()
+    db.engine.dispose()
     clock.current = datetime.now(UTC) + timedelta(seconds=private_app.config["JOB_TIMEOUT"] + LEASE_MARGIN + 1)
-    assert reconcile().in_doubt == 1
-    assert spawn_worker(DATABASE_URL=private_database).wait(timeout=60) == 0
-    attempts = read_send_log(send_log)
-    assert [(a["message_id"], a["ok"]) for a in attempts] == [(message_id, True), (message_id, True)]
-    assert {a["idempotency_key"] for a in attempts} == {f"outbound-message-{message_id}"}
+    report = reconcile()
+    assert (report.applied_deferred, report.in_doubt) == (1, 0)
     assert statuses(message_id, campaign_id) == ("sent", "sent")
+    assert len(read_send_log(send_log)) == 1

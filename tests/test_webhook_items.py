@@ -136,7 +136,7 @@ def test_a_bad_sms_receipt_is_answered_200_counted_and_kept_nowhere(client, webh
     else:
         answer = post_africastalking(client, "delivery", form)
     assert answer.status_code == 200, answer.get_json()
-    assert answer.get_json() == {"applied": 0, "unchanged": 0, "kept": 0, "ignored": 0, "invalid": 1}
+    assert answer.get_json() == {"applied": 0, "unchanged": 0, "kept": 0, "ignored": 0, "invalid": 1, "deferred": 0}
     assert kept_receipts() == 0
     assert refused(client, provider, reason) == 1
 
@@ -168,7 +168,8 @@ def test_a_bad_whatsapp_status_is_answered_200_counted_and_kept_nowhere(client, 
         "kept": 0,
         "ignored": 0,
         "invalid": 1,
-        "inbound": {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0},
+        "deferred": 0,
+        "inbound": {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0, "deferred": 0},
     }
     assert kept_receipts() == 0
     assert refused(client, "whatsapp_cloud", reason) == 1
@@ -192,7 +193,8 @@ def test_a_whatsapp_post_applies_its_good_status_and_a_stop_beside_a_bad_status(
         "kept": 0,
         "ignored": 0,
         "invalid": 1,
-        "inbound": {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 0},
+        "deferred": 0,
+        "inbound": {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 0, "deferred": 0},
     }
     assert status_of(message.id) == "delivered"
     assert opted_out(customer.id)
@@ -212,7 +214,7 @@ def test_a_bad_customer_message_is_counted_and_the_others_are_applied(client, we
     customer = make_customer(phone="+254733000222")
     answer = post_whatsapp(client, whatsapp_body([], [message, text_message("254733000222", "STOP")]))
     assert answer.status_code == 200, answer.get_json()
-    assert answer.get_json()["inbound"] == {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 1}
+    assert answer.get_json()["inbound"] == {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 1, "deferred": 0}
     assert opted_out(customer.id)
     assert refused(client, "whatsapp_cloud", reason) == 1
 
@@ -220,7 +222,7 @@ def test_a_bad_customer_message_is_counted_and_the_others_are_applied(client, we
 def test_messages_that_are_not_text_are_neither_keywords_nor_bad(client, webhooks):
     image = {"from": "254733000333", "type": "image", "image": {"id": "1"}}
     answer = post_whatsapp(client, whatsapp_body([], [image]))
-    assert answer.get_json()["inbound"] == {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0}
+    assert answer.get_json()["inbound"] == {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0, "deferred": 0}
 
 
 # --- an item the database refuses ---
@@ -275,7 +277,8 @@ def test_a_receipt_the_database_refuses_does_not_fail_the_others_of_its_post(cli
         "kept": 1,
         "ignored": 0,
         "invalid": 1,
-        "inbound": {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 0},
+        "deferred": 0,
+        "inbound": {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 0, "deferred": 0},
     }
     assert status_of(message.id) == "delivered"
     assert [r.provider_message_id for r in db.session.scalars(select(DeliveryReceipt))] == ["wamid.later"]
@@ -287,7 +290,7 @@ def test_a_single_receipt_the_database_refuses_is_answered_200(client, webhooks)
     with database_refuses("delivery_receipts", "provider_message_id", "SMrefused"):
         answer = post_twilio(client, "status", {"MessageSid": "SMrefused", "MessageStatus": "delivered"})
     assert answer.status_code == 200, answer.get_json()
-    assert answer.get_json() == {"applied": 0, "unchanged": 0, "kept": 0, "ignored": 0, "invalid": 1}
+    assert answer.get_json() == {"applied": 0, "unchanged": 0, "kept": 0, "ignored": 0, "invalid": 1, "deferred": 0}
     assert refused(client, "twilio", "database") == 1
 
 
@@ -298,7 +301,7 @@ def test_an_opt_out_the_database_refuses_does_not_fail_the_others_of_its_post(cl
     with database_refuses("customer_opt_outs", "customer_id", refused_customer.id):
         answer = post_whatsapp(client, whatsapp_body([], messages))
     assert answer.status_code == 200, answer.get_json()
-    assert answer.get_json()["inbound"] == {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 1}
+    assert answer.get_json()["inbound"] == {"opted_out": 1, "opted_in": 0, "ignored": 0, "invalid": 1, "deferred": 0}
     assert opted_out(customer.id)
     assert not opted_out(refused_customer.id)
 

@@ -15,6 +15,7 @@ from app.campaigns.schemas import (
     PreviewRequestSchema,
     PreviewSchema,
     RetryFailedResultSchema,
+    RetryFailedSchema,
     SendResultSchema,
     SendSchema,
 )
@@ -162,11 +163,12 @@ def cancel(campaign_id):
 
 @bp.route(CAMPAIGN + "/retry-failed", methods=["POST"])
 @idempotent(bp)
+@bp.arguments(RetryFailedSchema, required=False)
 @bp.response(200, RetryFailedResultSchema)
 @bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
 @bp.alt_response(
     409, schema=ErrorSchema, description="Campaign not sending, sent or failed; or Idempotency-Key conflict"
 )
-def retry_failed(campaign_id):
+def retry_failed(data, campaign_id):
     """Send again the failed and undelivered messages whose failure was not permanent, with fresh retries"""
-    return service.retry_failed(campaign_id)
+    return service.retry_failed(campaign_id, include_unknown=data.get("include_unknown", False))

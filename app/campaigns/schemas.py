@@ -295,6 +295,16 @@ class MessageQuerySchema(PageQuerySchema):
     status = fields.String(validate=validate.OneOf(MessageStatus.ALL))
 
 
+class RetryFailedSchema(Schema):
+    include_unknown = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Also send again the messages whose outcome is unknown (`error_class` `unknown`: the "
+            "request went out and no answer came, so the provider may have them): a recipient may get one twice."
+        },
+    )
+
+
 class RetryFailedResultSchema(Schema):
     campaign = fields.Nested(CampaignDetailSchema, required=True)
     requeued = fields.Integer(
@@ -309,6 +319,13 @@ class RetryFailedResultSchema(Schema):
         metadata={
             "description": "Failed or undelivered messages left as they are: their failure is permanent (invalid "
             "number, opted out, blacklisted, too long, customer gone)."
+        },
+    )
+    unknown_left = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Failed messages whose outcome is unknown, left as they are (send them again with "
+            "`include_unknown`: the provider may have them already)."
         },
     )
 

@@ -436,29 +436,38 @@ def cancel_campaign(campaign_id: int) -> Campaign:
     return _answer(campaign_id)
 
 
-def retry_failed(campaign_id: int) -> dict:
+def retry_failed(campaign_id: int, include_unknown: bool = False) -> dict:
     """Send again the campaign's failed and undelivered messages whose failure is not permanent: back to
     pending with fresh retries, queued, and the campaign back to sending. Permanent failures (an invalid
-    number, opted out, blacklisted, a message too long, a customer gone) stay as they are; both are counted."""
+    number, opted out, blacklisted, a message too long, a customer gone) stay as they are, and so do the
+    failures whose outcome is unknown (the provider may have the message) unless `include_unknown`; each
+    is counted."""
     campaign = get_campaign(campaign_id, lock=True)
     try:
         if campaign.status not in CampaignStatus.RETRYABLE:
             raise _not_allowed(campaign, "have their failed messages sent again", CampaignStatus.RETRYABLE)
-        retryable = func.coalesce(OutboundMessage.error_class, "") != ErrorClass.PERMANENT
+        left = (ErrorClass.PERMANENT,) if include_unknown else (ErrorClass.PERMANENT, ErrorClass.UNKNOWN)
+        retryable = func.coalesce(OutboundMessage.error_class, "").not_in(left)
         with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
             rows = lifecycle.retry_failed_messages(campaign.id, retryable)
         if rows.count:
             lifecycle.reopen_for_retry(campaign.id)
-        not_retryable = db.session.scalar(
-            select(func.count()).where(
+        unknown = func.coalesce(OutboundMessage.error_class, "") == ErrorClass.UNKNOWN
+        unknown_left, not_retryable = db.session.execute(
+            select(func.count().filter(unknown), func.count().filter(~unknown)).where(
                 OutboundMessage.campaign_id == campaign.id,
                 OutboundMessage.status.in_((MessageStatus.FAILED, MessageStatus.UNDELIVERED)),
             )
-        )
+        ).one()
         db.session.commit()
     except Exception:
         db.session.rollback()
         raise
     if rows.count:
         window.refill(campaign_id)
-    return {"campaign": _answer(campaign_id), "requeued": rows.count, "not_retryable": not_retryable}
+    return {
+        "campaign": _answer(campaign_id),
+        "requeued": rows.count,
+        "not_retryable": not_retryable,
+        "unknown_left": unknown_left,
+    }

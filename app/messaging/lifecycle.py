@@ -537,26 +537,39 @@ _BY_PROVIDER_ID = and_(
 
 
 @functools.cache
-def _receipt_move(target: str):
-    """The UPDATE a receipt meaning `target` makes (Core, built once: webhooks apply thousands a second)."""
-    return (
-        update(_MESSAGES)
-        .where(_BY_PROVIDER_ID, _MESSAGES.c.status.in_(sources(MESSAGE_TRANSITIONS, target)))
-        .values(
-            status=target,
-            updated_at=bindparam("now"),
-            error_code=func.coalesce(bindparam("error_code"), _MESSAGES.c.error_code),
-            error_class=func.coalesce(bindparam("error_class"), _MESSAGES.c.error_class),
-            last_error=func.coalesce(bindparam("error"), _MESSAGES.c.last_error),
-        )
+def _receipt_move(target: str, read: bool):
+    """The one UPDATE a receipt meaning `target` makes (Core, built once per kind: webhooks apply thousands a
+    second): the status moves where the table allows; a `read` receipt also sets `read_at`, once, on a
+    message it leaves delivered (one that was delivered already included)."""
+    moves = _MESSAGES.c.status.in_(sources(MESSAGE_TRANSITIONS, target))
+    values = {
+        "status": target,
+        "updated_at": bindparam("now"),
+        "error_code": func.coalesce(bindparam("error_code"), _MESSAGES.c.error_code),
+        "error_class": func.coalesce(bindparam("error_class"), _MESSAGES.c.error_class),
+        "last_error": func.coalesce(bindparam("error"), _MESSAGES.c.last_error),
+    }
+    condition = moves
+    if read:
+        unread = and_(_MESSAGES.c.status == MessageStatus.DELIVERED, _MESSAGES.c.read_at.is_(None))
+        condition = or_(moves, unread)
+        values["status"] = case((moves, target), else_=_MESSAGES.c.status)
+        values["read_at"] = func.coalesce(_MESSAGES.c.read_at, bindparam("now"))
+    return update(_MESSAGES).where(_BY_PROVIDER_ID, condition).values(**values)
+
+
+@functools.cache
+def _receipt_apply(target: str, read: bool):
+    """PostgreSQL: the receipt's UPDATE and the look for its message in one statement, so both see the same
+    commits. (As two statements, a send's record committing between them made the receipt find the message
+    it had not moved: answered "unchanged", and kept nowhere.)"""
+    moved = _receipt_move(target, read).returning(_MESSAGES.c.id).cte("moved")
+    return select(
+        select(func.count()).select_from(moved).scalar_subquery().label("moved"),
+        exists().where(_BY_PROVIDER_ID).label("found"),
     )
 
 
-_RECEIPT_READ = (
-    update(_MESSAGES)
-    .where(_BY_PROVIDER_ID, _MESSAGES.c.status == MessageStatus.DELIVERED, _MESSAGES.c.read_at.is_(None))
-    .values(read_at=bindparam("now"), updated_at=bindparam("now"))
-)
 _RECEIPT_FINDS = select(exists().where(_BY_PROVIDER_ID))
 
 
@@ -573,16 +586,19 @@ def apply_receipt(
     `status` if the table allows it from where it is (never a step back), and a `read` receipt also sets
     `read_at` on a delivered message; a failure's `error_class` (permanent or transient) decides whether
     retry-failed sends it again. True when it changed the message, False when the message took
-    nothing (a repeat, a late or out-of-order receipt), None when no message has this provider id."""
+    nothing (a repeat, a late or out-of-order receipt), None when no message has this provider id (as the
+    statement saw the database: the caller keeps the receipt, and looks again once it has)."""
     connection = db.session.connection()
     key = {"by_provider": provider, "by_provider_message_id": provider_message_id}
     params = {**key, "now": clock.now(), "error_code": error_code, "error": error, "error_class": error_class}
-    moved = connection.execute(_receipt_move(status), params).rowcount
-    if read:
-        moved += connection.execute(_RECEIPT_READ, params).rowcount
+    if connection.dialect.name == "postgresql":
+        moved, found = connection.execute(_receipt_apply(status, read), params).one()
+    else:  # SQLite takes one writer at a time: nothing commits between the two statements
+        moved = connection.execute(_receipt_move(status, read), params).rowcount
+        found = bool(moved) or bool(connection.scalar(_RECEIPT_FINDS, key))
     if moved:
         return True
-    return False if connection.scalar(_RECEIPT_FINDS, key) else None
+    return False if found else None
 
 
 # --- customer imports run as jobs (app.customers.import_jobs) ---

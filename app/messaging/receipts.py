@@ -2,9 +2,12 @@
 
 A receipt is applied at once to the message with its provider id, along the lifecycle's table (never a
 step back, a repeat changes nothing). One that finds no message is kept in `delivery_receipts`: a fast
-provider's receipt can arrive before the worker has committed the provider id (the send job applies it
-right after its commit, and the reconciler sweeps what is left), and a receipt for an id that never
-appears stays there for inspection.
+provider's receipt can arrive before the worker has recorded the provider id. A receipt is applied or kept,
+never neither: the look for its message and its update are one statement (one snapshot), and once kept it
+is looked at again, after its own commit, while the send's record looks for it after its commit: whichever
+commits second finds the other. What is left the reconciler applies as soon as its message exists, however
+many receipts wait that never will (a send whose answer was lost, another system on the same number); those
+age out after `KEPT_RECEIPT_TTL` (counted in `/metrics`).
 """
 
 from __future__ import annotations
@@ -13,17 +16,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, select
 
 from app import clock, metrics
 from app.extensions import db
 from app.messaging import lifecycle
-from app.models import DeliveryReceipt
-
-# A kept receipt is looked at again for this long: a provider id is recorded within seconds of the
-# provider taking the message (or within RECORD_RETRY_WINDOW through a database outage). Older ones name
-# a message this service never recorded (a send whose answer was lost) and stay for inspection.
-MATCH_WINDOW = timedelta(hours=1)
+from app.models import DeliveryReceipt, OutboundMessage
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,8 @@ class Receipt:
 
 def record(receipts: list[Receipt]) -> dict[str, int]:
     """Apply `receipts` in one transaction, keeping those no message takes yet; commits. Counts what
-    happened to them: `applied`, `unchanged` (repeats, late ones) and `kept`.
+    happened to them: `applied`, `unchanged` (repeats, late ones) and `kept`. A kept one is looked at again
+    after the commit (its message may have been recorded meanwhile).
 
     One receipt (a Twilio or Africa's Talking callback) runs without a transaction around it: its
     statements are each atomic and safe alone, and a webhook burst then costs one round trip per receipt
@@ -50,6 +49,7 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
         db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     counts = {"applied": 0, "unchanged": 0, "kept": 0}
     results = []
+    kept = []
     for receipt in receipts:
         applied = _apply(receipt)
         if applied is None:
@@ -64,6 +64,7 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
                     error=receipt.error,
                 )
             )
+            kept.append(receipt)
             result = "kept"
         else:
             result = "applied" if applied else "unchanged"
@@ -71,6 +72,8 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
         results.append((receipt.provider, receipt.status, result))
     db.session.commit()
     metrics.count_receipts(results)
+    for receipt in kept:  # its message recorded between the look and the keeping: applied now
+        apply_waiting(receipt.provider, receipt.provider_message_id)
     return counts
 
 
@@ -87,12 +90,18 @@ def _apply(receipt: Receipt) -> bool | None:
 
 
 def apply_waiting(provider: str | None = None, provider_message_id: str | None = None) -> int:
-    """Apply kept receipts whose message now exists (those of one provider id, or, for the reconciler, up
-    to `RECONCILE_BATCH_SIZE` of those received within `MATCH_WINDOW`), in the order they arrived, and drop
-    them; commits. Returns how many were applied."""
+    """Apply kept receipts whose message now exists (those of one provider id; or, for the reconciler, up
+    to `RECONCILE_BATCH_SIZE` of every kept receipt whose provider id a message has, found through the
+    messages' index of provider ids, whatever the number of receipts that match nothing), in the order
+    they arrived, and drop them; commits. Returns how many were applied."""
     stmt = select(DeliveryReceipt).order_by(DeliveryReceipt.id).with_for_update(skip_locked=True)
     if provider_message_id is None:
-        stmt = stmt.where(DeliveryReceipt.received_at > clock.now() - MATCH_WINDOW)
+        stmt = stmt.where(
+            exists().where(
+                OutboundMessage.provider == DeliveryReceipt.provider,
+                OutboundMessage.provider_message_id == DeliveryReceipt.provider_message_id,
+            )
+        )
     else:
         stmt = stmt.where(
             DeliveryReceipt.provider == provider, DeliveryReceipt.provider_message_id == provider_message_id
@@ -118,3 +127,16 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
     db.session.commit()
     metrics.count_receipts(results)
     return len(applied_ids)
+
+
+def expire_kept(now=None) -> int:
+    """Delete kept receipts older than `KEPT_RECEIPT_TTL` that no message took (their message was never
+    recorded with that provider id: another system's message on the same number or account, or a send
+    whose answer was lost); counted by provider. Commits; returns how many."""
+    cutoff = (now or clock.now()) - timedelta(seconds=current_app.config["KEPT_RECEIPT_TTL"])
+    providers = db.session.scalars(
+        delete(DeliveryReceipt).where(DeliveryReceipt.received_at < cutoff).returning(DeliveryReceipt.provider)
+    ).all()
+    db.session.commit()
+    metrics.count_expired_receipts(providers)
+    return len(providers)

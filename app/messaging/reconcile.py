@@ -9,7 +9,8 @@ It runs every `RECONCILE_INTERVAL` seconds and
    (a flushed Redis, a worker killed between taking a job and claiming), untouched for `STALE_AFTER`
    seconds; refills its window; and ends it when nothing is left;
 4. cancels what canceled campaigns still have waiting (a cancel cut short);
-5. applies delivery receipts kept because their message's provider id was not recorded yet;
+5. applies delivery receipts kept because their message's provider id was not recorded yet (every one whose
+   message now exists), and deletes those kept longer than `KEPT_RECEIPT_TTL` (counted);
 6. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
    job is not waiting in Redis (a flushed Redis, a killed worker); the job resumes where the import was.
 It works in batches and is safe beside workers and beside itself: every move is a conditional UPDATE,
@@ -30,7 +31,7 @@ from sqlalchemy import select, update
 from app import clock, metrics
 from app.customers import import_jobs
 from app.extensions import db
-from app.messaging import lifecycle, receipts
+from app.messaging import deferred, lifecycle, receipts
 from app.messaging.send import window
 from app.messaging.triggers import dispatch_due_campaign
 from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
@@ -52,23 +53,29 @@ class ReconcileReport:
     canceled: int = 0
     requeued_imports: int = 0
     applied_receipts: int = 0
+    expired_receipts: int = 0
+    applied_deferred: int = 0
 
     def summary(self) -> str:
         return (
-            f"dispatched {self.dispatched}, in doubt {self.in_doubt}, requeued {self.requeued}, "
+            f"dispatched {self.dispatched}, applied from Redis {self.applied_deferred}, in doubt {self.in_doubt}, "
+            f"requeued {self.requeued}, "
             f"refilled {self.refilled}, finalized {self.finalized}, canceled {self.canceled}, "
-            f"applied receipts {self.applied_receipts}, requeued imports {self.requeued_imports}"
+            f"applied receipts {self.applied_receipts}, expired receipts {self.expired_receipts}, "
+            f"requeued imports {self.requeued_imports}"
         )
 
     def __bool__(self) -> bool:
         return bool(
             self.dispatched
+            or self.applied_deferred
             or self.in_doubt
             or self.requeued
             or self.refilled
             or self.finalized
             or self.canceled
             or self.applied_receipts
+            or self.expired_receipts
             or self.requeued_imports
         )
 
@@ -219,30 +226,36 @@ def requeue_stale_imports() -> int:
 def reconcile() -> ReconcileReport:
     """One pass of the six steps above."""
     report = ReconcileReport(dispatched=dispatch_due_campaigns())
+    # A send whose record waits in Redis (the database was unavailable) holds its claim until then: its
+    # record goes in first, so that its lease running out meanwhile does not send it again.
+    report.applied_deferred = deferred.drain()
     report.in_doubt = release_expired_claims()
     sending = db.session.scalars(select(Campaign.id).where(Campaign.status == CampaignStatus.SENDING)).all()
     db.session.commit()
     for campaign_id in sending:
         report.requeued += requeue_lost_jobs(campaign_id)
-        report.refilled += window.refill(campaign_id).queued
+        report.refilled += window.refill(campaign_id, wait=True).queued
         # finish_campaign checks for unfinished messages itself, and does nothing when there are some.
         status = lifecycle.finish_campaign(campaign_id)
         if status:
             report.finalized[campaign_id] = status
     report.canceled = cancel_leftovers()
     report.applied_receipts = receipts.apply_waiting()
+    report.expired_receipts = receipts.expire_kept()
     report.requeued_imports = requeue_stale_imports()
     if report:
         log.info(
             "reconciled",
             extra={
                 "dispatched": report.dispatched,
+                "applied_deferred": report.applied_deferred,
                 "in_doubt": report.in_doubt,
                 "requeued": report.requeued,
                 "refilled": report.refilled,
                 "finalized": report.finalized,
                 "canceled": report.canceled,
                 "applied_receipts": report.applied_receipts,
+                "expired_receipts": report.expired_receipts,
                 "requeued_imports": report.requeued_imports,
             },
         )

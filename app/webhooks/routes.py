@@ -10,7 +10,9 @@ customer's message, a keyword or not, from a customer's number or not.
 Each item of a post (a receipt, a customer's message) stands alone. One that cannot be read (the
 providers' parsers raise `BadItem`), or that the database refuses when it is applied, is logged, counted
 in `/metrics` (`dispatch_webhook_invalid_items_total`) and answered as `invalid`; the others are applied,
-and the post is answered 2xx. Only a database that is unavailable fails a post (a 503)."""
+and the post is answered 2xx. While the database is unavailable, what a post brought waits in Redis in its
+order (`app.messaging.spool`: answered `deferred`, applied when the database returns); only a post that
+neither the database nor Redis takes fails (a 503)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import TypeVar
 
 from flask import current_app, request
 from marshmallow import Schema, fields
+from redis import Redis
+from redis.exceptions import RedisError
 from werkzeug.exceptions import UnsupportedMediaType
 
 from app import metrics
@@ -32,10 +36,11 @@ from app.customers import optouts
 from app.database import describe, is_unavailable
 from app.errors import AppError
 from app.extensions import db
-from app.messaging import receipts
+from app.messaging import receipts, spool
 from app.messaging.providers import africastalking, twilio, whatsapp_cloud
 from app.messaging.providers.base import BadItem
 from app.models import Channel, OptOutSource
+from app.queues import get_redis
 from app.schemas import ErrorSchema
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,13 @@ class ReceiptAnswerSchema(Schema):
         required=True,
         metadata={"description": "Receipts that could not be read, or that the database refused: logged and counted."},
     )
+    deferred = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Receipts kept in Redis while the database is unavailable: applied, in order, when it "
+            "returns."
+        },
+    )
 
 
 class InboundAnswerSchema(Schema):
@@ -69,6 +81,13 @@ class InboundAnswerSchema(Schema):
     invalid = fields.Integer(
         required=True,
         metadata={"description": "Messages that could not be read, or that the database refused: logged and counted."},
+    )
+    deferred = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Keywords kept in Redis while the database is unavailable: applied, in order, when it "
+            "returns."
+        },
     )
 
 
@@ -121,34 +140,82 @@ def _item(provider: str, counts: dict[str, int]) -> Iterator[None]:
 
 def _answer(provider: str, found: list[receipts.Receipt], ignored: int, invalid: int) -> dict:
     """Apply a post's receipts, all in one transaction; if the database refuses one of them, each again on
-    its own, so that only that one is lost. Counts what became of them."""
-    counts = {"applied": 0, "unchanged": 0, "kept": 0, "ignored": ignored, "invalid": invalid}
-    if len(found) > 1:
-        try:
-            return {**counts, **receipts.record(found)}
-        except Exception as exc:  # one receipt the database refused: the others go one by one below
-            db.session.rollback()
-            if is_unavailable(exc):
-                raise
-    for receipt in found:
-        with _item(provider, counts):
-            for result, count in receipts.record([receipt]).items():
-                counts[result] = counts.get(result, 0) + count
+    its own, so that only that one is lost. While the database is unavailable, those not applied yet wait
+    in Redis (`spool`). Counts what became of them."""
+    counts = {"applied": 0, "unchanged": 0, "kept": 0, "ignored": ignored, "invalid": invalid, "deferred": 0}
+    done = 0
+    try:
+        if len(found) > 1:
+            try:
+                return {**counts, **receipts.record(found)}
+            except Exception as exc:  # one receipt the database refused: the others go one by one below
+                db.session.rollback()
+                if is_unavailable(exc):
+                    raise
+        for receipt in found:
+            with _item(provider, counts):
+                for result, count in receipts.record([receipt]).items():
+                    counts[result] = counts.get(result, 0) + count
+            done += 1
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        _defer(provider, exc, lambda redis: spool.keep_receipts(redis, found[done:]), "receipt", len(found) - done)
+        counts["deferred"] = len(found) - done
     return counts
 
 
+def _defer(provider: str, error: BaseException, keep: Callable[[Redis], None], kind: str, count: int) -> None:
+    """The database is unavailable: keep what a post brought in Redis with `keep`, to be applied when it
+    returns. With Redis unavailable too, the post fails (a 503) with the database's error."""
+    try:
+        keep(get_redis())
+    except RedisError:
+        log.warning("webhook items: neither the database nor Redis takes them", extra={"provider": provider})
+        raise error from None
+    metrics.count_spooled(kind, count)
+    log.warning(
+        "the database is unavailable: webhook items wait in Redis",
+        extra={"provider": provider, "kind": kind, "items": count, "error": describe(error)},
+    )
+
+
 def _inbound(provider: str, messages: list[tuple[str, str]], channel: str, invalid: int = 0) -> dict:
-    """Apply the keywords among `(from, text)` messages customers sent on `channel`, each committed."""
-    counts = {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": invalid}
+    """Apply the keywords among `(from, text)` messages customers sent on `channel`, each committed (or, while
+    the database is unavailable, kept in Redis in their order)."""
+    counts = {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": invalid, "deferred": 0}
+    actions = []
     for sender, text in messages:
         action = optouts.keyword_action(text)
         if action is None:
             counts["ignored"] += 1
-            continue
-        with _item(provider, counts):
-            found = optouts.apply_by_phone(optouts.inbound_phone(sender), channel, action, OptOutSource.KEYWORD)
-            counts["ignored" if not found else "opted_out" if action == "opt_out" else "opted_in"] += 1
+        else:
+            actions.append((optouts.inbound_phone(sender), action, OptOutSource.KEYWORD))
+    _apply_keywords(provider, actions, channel, counts)
     return counts
+
+
+def _apply_keywords(provider: str, actions: list[tuple[str | None, str, str]], channel: str, counts: dict) -> None:
+    """Apply `(phone, action, source)` opt-outs and opt-ins in order, each committed; while the database is
+    unavailable, keep those not applied yet in Redis, in their order."""
+    done = 0
+    try:
+        for phone, action, source in actions:
+            with _item(provider, counts):
+                found = optouts.apply_by_phone(phone, channel, action, source)
+                counts["ignored" if not found else "opted_out" if action == "opt_out" else "opted_in"] += 1
+            done += 1
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        left = actions[done:]
+
+        def keep(redis: Redis) -> None:
+            for phone, action, source in left:
+                spool.keep_keyword(redis, phone, channel, action, source)
+
+        _defer(provider, exc, keep, "keyword", len(left))
+        counts["deferred"] = len(left)
 
 
 def _body(content_type: str, description: str) -> dict:
@@ -203,11 +270,11 @@ def africastalking_inbound():
 def africastalking_opt_out():
     """Africa's Talking's opt-out notification: the number opted out of the sender id: opted out of sms"""
     _check_africastalking_token()
-    counts = {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0}
-    with _item(africastalking.AfricasTalking.name, counts):
-        phone = optouts.inbound_phone(request.form.get("phoneNumber", ""))
-        found = optouts.apply_by_phone(phone, Channel.SMS, "opt_out", OptOutSource.PROVIDER)
-        counts["opted_out" if found else "ignored"] += 1
+    counts = {"opted_out": 0, "opted_in": 0, "ignored": 0, "invalid": 0, "deferred": 0}
+    phone = optouts.inbound_phone(request.form.get("phoneNumber", ""))
+    _apply_keywords(
+        africastalking.AfricasTalking.name, [(phone, "opt_out", OptOutSource.PROVIDER)], Channel.SMS, counts
+    )
     return counts
 
 

@@ -41,11 +41,14 @@ def http_client(app: Flask) -> httpx.Client:
 send_by: ContextVar[float | None] = ContextVar("send_by", default=None)
 # The error code of a request not made because it was late for its slot.
 LATE_FOR_SLOT = "late_for_slot"
+# The error code of a request that went out and got no answer.
+UNKNOWN_CODE = "no_answer"
 
 
 def post(client: httpx.Client, url: str, **kwargs) -> httpx.Response | SendResult:
-    """POST, or the transient refusal that a request which got no answer is. Only a read timeout leaves the
-    message possibly taken by the provider: its retry may deliver twice (docs/providers.md).
+    """POST, or the refusal that a request which got no answer is: `transient` when it never reached the
+    provider (no connection), `unknown` when it went out and no answer came (a timeout, a connection dropped
+    mid-way): the provider may have taken it, and a retry could deliver twice (docs/providers.md).
 
     A request that would leave later than its slot at the provider allows (`send_by`: the thread was held
     up, by a busy CPU say) is not made: it could crowd the next window at the provider. The send takes a
@@ -58,10 +61,12 @@ def post(client: httpx.Client, url: str, **kwargs) -> httpx.Response | SendResul
     try:
         return client.post(url, **kwargs)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        # The request never left: trying again cannot deliver twice.
         return SendResult.refused(ErrorClass.TRANSIENT, f"could not connect: {type(exc).__name__}", "connect")
-    except httpx.TimeoutException as exc:
+    except (httpx.TimeoutException, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+        # The request went out (or may have), and no answer came: the provider may have taken it.
         return SendResult.refused(
-            ErrorClass.TRANSIENT, f"no answer in time ({type(exc).__name__}); the provider may have taken it", "timeout"
+            ErrorClass.UNKNOWN, f"no answer ({type(exc).__name__}): the provider may have taken it", UNKNOWN_CODE
         )
     except httpx.HTTPError as exc:
         return SendResult.refused(ErrorClass.TRANSIENT, f"HTTP error: {type(exc).__name__}: {exc}", "http")

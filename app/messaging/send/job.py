@@ -114,7 +114,7 @@ def send_outbound_message(message_id: int, job_seq: int) -> str | Retry:
     metrics.count_outcome(row["channel"], outcome)
     size = window.window_size(row["priority"])
     params = record_params(message_id, row["campaign_id"], claim, outcome, size, clock.now())
-    recorded = record_through_outage(params, _record_window())
+    recorded = record_through_outage(params, _record_window(), _follow_up(row, outcome))
     return _after_record(row, message_id, outcome, recorded, size)
 
 
@@ -138,29 +138,25 @@ def _give_back_after_a_crash(row: dict, message_id: int, claim: Claim, exc: Exce
         log.warning("could not give back a claim after the send job raised", extra={"message_id": message_id})
 
 
+def _follow_up(row: dict, outcome: Outcome) -> dict:
+    """What a send does after its record, named in data: kept with the record when it waits in Redis."""
+    return {
+        "channel": row["channel"],
+        "customer_id": row["customer_id"],
+        "recipient_opted_out": outcome.recipient_opted_out,
+        "account_refused": outcome.error_class == ErrorClass.ACCOUNT and outcome.status == MessageStatus.PENDING,
+        "error": outcome.error,
+    }
+
+
 def _after_record(row: dict, message_id: int, outcome: Outcome, recorded: Recorded, size: int) -> str | Retry:
-    """What is left once the outcome is recorded: a receipt that came first, an opt-out at the provider,
-    the campaign's window and its end; then what the job returns (see `send_outbound_message`)."""
+    """What is left once the outcome is recorded (see `_follow_through`); then what the job returns (see
+    `send_outbound_message`). A record that waits in Redis (the database unavailable) is followed through
+    when it is applied."""
     campaign_id = row["campaign_id"]
     extra = {"campaign_id": campaign_id, "message_id": message_id, "status": outcome.status}
-    if not recorded.recorded:
-        # Its lease passed while it sent (the worker hung past its job's timeout): the message went back
-        # in line, and may be sent again. Say so; the outcome stays in this line only.
-        log.warning("the claim was lost before its record", extra={**extra, "error": outcome.error})
-        metrics.count_message(row["channel"], "claim_lost")
-    if recorded.receipt_waiting:
-        receipts.apply_waiting(outcome.provider, outcome.provider_message_id)
-    if outcome.recipient_opted_out:
-        _opt_out_at_provider(row, message_id)
-    if window.should_refill(recorded.in_window, size, recorded.pending):
-        window.refill(campaign_id)
-    elif not recorded.in_window and not recorded.pending:
-        lifecycle.finish_campaign(campaign_id, checked=True)
-    if outcome.error_class == ErrorClass.ACCOUNT and outcome.status == MessageStatus.PENDING:
-        reason = f"paused: the provider refused the account: {outcome.error}"
-        if lifecycle.pause_for_account(campaign_id, reason):
-            log.warning("provider refused the account; campaign paused", extra={**extra, "error": outcome.error})
-        return "held: account refused, campaign paused"
+    if not recorded.deferred:
+        _follow_through(campaign_id, message_id, recorded, size, _follow_up(row, outcome), outcome)
     if outcome.not_before is not None:
         window.schedule_refill(campaign_id, outcome.not_before)
         log.info(
@@ -174,10 +170,58 @@ def _after_record(row: dict, message_id: int, outcome: Outcome, recorded: Record
     if outcome.status == MessageStatus.QUEUED:
         log.info("send attempt failed; RQ will retry", extra={**extra, "error": outcome.error})
         raise SendAttemptFailed(f"message {message_id}: {outcome.error}")
+    if outcome.error_class == ErrorClass.ACCOUNT and outcome.status == MessageStatus.PENDING:
+        return "held: account refused, campaign paused"
     if outcome.status == MessageStatus.PENDING:
         return "held: campaign paused or canceled while it waited for its slot"
+    if recorded.deferred:
+        return f"{outcome.status}: its record waits in Redis for the database"
     log.info("message %s", outcome.status, extra=extra)
     return outcome.status
+
+
+def _follow_through(
+    campaign_id: int, message_id: int, recorded: Recorded, size: int, follow_up: dict, outcome: Outcome | None = None
+) -> None:
+    """What a send does once its record is in: say so if its claim was lost meanwhile, apply a receipt that
+    came first, an opt-out at the provider, a pause for an account the provider refused, and look after
+    the campaign's window and its end."""
+    extra = {"campaign_id": campaign_id, "message_id": message_id}
+    if not recorded.recorded:
+        # Its lease passed while it sent (the worker hung past its job's timeout): the message went back
+        # in line, and may be sent again. Say so; the outcome stays in this line only.
+        log.warning("the claim was lost before its record", extra={**extra, "error": follow_up["error"]})
+        metrics.count_message(follow_up["channel"], "claim_lost")
+    if recorded.receipt_waiting and outcome is not None:
+        receipts.apply_waiting(outcome.provider, outcome.provider_message_id)
+    if follow_up["recipient_opted_out"]:
+        _opt_out_at_provider(follow_up["customer_id"], follow_up["channel"], message_id)
+    if follow_up["account_refused"]:
+        reason = f"paused: the provider refused the account: {follow_up['error']}"
+        if lifecycle.pause_for_account(campaign_id, reason):
+            log.warning("provider refused the account; campaign paused", extra={**extra, "error": follow_up["error"]})
+    if window.should_refill(recorded.in_window, size, recorded.pending):
+        window.refill(campaign_id)
+    elif not recorded.in_window and not recorded.pending:
+        lifecycle.finish_campaign(campaign_id, checked=True)
+
+
+def apply_kept_outcome(params: dict, follow_up: dict) -> None:
+    """Apply a send's record that waited in Redis while the database was unavailable (`spool`), and follow it
+    through as its send would have. Raises what the database raises (it stays in Redis)."""
+    with open_store() as store:
+        recorded = store.record(params)
+    if recorded.receipt_waiting:
+        receipts.apply_waiting(params["provider"], params["provider_message_id"])
+    follow_up = {
+        "channel": "",
+        "customer_id": None,
+        "recipient_opted_out": False,
+        "account_refused": False,
+        "error": params.get("error"),
+        **follow_up,
+    }
+    _follow_through(params["campaign_id"], params["message_id"], recorded, params["cap"], follow_up)
 
 
 def _postpone_delay(retry_after: float | None) -> float:
@@ -188,19 +232,14 @@ def _postpone_delay(retry_after: float | None) -> float:
     return min(THROTTLE_BACKOFF * 2**postponed, THROTTLE_BACKOFF_CAP)
 
 
-def _opt_out_at_provider(row: dict, message_id: int) -> None:
+def _opt_out_at_provider(customer_id: int, channel: str, message_id: int) -> None:
     """The provider refused the message because its recipient opted out with it: record the opt-out here
     too (source `provider`), so that later sends leave them out before reaching the provider."""
-    changed = optouts.opt_out_ids([row["customer_id"]], row["channel"], OptOutSource.PROVIDER)
+    changed = optouts.opt_out_ids([customer_id], channel, OptOutSource.PROVIDER)
     db.session.commit()
     log.info(
         "the provider says the recipient opted out; customer opted out",
-        extra={
-            "message_id": message_id,
-            "customer_id": row["customer_id"],
-            "channel": row["channel"],
-            "changed": bool(changed),
-        },
+        extra={"message_id": message_id, "customer_id": customer_id, "channel": channel, "changed": bool(changed)},
     )
 
 

@@ -23,13 +23,17 @@ from typing import Protocol, Self
 import psycopg
 from flask import current_app
 from psycopg.rows import dict_row
+from redis.exceptions import RedisError
 from sqlalchemy import and_, bindparam, exists, select
 from sqlalchemy.engine import Compiled
 
+from app import metrics
 from app.database import describe, is_unavailable
 from app.extensions import db
+from app.messaging import spool
 from app.messaging.lifecycle import CLAIM, RECORD, WINDOW_STATE
 from app.models import Campaign, Customer, CustomerOptOut, DeliveryReceipt, OutboundMessage
+from app.queues import get_redis
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +137,7 @@ class Recorded:
     in_window: int  # the campaign's messages queued or sending (counted up to the window's size)
     pending: bool  # the campaign has messages waiting for a refill (or for quiet hours to end)
     receipt_waiting: bool  # a receipt for the provider id just recorded is waiting to be applied
+    deferred: bool = False  # the database was unavailable: the record waits in Redis (nothing else is known)
 
 
 def record_params(message_id: int, campaign_id: int, claim: Claim, outcome: Outcome, cap: int, now: datetime) -> dict:
@@ -306,14 +311,17 @@ def open_store() -> MessageStore:
 RECORD_RETRY_INTERVAL = 0.5
 
 
-def record_through_outage(params: dict, window: float) -> Recorded:
-    """Record the outcome in `params` on a store of its own and say what is left to do after it; while
-    the database is unavailable, try again on a new connection every `RECORD_RETRY_INTERVAL` seconds for
-    up to `window` seconds, then raise the last error.
+def record_through_outage(params: dict, window: float, extra: dict | None = None) -> Recorded:
+    """Record the outcome in `params` on a store of its own and say what is left to do after it.
 
     The provider may already have the message: recording its outcome is what keeps it from being sent
-    again, so a short outage (a restart, a failover) must not lose it."""
+    again. While the database is unavailable the record is tried again on a new connection every
+    `RECORD_RETRY_INTERVAL` seconds for up to `window` seconds (a restart, a failover); past that it is kept
+    in Redis (`spool`, with `extra`: what the send does after its record) and applied when the database
+    returns, and the answer says `deferred`. With Redis unavailable too, the last error is raised: the
+    claim's lease runs out and the message is sent again, counted as in doubt."""
     deadline = time.monotonic() + window
+    ids = {"message_id": params["message_id"], "campaign_id": params["campaign_id"]}
     while True:
         try:
             with open_store() as store:
@@ -324,18 +332,18 @@ def record_through_outage(params: dict, window: float) -> Recorded:
             error = exc
         if time.monotonic() >= deadline:
             break
-        log.warning(
-            "could not record a send attempt; trying again",
-            extra={"message_id": params["message_id"], "campaign_id": params["campaign_id"], "error": describe(error)},
-        )
+        log.warning("could not record a send attempt; trying again", extra={**ids, "error": describe(error)})
         time.sleep(RECORD_RETRY_INTERVAL)
-    log.error(
-        "gave up recording a send attempt",
-        extra={
-            "message_id": params["message_id"],
-            "campaign_id": params["campaign_id"],
-            "error": describe(error),
-            "window": window,
-        },
+    try:
+        spool.keep_outcome(get_redis(), params, extra)
+    except RedisError as redis_error:
+        log.error(
+            "gave up recording a send attempt: neither the database nor Redis takes it",
+            extra={**ids, "error": describe(error), "redis_error": type(redis_error).__name__, "window": window},
+        )
+        raise error from None
+    metrics.count_spooled("outcome")
+    log.warning(
+        "the database is unavailable: the send's record waits in Redis", extra={**ids, "error": describe(error)}
     )
-    raise error
+    return Recorded(True, 0, False, False, deferred=True)

@@ -94,12 +94,14 @@ class Refill:
     lost: int = 0
 
 
-def refill(campaign_id: int) -> Refill:
+def refill(campaign_id: int, wait: bool = False) -> Refill:
     """Top the sending campaign's window up to its size, in a transaction of its own, then enqueue the
-    jobs of the messages it queued (nothing when the campaign is not sending, its window is full, nothing
-    waits, or another refill of it is running). A Redis failure is logged, not raised."""
+    jobs of the messages it queued (nothing when the campaign is not sending, its window is full, or
+    nothing waits). Another refill of the campaign running now is left to do it, unless `wait` (the
+    reconciler, which may just have put messages back in line that the other did not see): then this one
+    runs after it. A Redis failure is logged, not raised."""
     try:
-        rows = _queue_next(campaign_id)
+        rows = _queue_next(campaign_id, wait)
     except Exception:
         db.session.rollback()
         raise
@@ -115,12 +117,13 @@ def refill(campaign_id: int) -> Refill:
         return Refill(exc.queued, len(rows) - exc.queued)
 
 
-def _queue_next(campaign_id: int) -> list[tuple[int, int, int]]:
-    if db.session.get_bind().dialect.name == "postgresql" and not db.session.scalar(
-        select(func.pg_try_advisory_xact_lock(REFILL_LOCK, campaign_id))
-    ):
-        db.session.rollback()
-        return []
+def _queue_next(campaign_id: int, wait: bool) -> list[tuple[int, int, int]]:
+    if db.session.get_bind().dialect.name == "postgresql":
+        if wait:
+            db.session.execute(select(func.pg_advisory_xact_lock(REFILL_LOCK, campaign_id)))
+        elif not db.session.scalar(select(func.pg_try_advisory_xact_lock(REFILL_LOCK, campaign_id))):
+            db.session.rollback()
+            return []
     campaign = db.session.execute(select(Campaign.status, Campaign.priority).where(Campaign.id == campaign_id)).first()
     if campaign is None or campaign.status != CampaignStatus.SENDING:
         db.session.rollback()
