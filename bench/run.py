@@ -219,7 +219,7 @@ class Bench:
         messages: polling it does not load the database the workers use)."""
         with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
             return conn.execute(
-                "SELECT coalesce(sum(messages), 0) FROM (SELECT messages FROM campaign_message_counts "
+                "SELECT coalesce(sum(messages), 0)::bigint FROM (SELECT messages FROM campaign_message_counts "
                 "WHERE campaign_id = %s AND status IN ('sent', 'delivered', 'undelivered') UNION ALL "
                 "SELECT messages FROM campaign_message_count_changes "
                 "WHERE campaign_id = %s AND status IN ('sent', 'delivered', 'undelivered')) AS counted",
