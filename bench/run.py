@@ -4,10 +4,11 @@
     python bench/run.py --sizes 10000 --drain-cap 5000
 
 For each size it imports the customers through `POST /customers/import`, sends a campaign to them
-with an audience (`POST /campaigns/{id}/send`), waits until every job is in Redis, then drains the
-queue with 1 and with 2 `python worker.py` processes; a third campaign is taken to its last tenth and
+with an audience (`POST /campaigns/{id}/send`), waits until the campaign's first window of jobs
+(`SEND_WINDOW`) is in Redis, then drains the campaign with 1 and with 2 `python worker.py` processes,
+which refill the window from PostgreSQL as sends end; a third campaign is taken to its last tenth and
 drained to the end by one worker. Beside each figure it measures the floor on the same machine in the
-same run: PostgreSQL `INSERT ... SELECT` of as many rows, RQ `enqueue_many` of as many no-op jobs, and
+same run: PostgreSQL `INSERT ... SELECT` of as many rows, RQ `enqueue_many` of a window of no-op jobs, and
 the drain rate of RQ's own `SimpleWorker` (and of its forking `Worker`, and of this service's worker)
 on no-op jobs, enqueued with the same RQ options as send jobs. Send timings are the best of the three
 sends. Drain rates are measured over at most `--drain-cap` messages per run (steady state), counted
