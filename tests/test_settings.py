@@ -109,12 +109,68 @@ def test_defaults_are_valid_and_an_app_with_an_invalid_override_is_not_built():
         )
 
 
+@pytest.mark.parametrize(
+    ("provider", "missing"),
+    [
+        ("twilio", ["TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_FROM", "PUBLIC_BASE_URL"]),
+        ("whatsapp_cloud", ["WHATSAPP_ACCESS_TOKEN", "WHATSAPP_PHONE_NUMBER_ID", "WHATSAPP_APP_SECRET",
+                            "WHATSAPP_VERIFY_TOKEN"]),
+        ("africastalking", ["AFRICASTALKING_USERNAME", "AFRICASTALKING_API_KEY", "WEBHOOK_TOKEN"]),
+    ],
+)  # fmt: skip
+def test_a_provider_missing_several_settings_names_them_all_at_once(provider, missing):
+    channel = "WHATSAPP_PROVIDER" if provider == "whatsapp_cloud" else "SMS_PROVIDER"
+    with pytest.raises(SettingsError) as refused:
+        check_settings(loaded(**{channel: provider}))
+    named = [problem.split(":", 1)[0] for problem in str(refused.value).split("; ")]
+    assert named == missing
+    assert "\n" not in str(refused.value)
+
+
+def test_bad_values_and_settings_that_do_not_fit_are_reported_together():
+    with pytest.raises(SettingsError) as refused:
+        check_settings(
+            loaded(
+                JOB_TIMEOUT="sixty",
+                LOG_LEVEL="LOUD",
+                SMS_PROVIDER="twilio",
+                DATABASE_POOL_SIZE="8",
+                TWILIO_ACCOUNT_SID="AC1",
+                TWILIO_AUTH_TOKEN="t",
+                TWILIO_FROM="+15550000000",
+            )
+        )
+    message = str(refused.value)
+    for name in (
+        "JOB_TIMEOUT: must be a whole number",
+        "LOG_LEVEL: must be one of",
+        "PUBLIC_BASE_URL: required",
+        "DATABASE_POOL_SIZE: 8 is below WEB_THREADS",
+    ):
+        assert name in message
+    assert "PROVIDER_READ_TIMEOUT" not in message  # compared only with a JOB_TIMEOUT that parsed
+
+
 PROCESSES = {
     "worker": [sys.executable, "worker.py"],
     "scheduler": [sys.executable, "-m", "flask", "--app", "wsgi", "scheduler"],
     # The Procfile's web, as written there (`gunicorn` beside this Python).
     "web": ["bash", "-c", "exec " + procfile_command("web")],
 }
+
+
+@pytest.mark.parametrize("process", PROCESSES)
+def test_every_process_names_every_missing_provider_setting_in_one_start(process):
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = environment(WHATSAPP_PROVIDER="whatsapp_cloud", PORT=str(free_port()), PATH=path)
+    for name in ("WHATSAPP_ACCESS_TOKEN", "WHATSAPP_PHONE_NUMBER_ID", "WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"):
+        env.pop(name, None)
+    result = subprocess.run(PROCESSES[process], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "configuration error" in line]
+    assert len(errors) == 1
+    for name in ("WHATSAPP_ACCESS_TOKEN", "WHATSAPP_PHONE_NUMBER_ID", "WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"):
+        assert f"{name}: required by the whatsapp_cloud provider" in errors[0]
 
 
 @pytest.mark.parametrize("process", PROCESSES)
