@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from pathlib import Path
 
 import click
 from flask import Flask, current_app
@@ -12,6 +14,23 @@ from app import auth
 from app.errors import AppError
 from app.seed import seed_sample_data
 from config import SETTINGS, settings_markdown, shown_value
+
+
+def running_up_redis_url(instance_path: str) -> str | None:
+    """The embedded Redis of a `flask up` running on `instance_path`, or None when none runs there."""
+    from app.up import LOCK_FILE, REDIS_URL_FILE
+
+    instance = Path(instance_path)
+    try:
+        with open(instance / LOCK_FILE) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return (instance / REDIS_URL_FILE).read_text().strip() or None
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def run_scheduler() -> None:
@@ -98,8 +117,12 @@ def register(app: Flask) -> None:
         if markdown:
             click.echo(settings_markdown(), nl=False)
             return
+        embedded = None if os.environ.get("REDIS_URL") else running_up_redis_url(current_app.instance_path)
         for setting in SETTINGS:
-            click.echo(f"{setting.name}={shown_value(setting, current_app.config.get(setting.config_key))}")
+            line = f"{setting.name}={shown_value(setting, current_app.config.get(setting.config_key))}"
+            if setting.name == "REDIS_URL" and embedded:
+                line = f"{setting.name}={embedded} (the embedded Redis of the running `flask up`)"
+            click.echo(line)
 
     @app.cli.command("scheduler")
     def scheduler() -> None:
