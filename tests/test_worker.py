@@ -324,9 +324,9 @@ def test_worker_is_listed_with_its_state_while_it_works(app, client, redis_conn,
     start(client, campaign.id, ids)
     proc = spawn_worker(burst=False)
     try:
-        wait_for(lambda: client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent", timeout=20)
+        wait_for(lambda: client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "sent", timeout=120)
         # The job that ended the campaign still recounts its stats (app.messaging.stats.recount) after that.
-        wait_for(lambda: [w.get_state() for w in Worker.all(connection=redis_conn)] == ["idle"], timeout=10)
+        wait_for(lambda: [w.get_state() for w in Worker.all(connection=redis_conn)] == ["idle"], timeout=60)
         workers = Worker.all(connection=redis_conn)
         assert len(workers) == 1
         assert workers[0].successful_job_count == 5
