@@ -278,8 +278,9 @@ class Progress:
             )
             line = f"campaign {campaign.id} {campaign.name!r}: {done}/{counts['total']} done"
             if campaign.status == CampaignStatus.SENDING:
+                rate_shown = f", {rate:.0f}/s" if campaign.id in self.done else ""  # a rate needs two counts
                 self.done[campaign.id] = (done, now)
-                lines.append(f"{line} ({outcome or 'none yet'}), {rate:.0f}/s")
+                lines.append(f"{line} ({outcome or 'none yet'}){rate_shown}")
             else:
                 self.done.pop(campaign.id, None)
                 lines.append(f"{line} ({outcome or 'none'}), {campaign.status}")

@@ -6,6 +6,7 @@ Each test runs `flask up` as a user would, in a process of its own, on a Postgre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -75,8 +76,16 @@ class Up:
             return []
 
     def kill(self) -> None:
-        for process in self.family():
-            process.kill()
+        """Stop it as Ctrl-C does, so that it cleans up after itself (the embedded Redis's socket folder);
+        whatever still runs after a generous wait is killed."""
+        family = self.family()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=30)
+        for process in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         self.proc.wait()
 
 
@@ -191,8 +200,8 @@ def test_up_exits_non_zero_when_one_of_its_processes_dies(tmp_path, start_up):
 
 def test_up_prints_a_progress_line_per_campaign_instead_of_a_line_per_message(tmp_path, start_up):
     instance, port = tmp_path / "instance", free_port()
-    # One send at a time, each taking 1 s: the campaign sends for longer than a progress interval.
-    up = start_up(instance, port, WORKER_CONCURRENCY="1", MOCK_SENDER_LATENCY="1")
+    # One send at a time, each taking 3 s: the campaign sends for longer than two progress intervals.
+    up = start_up(instance, port, WORKER_CONCURRENCY="1", MOCK_SENDER_LATENCY="3")
     up.wait_for_output("running: API on")
     key = (instance / "local-api-key").read_text().strip()
     api = f"http://127.0.0.1:{port}"
