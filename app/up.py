@@ -183,7 +183,7 @@ class Stack:
 
 
 def _signal_group(child: subprocess.Popen, signum: int) -> None:
-    """Send `signum` to the child's process group (it leads its own session): the processes it forked too,
+    """Send `signum` to the child's process group (it leads one of its own): the processes it forked too,
     also those it left behind when it died."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.pid, signum)
