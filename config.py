@@ -500,7 +500,8 @@ SETTINGS: tuple[Setting, ...] = (
             "`GET /metrics` adds up every process's", number(0.1, 60)),
     # Logs
     Setting("LOG_LEVEL", "INFO", "logs are JSON lines with a request id, and job/campaign/message ids in the "
-            "worker", log_level),
+            "worker; below DEBUG, RQ's and httpx's lines about each job and request are left out; gunicorn's own "
+            "lines (not its access log) follow it too", log_level),
 )  # fmt: skip
 
 # Read by the Procfile and `flask up`, not by the app.

@@ -219,6 +219,7 @@ def test_up_prints_a_progress_line_per_campaign_instead_of_a_line_per_message(tm
     assert any(line.endswith("/s") for line in progress), progress  # while it sent: done so far, and the rate
     assert len(progress) < 2 * total  # a line every few seconds, not one a message
     assert '"message sent"' not in up.output  # the worker's line per message stays out of the terminal
+    assert "Booting worker" not in up.output  # gunicorn's own lines follow the processes' level too
 
 
 def test_flask_settings_beside_a_running_up_shows_the_redis_it_uses(tmp_path, start_up):
