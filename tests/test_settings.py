@@ -16,6 +16,7 @@ import urllib.request
 from decimal import Decimal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from app import create_app
@@ -273,6 +274,14 @@ def test_under_honcho_its_env_file_wins_over_the_environment_as_the_readme_says(
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", env_port), timeout=2).close()
     finally:
+        # honcho starts each process in a group of its own: it stops them on SIGTERM; any left is killed.
+        started = psutil.Process(proc.pid).children(recursive=True)
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        for process in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
