@@ -3,7 +3,8 @@
 It uses `DATABASE_URL` and `REDIS_URL` when they are set, else a SQLite file and an embedded
 redis-server in the instance folder. One `flask up` runs per instance folder: the embedded Redis and
 the local API key live there. The key stays the same across restarts, in a file only its owner can
-read, and is never printed.
+read, and is never printed. Unless LOG_LEVEL is set, its processes log at WARNING, and it prints a
+progress line per campaign sending instead of their line per message.
 """
 
 from __future__ import annotations
