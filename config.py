@@ -3,7 +3,7 @@
 Each setting has a parser, a safe default and a line of documentation (docs/configuration.md lists them
 all; a test keeps the two in step). Values are parsed when this module is imported, but a bad value does
 not raise here: it is kept as `Invalid`, and every process checks its configuration at start
-(`check_settings`, called by `create_app`) and refuses to run with one line naming the setting. Only
+(`check_settings`, called by `create_app`) and refuses to run with one line naming every bad setting. Only
 values are checked: a process starts while PostgreSQL or Redis is down, and recovers when they return.
 """
 
@@ -500,7 +500,8 @@ SETTINGS: tuple[Setting, ...] = (
             "`GET /metrics` adds up every process's", number(0.1, 60)),
     # Logs
     Setting("LOG_LEVEL", "INFO", "logs are JSON lines with a request id, and job/campaign/message ids in the "
-            "worker", log_level),
+            "worker; below DEBUG, RQ's and httpx's lines about each job and request are left out; gunicorn's own "
+            "lines (not its access log) follow it too", log_level),
 )  # fmt: skip
 
 # Read by the Procfile and `flask up`, not by the app.
@@ -546,41 +547,61 @@ class ProductionConfig(Config):
 
 
 def check_settings(config: Mapping[str, object]) -> None:
-    """Raise `SettingsError` naming the first setting the service cannot run with."""
-    for setting in SETTINGS:
-        value = config.get(setting.config_key)
-        if isinstance(value, Invalid):
-            raise SettingsError(f"{value.name}: {value.reason}")
-    missing = [name for name in config["QUEUES"] if name not in (config["SEND_QUEUE"], config["CONTROL_QUEUE"])]
-    if missing:
-        raise SettingsError(f"QUEUES: {', '.join(missing)} is neither SEND_QUEUE nor CONTROL_QUEUE")
-    both = sorted(set(config["OPT_OUT_KEYWORDS"]) & set(config["OPT_IN_KEYWORDS"]))
-    if both:
-        raise SettingsError(f"OPT_IN_KEYWORDS: {', '.join(both)} is also in OPT_OUT_KEYWORDS")
+    """Raise `SettingsError` naming every setting the service cannot run with, in one message (`NAME: why`,
+    separated by `; `), so that one start reports them all."""
+    problems = settings_problems(config)
+    if problems:
+        raise SettingsError("; ".join(problems))
+
+
+def settings_problems(config: Mapping[str, object]) -> list[str]:
+    """Each problem with `config` as `NAME: why`: values that did not parse first, then the settings that do
+    not fit together (those are checked only between values that parsed)."""
+    problems = [
+        f"{value.name}: {value.reason}"
+        for setting in SETTINGS
+        if isinstance(value := config.get(setting.config_key), Invalid)
+    ]
+
+    def valid(*names: str) -> bool:
+        return not any(isinstance(config.get(name), Invalid) for name in names)
+
+    if valid("QUEUES", "SEND_QUEUE", "CONTROL_QUEUE"):
+        missing = [name for name in config["QUEUES"] if name not in (config["SEND_QUEUE"], config["CONTROL_QUEUE"])]
+        if missing:
+            problems.append(f"QUEUES: {', '.join(missing)} is neither SEND_QUEUE nor CONTROL_QUEUE")
+    if valid("OPT_OUT_KEYWORDS", "OPT_IN_KEYWORDS"):
+        both = sorted(set(config["OPT_OUT_KEYWORDS"]) & set(config["OPT_IN_KEYWORDS"]))
+        if both:
+            problems.append(f"OPT_IN_KEYWORDS: {', '.join(both)} is also in OPT_OUT_KEYWORDS")
     for provider in (config["SMS_PROVIDER"], config["WHATSAPP_PROVIDER"]):
         for names in PROVIDER_REQUIRES.get(provider, ()):
-            if not any(config.get(name) for name in names):
+            if not any(config.get(name) for name in names) and valid(*names):
                 which = " or ".join(names)
-                raise SettingsError(f"{names[0]}: required by the {provider} provider (set {which})")
-    if config["PROVIDER_MAX_CONNECTIONS"] < config["WORKER_CONCURRENCY"]:
-        raise SettingsError(
+                problems.append(f"{names[0]}: required by the {provider} provider (set {which})")
+    if valid("PROVIDER_MAX_CONNECTIONS", "WORKER_CONCURRENCY") and (
+        config["PROVIDER_MAX_CONNECTIONS"] < config["WORKER_CONCURRENCY"]
+    ):
+        problems.append(
             f"PROVIDER_MAX_CONNECTIONS: {config['PROVIDER_MAX_CONNECTIONS']} is below WORKER_CONCURRENCY "
             f"({config['WORKER_CONCURRENCY']}): a send would wait for a connection"
         )
-    if config["DATABASE_POOL_SIZE"] < config["WEB_THREADS"]:
-        raise SettingsError(
+    if valid("DATABASE_POOL_SIZE", "WEB_THREADS") and config["DATABASE_POOL_SIZE"] < config["WEB_THREADS"]:
+        problems.append(
             f"DATABASE_POOL_SIZE: {config['DATABASE_POOL_SIZE']} is below WEB_THREADS ({config['WEB_THREADS']}): "
             "each thread holds a connection while it serves a request"
         )
     for name, other in (("SMS_SEGMENT_PRICE", "CURRENCY"), ("CURRENCY", "SMS_SEGMENT_PRICE")):
-        if config.get(name) is not None and config.get(other) is None:
-            raise SettingsError(f"{other}: required when {name} is set (an estimate's cost needs both)")
-    budget = config["PROVIDER_CONNECT_TIMEOUT"] + config["PROVIDER_READ_TIMEOUT"]
-    if budget * 2 > config["JOB_TIMEOUT"]:
-        raise SettingsError(
-            f"PROVIDER_READ_TIMEOUT: with PROVIDER_CONNECT_TIMEOUT it is {budget:g} s, over half of JOB_TIMEOUT "
-            f"({config['JOB_TIMEOUT']} s): a send job must outlast its provider call and record the outcome"
-        )
+        if valid(name, other) and config.get(name) is not None and config.get(other) is None:
+            problems.append(f"{other}: required when {name} is set (an estimate's cost needs both)")
+    if valid("PROVIDER_CONNECT_TIMEOUT", "PROVIDER_READ_TIMEOUT", "JOB_TIMEOUT"):
+        budget = config["PROVIDER_CONNECT_TIMEOUT"] + config["PROVIDER_READ_TIMEOUT"]
+        if budget * 2 > config["JOB_TIMEOUT"]:
+            problems.append(
+                f"PROVIDER_READ_TIMEOUT: with PROVIDER_CONNECT_TIMEOUT it is {budget:g} s, over half of JOB_TIMEOUT "
+                f"({config['JOB_TIMEOUT']} s): a send job must outlast its provider call and record the outcome"
+            )
+    return problems
 
 
 # The settings each provider cannot work without (any one of a group).

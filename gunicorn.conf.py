@@ -63,3 +63,6 @@ class RedactingLogger(Logger):
 worker_class = ClientTimeoutWorker
 threads = Config.WEB_THREADS
 logger_class = RedactingLogger
+# gunicorn's own lines (booting, signals, workers) at LOG_LEVEL, like the service's: `flask up` runs its
+# processes at WARNING, and its terminal then shows none of them. The access log is not affected.
+loglevel = Config.LOG_LEVEL.lower()

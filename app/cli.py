@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import sys
+from pathlib import Path
 
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
+from sqlalchemy.exc import OperationalError
 
 from app import auth
 from app.errors import AppError
 from app.seed import seed_sample_data
-from config import SETTINGS, settings_markdown, shown_value
+from config import SETTINGS, mask_url, settings_markdown, shown_value
+
+
+def running_up_redis_url(instance_path: str) -> str | None:
+    """The embedded Redis of a `flask up` running on `instance_path`, or None when none runs there."""
+    from app.up import LOCK_FILE, REDIS_URL_FILE
+
+    instance = Path(instance_path)
+    try:
+        with open(instance / LOCK_FILE) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return (instance / REDIS_URL_FILE).read_text().strip() or None
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def run_scheduler() -> None:
@@ -81,7 +102,39 @@ def revoke_api_key(name: str) -> None:
     click.echo(f"revoked {name}")
 
 
+def database_unreachable_line(exc: BaseException, url: str) -> str | None:
+    """One line for a command that could not connect to the database (a database that does not exist, a
+    server that refuses, a wrong user), naming it as every other setting error does; None for any other
+    error."""
+    if not isinstance(exc, OperationalError) or "connection failed" not in str(exc.orig or exc):
+        return None
+    reason = str(exc.orig or exc).strip().splitlines()[0]
+    for marker in ("FATAL:", "failed: "):
+        if marker in reason:
+            reason = reason.rsplit(marker, 1)[1].strip()
+            break
+    if "does not exist" in reason and "database" in reason:
+        reason += " (create it first, e.g. `createdb`, or your provider's add-on)"
+    return f"database error: DATABASE_URL: {reason} ({mask_url(url)})"
+
+
+def _one_line_for_an_unreachable_database(url: str) -> None:
+    """A `flask` command that cannot reach the database ends with one line naming it, not a traceback."""
+    previous = sys.excepthook
+
+    def hook(kind, exc, traceback) -> None:
+        line = database_unreachable_line(exc, url)
+        if line is None:
+            previous(kind, exc, traceback)
+        else:
+            print(line, file=sys.stderr)
+
+    sys.excepthook = hook
+
+
 def register(app: Flask) -> None:
+    if click.get_current_context(silent=True) is not None:  # a `flask` command, not a web or worker process
+        _one_line_for_an_unreachable_database(app.config["SQLALCHEMY_DATABASE_URI"])
     app.cli.add_command(api_keys)
     app.cli.add_command(customers)
 
@@ -98,8 +151,12 @@ def register(app: Flask) -> None:
         if markdown:
             click.echo(settings_markdown(), nl=False)
             return
+        embedded = None if os.environ.get("REDIS_URL") else running_up_redis_url(current_app.instance_path)
         for setting in SETTINGS:
-            click.echo(f"{setting.name}={shown_value(setting, current_app.config.get(setting.config_key))}")
+            line = f"{setting.name}={shown_value(setting, current_app.config.get(setting.config_key))}"
+            if setting.name == "REDIS_URL" and embedded:
+                line = f"{setting.name}={embedded} (the embedded Redis of the running `flask up`)"
+            click.echo(line)
 
     @app.cli.command("scheduler")
     def scheduler() -> None:

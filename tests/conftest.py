@@ -432,7 +432,7 @@ def spawn_web(spawn_web_process):
     return start
 
 
-def wait_for_port(proc: subprocess.Popen, port: int, timeout: float = 30) -> str:
+def wait_for_port(proc: subprocess.Popen, port: int, timeout: float = 90) -> str:
     """The base URL of `proc` once it listens on `port`; fail if it exits or does not listen in time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

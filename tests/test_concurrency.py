@@ -96,7 +96,7 @@ def test_a_later_second_signal_abandons_the_sends_in_flight_and_still_flushes_th
     worker.send_signal(signal.SIGTERM)
     time.sleep(1.5)
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=10) == 1
+    assert worker.wait(timeout=60) == 1
     stats = campaign(client, campaign_id)["stats"]
     # The two in flight stay claimed by the stopped worker: their leases run out, and the reconciler sends them.
     assert (stats["sent"], stats["sending"]) == (2, 2)
@@ -112,7 +112,7 @@ def test_suspended_worker_finishes_what_is_in_flight_and_starts_nothing(
     wait_for(lambda: in_flight(app, redis_conn) == 2, timeout=30, interval=0.05)
     suspend(redis_conn)
     try:
-        wait_for(lambda: len(read_send_log(send_log)) == 2 and in_flight(app, redis_conn) == 0, timeout=15)
+        wait_for(lambda: len(read_send_log(send_log)) == 2 and in_flight(app, redis_conn) == 0, timeout=60)
         time.sleep(3)  # suspended: the four left stay queued
         assert len(read_send_log(send_log)) == 2
         assert campaign(client, campaign_id)["stats"]["queued"] == 4

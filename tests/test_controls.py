@@ -175,15 +175,14 @@ def test_a_cancel_does_not_wait_for_a_send_in_flight_which_stays_sent(app, clien
     campaign = make_campaign()
     send(client, campaign.id, 1)
     [message] = message_rows(campaign.id)
-    spawn_worker(MOCK_SENDER_LATENCY=3)
+    spawn_worker(MOCK_SENDER_LATENCY=10)
     wait_for(lambda: message_rows(campaign.id)[0].status == MessageStatus.SENDING, timeout=30, interval=0.05)
 
-    started = time.monotonic()
     canceled = control(client, campaign.id, "cancel")
-    # It answered while the provider still had the message: its send is shown in flight, not waited for.
-    assert time.monotonic() - started < 1.5
+    # It answered while the provider still had the message (a 10 s send): its send is shown in flight, not
+    # waited for (a cancel that waited would answer it sent).
     assert (canceled["status"], canceled["stats"]) == ("canceled", stats(total=1, sending=1))
-    wait_for(lambda: detail(client, campaign.id)["stats"] == stats(total=1, sent=1), timeout=30)
+    wait_for(lambda: detail(client, campaign.id)["stats"] == stats(total=1, sent=1), timeout=60)
     assert [line["message_id"] for line in read_send_log(send_log)] == [message.id]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from app.messaging.lifecycle import CAMPAIGN_TRANSITIONS, IMPORT_TRANSITIONS, MESSAGE_TRANSITIONS
 from app.openapi import SWAGGER_UI_DIST
-from config import settings_markdown
+from config import PROCESS_SETTINGS, SETTINGS, settings_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -248,6 +248,87 @@ def test_configuration_doc_holds_the_settings_table_of_config():
         "docs/configuration.md's table of settings differs from config.SETTINGS: regenerate it with "
         "`flask --app wsgi settings --markdown` and paste it in"
     )
+
+
+SETTING_DEFAULTS = {setting.name: setting.default for setting in (*SETTINGS, *PROCESS_SETTINGS)}
+SETTING_NAME = re.compile(r"`([A-Z][A-Z0-9_]+)`")
+# A default written in a row's meaning, `(20)` or `(15 s)`, or in prose, `` `NAME` (default `X`) `` and
+# ``the default `NAME` (24)``.
+DEFAULT_IN_CELL = re.compile(r"\((\d+(?:\.\d+)?)(?: s)?\)")
+DEFAULT_IN_PROSE = (
+    re.compile(r"`([A-Z][A-Z0-9_]+)`\s+\(default\s+`([^`]+)`\)"),
+    re.compile(r"the\s+default\s+`([A-Z][A-Z0-9_]+)`\s+\((\d+(?:\.\d+)?)\)"),
+)
+
+
+def same_default(name: str, written: str) -> bool:
+    """Whether `written` (a doc's words for a default: `24`, `3 s`, `empty: ...`) is the code's default."""
+    code = SETTING_DEFAULTS[name]
+    written = written.strip().strip("`")
+    if written.startswith("empty"):
+        return code == ""
+    written = re.sub(r" s$", "", written)
+    try:
+        return float(written) == float(code)
+    except ValueError:
+        return written == code
+
+
+def defaults_named(text: str) -> list[tuple[str, str]]:
+    """Every (setting, default) a Markdown document states: in a table with a `default` column, in a
+    setting's row as `(N)`, and in prose as `` `NAME` (default `X`) ``."""
+    found: list[tuple[str, str]] = []
+    default_column = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            default_column = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if default_column is None and "default" in [cell.lower() for cell in cells]:
+            default_column = [cell.lower() for cell in cells].index("default")
+            continue
+        names = [name for name in SETTING_NAME.findall(cells[0]) if name in SETTING_DEFAULTS]
+        if not names or cells[0].replace("`", "").replace(",", "").split() != names:
+            continue
+        if default_column is not None and default_column < len(cells):
+            written = cells[default_column]
+            values = [written] if written.startswith("empty") else re.findall(r"`([^`]*)`", written) or [written]
+            if len(values) == len(names):
+                found.extend(zip(names, values, strict=True))
+        elif len(names) == 1:
+            found.extend((names[0], value) for cell in cells[1:] for value in DEFAULT_IN_CELL.findall(cell))
+    for pattern in DEFAULT_IN_PROSE:
+        found.extend((name, value) for name, value in pattern.findall(text) if name in SETTING_DEFAULTS)
+    return found
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda path: path.name)
+def test_every_default_the_docs_name_is_the_codes(path):
+    named = defaults_named(path.read_text())
+    wrong = [f"{name}: {written!r}, the code says {SETTING_DEFAULTS[name]!r}" for name, written in named
+             if not same_default(name, written)]  # fmt: skip
+    assert wrong == []
+
+
+def test_the_default_check_finds_a_default_that_differs():
+    page = (
+        "| setting | meaning |\n| --- | --- |\n| `PROVIDER_MAX_CONNECTIONS` | connections kept open (20) |\n\n"
+        "| name | default | meaning |\n| --- | --- | --- |\n| `WEB_CONCURRENCY`, `WEB_THREADS` | `2`, `8` | x |\n"
+        "| `QUIET_HOURS` | empty: off | x |\n\nAnd `OPT_IN_KEYWORDS` (default `START`).\n"
+    )
+    named = defaults_named(page)
+    assert named == [
+        ("PROVIDER_MAX_CONNECTIONS", "20"),
+        ("WEB_CONCURRENCY", "2"),
+        ("WEB_THREADS", "8"),
+        ("QUIET_HOURS", "empty: off"),
+        ("OPT_IN_KEYWORDS", "START"),
+    ]
+    assert [name for name, written in named if not same_default(name, written)] == [
+        "PROVIDER_MAX_CONNECTIONS",
+        "WEB_THREADS",
+        "OPT_IN_KEYWORDS",
+    ]
 
 
 def table_under(text: str, heading: str) -> list[list[str]]:

@@ -431,7 +431,7 @@ def test_a_client_that_goes_away_mid_download_ends_the_copy(app, spawn_web):
     url = urlsplit(base_url)
     watcher = psycopg.connect(TEST_DATABASE_URL, autocommit=True)
 
-    client = socket.create_connection((url.hostname, url.port), timeout=10)
+    client = socket.create_connection((url.hostname, url.port), timeout=60)
     client.sendall(
         f"GET /campaigns/{campaign_id}/messages.csv HTTP/1.1\r\nHost: {url.netloc}\r\n"
         f"Authorization: Bearer {TEST_API_KEY}\r\n\r\n".encode()
@@ -442,12 +442,12 @@ def test_a_client_that_goes_away_mid_download_ends_the_copy(app, spawn_web):
     assert received.startswith(b"HTTP/1.1 200 ")
     assert b"message_id,customer_id,phone," in received
     # The server has more to send than the sockets between it and this client hold: it is still running.
-    poll(lambda: len(running_copies(watcher)) == 1, timeout=5)
+    poll(lambda: len(running_copies(watcher)) == 1, timeout=60)
     time.sleep(0.5)
     assert running_copies(watcher)[0][1] == "active"
 
     client.close()  # with unread data: the web process's next write fails
-    gone_after = poll(lambda: running_copies(watcher) == [], timeout=5)
+    gone_after = poll(lambda: running_copies(watcher) == [], timeout=60)
 
     # The web process serves the next export whole, on a connection in a sane state.
     status, body = get(url.port, f"/campaigns/{campaign_id}/messages.csv?status=failed")

@@ -52,3 +52,33 @@ def test_worker_process_writes_only_json_lines_and_one_a_message_at_info(client,
         assert len([e for e in entries if e.get("message_id")]) == 2  # one line a message
     else:
         assert len(ok) == 2
+
+
+@pytest.mark.real_only
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_a_send_through_a_provider_writes_no_http_client_line_below_debug(
+    client, spawn_worker, fake_providers, live_server, level
+):
+    """httpx writes a line per request to the provider ("HTTP Request: POST ..."); at INFO the worker
+    leaves it out, and a message's send is the service's one line."""
+    ids = make_customers(3)
+    client.post(f"/campaigns/{make_campaign().id}/send", json={"customer_ids": ids})
+    fake = fake_providers
+    worker = spawn_worker(
+        LOG_LEVEL=level,
+        SMS_PROVIDER="twilio",
+        TWILIO_ACCOUNT_SID=fake.twilio_account_sid,
+        TWILIO_AUTH_TOKEN=fake.twilio_auth_token,
+        TWILIO_FROM=fake.twilio_service_from,
+        TWILIO_BASE_URL=fake.base_url,
+        PUBLIC_BASE_URL=live_server,
+    )
+    assert worker.wait(timeout=120) == 0, worker.stderr.read().decode()[-2000:]
+    entries = [json.loads(line) for line in worker.stderr.read().decode().splitlines()]
+    assert len(fake.requests("twilio")) == 3
+    http_lines = [e for e in entries if e["logger"].startswith(("httpx", "httpcore"))]
+    if level == "INFO":
+        assert http_lines == []
+        assert len([e for e in entries if e.get("message_id")]) == 3  # one line a message
+    else:
+        assert any("HTTP Request: POST" in e["message"] for e in http_lines)

@@ -18,8 +18,9 @@ from tests.helpers import stats
 
 # Short cycles, so that the bound RECONCILE_INTERVAL + STALE_AFTER is seconds, not minutes.
 FAST_CYCLES = {"SCHEDULER_INTERVAL": 1, "RECONCILE_INTERVAL": 4, "STALE_AFTER": 4, "REDIS_SOCKET_TIMEOUT": 1}
-# Time for the workers to drain what the reconciler queues, on a busy 2-core machine.
-DRAIN_ALLOWANCE = 20
+# Time for the workers to drain what the reconciler queues, on a busy 2-core machine (a shared one under a
+# load of 14 included); without the repair the campaigns never complete.
+DRAIN_ALLOWANCE = 120
 
 
 def status(client, campaign_id) -> str:

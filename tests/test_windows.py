@@ -182,6 +182,28 @@ def test_a_send_beside_a_big_campaign_sending_answers_at_once_and_queues_one_win
     assert answered < 1.0
 
 
+def test_a_campaign_s_detail_says_how_many_jobs_of_other_campaigns_its_messages_wait_beside(app, client, work):
+    app.config["SEND_WINDOW"] = 5
+    add_customers(20, "everywhere")
+    add_customers(3, "village")
+    big_id, flash_id = create_campaign(client, "newsletter"), create_campaign(client, "flash sale")
+    assert detail(client, flash_id)["queued_beside_others"] is None  # a draft queues nothing
+
+    send_to(client, big_id, "everywhere")
+    work([app.config["CONTROL_QUEUE"]])
+    assert detail(client, big_id)["queued_beside_others"] == 0  # alone in the queue
+
+    send_to(client, flash_id, "village")
+    work([app.config["CONTROL_QUEUE"]])
+    assert send_queue(app).count == 5 + 3
+    assert detail(client, flash_id)["queued_beside_others"] == 5  # the big one's window came first
+    assert detail(client, big_id)["queued_beside_others"] == 3
+
+    work()
+    assert detail(client, flash_id)["status"] == detail(client, big_id)["status"] == "sent"
+    assert detail(client, flash_id)["queued_beside_others"] is None
+
+
 # --- fair share ------------------------------------------------------------------------------------------
 
 

@@ -128,6 +128,16 @@ class CampaignListItemSchema(CampaignSchema):
 
 
 class CampaignDetailSchema(CampaignListItemSchema):
+    queued_beside_others = fields.Integer(
+        dump_only=True,
+        allow_none=True,
+        metadata={
+            "description": "While it sends with messages queued: about how many send jobs of other campaigns "
+            "are in the queue beside its own; its messages share the workers with them, and those queued "
+            "before run first (a paused or canceled campaign's leftover jobs count until they run, at once "
+            "and without sending). null otherwise, or when Redis does not answer."
+        },
+    )
     template_encoding = fields.Nested(
         TemplateEncodingSchema,
         dump_only=True,

@@ -51,6 +51,18 @@ def message_job_id(message_id: int, job_seq: int) -> str:
     return f"outbound_message-{message_id}-{job_seq}"
 
 
+def queued_before(campaign_id: int, own_queued: int) -> int | None:
+    """How many send jobs of other campaigns are in the send queue beside the campaign's `own_queued`
+    (about: a job a worker has just taken may still count): its messages share the line with them, and wait
+    behind those queued before. None when Redis does not answer."""
+    try:
+        in_line = get_queue().count
+    except RedisError:
+        log.warning("could not count the send queue", extra={"campaign_id": campaign_id})
+        return None
+    return max(0, in_line - own_queued)
+
+
 def window_size(priority: str) -> int:
     """How many messages of a campaign of `priority` may be queued or sending at once."""
     return max(1, round(current_app.config["SEND_WINDOW"] * WEIGHTS.get(priority, 1.0)))
