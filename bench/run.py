@@ -275,7 +275,8 @@ class Bench:
             subprocess.Popen(
                 [sys.executable, "worker.py"],
                 cwd=ROOT,
-                env={**self.env, "QUEUES": NOOP_QUEUE},
+                # The worker takes only its send and control queues (QUEUES is checked against them).
+                env={**self.env, "QUEUES": NOOP_QUEUE, "SEND_QUEUE": NOOP_QUEUE},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -291,6 +292,9 @@ class Bench:
                 first = (now, done)
             if done >= target:
                 break
+            dead = [proc.returncode for proc in procs if proc.poll() is not None]
+            if dead:
+                raise SystemExit(f"a worker on the no-op queue exited with status {dead[0]}; run it alone to see why")
             time.sleep(0.05)
         for proc in procs:
             proc.terminate()
