@@ -317,7 +317,11 @@ class OutboundMessage(db.Model):
     # Who took it, and the id they gave it (a receipt finds the message by it).
     provider: Mapped[str | None] = mapped_column(String(32))
     provider_message_id: Mapped[str | None] = mapped_column(String(128))
-    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a read WhatsApp message stays delivered
+    # When the provider took it (set by the record of a `sent` outcome), when its receipt said delivered, and
+    # when one said read (a read WhatsApp message stays delivered). A retry clears them.
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Which send job may claim it: `outbound_message-<id>-<job_seq>`, counted up each time the message
     # enters its campaign's window, so that a job left from an earlier turn never claims it.
     job_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

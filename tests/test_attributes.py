@@ -130,3 +130,36 @@ def test_a_header_that_cannot_be_an_attribute_imports_nothing(client):
         response = client.post("/customers/import", data=f"{header}\n0712000001,x\n", content_type="text/csv")
         assert response.status_code == 422, header
     assert stored("+254712000001") is None
+
+
+TEMPLATE = "Hi {first_name|there}, your {attributes.tier|member} deal: {attributes.spend} spent"
+
+
+def test_the_preview_the_estimate_and_the_send_render_attributes_and_fallbacks(client, work):
+    from app.models import OutboundMessage
+    from tests.factories import make_campaign, make_customer
+
+    amina = make_customer(first_name="Amina", attributes={"tier": "gold", "spend": 1250.5})
+    blank = make_customer(first_name="", attributes={})
+    campaign = make_campaign(base_template=TEMPLATE)
+    preview = client.post(f"/campaigns/{campaign.id}/personalized-preview", json={"customer_id": blank.id})
+    assert preview.get_json()["rendered_message"] == "Hi there, your member deal: [unknown] spent"
+    estimate = client.post(f"/campaigns/{campaign.id}/estimate", json={"customer_ids": [amina.id, blank.id]})
+    assert estimate.get_json()["recipients"] == 2
+    assert estimate.get_json()["by_encoding"]["GSM-7"]["messages"] == 2
+    assert client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": [amina.id, blank.id]}).status_code == 202
+    work()
+    bodies = dict(db.session.execute(select(OutboundMessage.customer_id, OutboundMessage.rendered_content)).all())
+    assert bodies == {
+        amina.id: "Hi Amina, your gold deal: 1250.5 spent",
+        blank.id: "Hi there, your member deal: [unknown] spent",
+    }
+
+
+def test_a_template_with_an_unknown_field_is_refused_but_any_attribute_name_is_not(client):
+    body = {"name": "x", "channel": "sms", "base_template": "Hi {attributes.anything} {nickname|x}"}
+    response = client.post("/campaigns", json=body)
+    assert response.status_code == 422
+    assert response.get_json()["errors"]["base_template"][0].startswith("unknown placeholder {nickname|x}")
+    body["base_template"] = "Hi {attributes.anything|friend}"
+    assert client.post("/campaigns", json=body).status_code == 201

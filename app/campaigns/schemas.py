@@ -26,6 +26,17 @@ class StatsSchema(Schema):
         required=True,
         metadata={"description": "SMS segments of the messages a provider accepted (sent, delivered, undelivered)."},
     )
+    delivery_seconds_median = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "One campaign's detail only: the median seconds from sent to delivered of its delivered "
+            "messages (null before the first receipt)."
+        },
+    )
+    delivery_seconds_p95 = fields.Float(
+        allow_none=True,
+        metadata={"description": "One campaign's detail only: the 95th percentile of those seconds."},
+    )
     waiting_quiet_hours = fields.Integer(
         required=True,
         metadata={
@@ -268,6 +279,8 @@ class MessageSchema(Schema):
     retry_count = fields.Integer()
     provider = fields.String(allow_none=True, metadata={"description": "Who took it: mock, africastalking, ..."})
     provider_message_id = fields.String(allow_none=True, metadata={"description": "The provider's id for it."})
+    sent_at = UTCDateTime(allow_none=True, metadata={"description": "When the provider took it."})
+    delivered_at = UTCDateTime(allow_none=True, metadata={"description": "When its receipt said delivered."})
     read_at = UTCDateTime(allow_none=True)
     claimed_by = fields.String(
         allow_none=True,

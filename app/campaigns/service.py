@@ -20,7 +20,7 @@ from app.extensions import db
 from app.messaging import lifecycle, recipients, triggers
 from app.messaging.segments import GSM_7, UCS_2, encode_info, measure
 from app.messaging.send import window
-from app.messaging.stats import campaign_stats, stats_for
+from app.messaging.stats import campaign_stats, delivery_times, stats_for
 from app.messaging.templates import (
     CHANNEL_LIMITS,
     compile_template,
@@ -51,7 +51,7 @@ def get_campaign(campaign_id: int, lock: bool = False) -> Campaign:
 def with_stats(campaign: Campaign) -> Campaign:
     """`campaign` with its message `stats` attached, for the detail view; an SMS campaign also with its
     `template_encoding`."""
-    campaign.stats = campaign_stats(campaign.id)
+    campaign.stats = campaign_stats(campaign.id) | delivery_times(campaign.id)
     if campaign.channel == Channel.SMS:
         campaign.template_encoding = template_encoding(campaign.base_template)
     return campaign
@@ -82,7 +82,8 @@ def check_template(template: str, channel: str) -> None:
     if unknown:
         errors.append(
             f"unknown placeholder{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-            "use {first_name}, {last_name}, {preferred_product} or {location}"
+            "use {first_name}, {last_name}, {preferred_product}, {location} or {attributes.NAME}, "
+            "each perhaps with a fallback: {first_name|there}"
         )
     too_long = over_limit(template, channel)
     if too_long:

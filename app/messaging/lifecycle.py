@@ -256,6 +256,8 @@ def retry_failed_messages(campaign_id: int, retryable: ColumnElement[bool]) -> N
             retry_count=0,
             provider=None,
             provider_message_id=None,
+            sent_at=None,
+            delivered_at=None,
             read_at=None,
             updated_at=clock.now(),
         )
@@ -489,6 +491,13 @@ RECORD = (
         provider=func.coalesce(bindparam("provider"), _M.c.provider),
         provider_message_id=func.coalesce(bindparam("provider_message_id"), _M.c.provider_message_id),
         not_before=func.coalesce(bindparam("not_before", type_=_M.c.not_before.type), _M.c.not_before),
+        sent_at=case(
+            (
+                bindparam("new_status", type_=String) == MessageStatus.SENT,
+                func.coalesce(_M.c.sent_at, bindparam("now")),
+            ),
+            else_=_M.c.sent_at,
+        ),
         claimed_by=null(),
         lease_until=null(),
         claim_token=null(),
@@ -550,6 +559,9 @@ def _receipt_move(target: str, read: bool):
         "last_error": func.coalesce(bindparam("error"), _MESSAGES.c.last_error),
     }
     condition = moves
+    if target == MessageStatus.DELIVERED:
+        delivered_at = func.coalesce(_MESSAGES.c.delivered_at, bindparam("now"))
+        values["delivered_at"] = case((moves, delivered_at), else_=_MESSAGES.c.delivered_at) if read else delivered_at
     if read:
         unread = and_(_MESSAGES.c.status == MessageStatus.DELIVERED, _MESSAGES.c.read_at.is_(None))
         condition = or_(moves, unread)

@@ -75,7 +75,7 @@ def create_pending_messages(campaign_id: int, audience: ColumnElement[bool], cha
 
 
 # The fields a message renders from, in the order `stream_recipient_fields` yields them.
-RENDER_FIELDS = ("first_name", "last_name", "preferred_product", "location")
+RENDER_FIELDS = ("first_name", "last_name", "preferred_product", "location", "attributes")
 
 
 def opt_out_filter(channel: str) -> ColumnElement[bool] | None:

@@ -1,4 +1,5 @@
-"""audiences: customers' attributes and country (backfilled from their phones)
+"""audiences: customers' attributes and country (backfilled from their phones); messages' sent_at and
+delivered_at
 
 Revision ID: 0014
 Revises: 0013
@@ -52,9 +53,15 @@ def upgrade():
         batch_op.add_column(sa.Column("attributes", json_object, server_default=sa.text("'{}'"), nullable=False))
         batch_op.add_column(sa.Column("country", sa.String(length=2), nullable=True))
     _backfill_countries()
+    with op.batch_alter_table("outbound_messages", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade():
+    with op.batch_alter_table("outbound_messages", schema=None) as batch_op:
+        batch_op.drop_column("delivered_at")
+        batch_op.drop_column("sent_at")
     with op.batch_alter_table("customers", schema=None) as batch_op:
         batch_op.drop_column("country")
         batch_op.drop_column("attributes")
