@@ -31,6 +31,7 @@ OPERATIONS = [
     ("post", "/campaigns"),
     ("get", "/campaigns/{campaign_id}"),
     ("patch", "/campaigns/{campaign_id}"),
+    ("get", "/campaigns/{campaign_id}/delivery-seconds"),
     ("post", "/campaigns/{campaign_id}/send"),
     ("post", "/campaigns/{campaign_id}/estimate"),
     ("post", "/campaigns/{campaign_id}/personalized-preview"),

@@ -38,17 +38,21 @@ def test_sent_at_and_delivered_at_are_recorded_and_listed(client, work, clock):
     assert by_id[messages[1].id]["delivered_at"] is None
 
 
+def test_delivery_seconds_of_an_unknown_campaign_is_404(client):
+    assert client.get("/campaigns/999/delivery-seconds").status_code == 404
+
+
 def test_stats_give_the_median_and_95th_percentile_of_delivery_seconds(client, work, clock):
     ids = make_customers(5)
     campaign = make_campaign()
     client.post(f"/campaigns/{campaign.id}/send", json={"customer_ids": ids})
-    stats = client.get(f"/campaigns/{campaign.id}").get_json()["stats"]
-    assert (stats["delivery_seconds_median"], stats["delivery_seconds_p95"]) == (None, None)
+    times = client.get(f"/campaigns/{campaign.id}/delivery-seconds").get_json()
+    assert times == {"delivered": 0, "median": None, "p95": None}
     work()
     messages = db.session.scalars(select(OutboundMessage).order_by(OutboundMessage.id)).all()
     for seconds, message in zip((1, 2, 3, 10), messages, strict=False):  # the fifth is never delivered
         clock.advance(seconds=seconds - (clock.now() - message.sent_at).total_seconds())
         deliver(message)
-    stats = client.get(f"/campaigns/{campaign.id}").get_json()["stats"]
-    assert stats["delivery_seconds_median"] == 2.5
-    assert round(stats["delivery_seconds_p95"], 6) == 8.95  # 3 + (10 - 3) * 0.85
+    times = client.get(f"/campaigns/{campaign.id}/delivery-seconds").get_json()
+    assert times["delivered"] == 4 and times["median"] == 2.5
+    assert round(times["p95"], 6) == 8.95  # 3 + (10 - 3) * 0.85

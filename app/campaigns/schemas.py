@@ -26,17 +26,6 @@ class StatsSchema(Schema):
         required=True,
         metadata={"description": "SMS segments of the messages a provider accepted (sent, delivered, undelivered)."},
     )
-    delivery_seconds_median = fields.Float(
-        allow_none=True,
-        metadata={
-            "description": "One campaign's detail only: the median seconds from sent to delivered of its delivered "
-            "messages (null before the first receipt)."
-        },
-    )
-    delivery_seconds_p95 = fields.Float(
-        allow_none=True,
-        metadata={"description": "One campaign's detail only: the 95th percentile of those seconds."},
-    )
     waiting_quiet_hours = fields.Integer(
         required=True,
         metadata={
@@ -44,6 +33,15 @@ class StatsSchema(Schema):
             "not_before (counted in pending too)."
         },
     )
+
+
+class DeliverySecondsSchema(Schema):
+    """Seconds from sent to delivered over the campaign's delivered messages (continuous percentiles; null
+    before the first receipt)."""
+
+    delivered = fields.Integer(required=True, metadata={"description": "Delivered messages with both times."})
+    median = fields.Float(allow_none=True, required=True)
+    p95 = fields.Float(allow_none=True, required=True, metadata={"description": "The 95th percentile."})
 
 
 class EncodingSchema(Schema):
@@ -154,16 +152,31 @@ class CampaignQuerySchema(PageQuerySchema):
     channel = fields.String(validate=validate.OneOf(Channel.ALL))
 
 
+FILTER_DESCRIPTION = (
+    "The customers a filter matches (docs/api.md#filters): a condition `{field, op, value}`, a group "
+    "`{all: [...]}`, `{any: [...]}`, `{not: {...}}`, an engagement `{campaign, event}`, `{messaged_within: "
+    '"7d"}` or `{opted_out: "sms"}`.'
+)
+FILTER_EXAMPLE = {
+    "all": [
+        {"field": "location", "op": "in", "value": ["Nairobi", "Mombasa"]},
+        {"field": "attributes.tier", "op": "eq", "value": "gold"},
+        {"not": {"messaged_within": "7d"}},
+    ]
+}
+
+
 class AudienceSchema(Schema):
     all = fields.Boolean(metadata={"description": "Every customer."})
     location = Text(validate=validate.Length(min=1, max=100), metadata={"description": "Customers in this location."})
+    filter = fields.Dict(metadata={"description": FILTER_DESCRIPTION, "example": FILTER_EXAMPLE})
 
     @validates_schema
     def exactly_one(self, data, **kwargs):
         if data.get("all") is False:
             raise ValidationError("`all` must be true when given.", "all")
         if len(data) != 1:
-            raise ValidationError("Give exactly one of `all: true` or `location`.")
+            raise ValidationError("Give exactly one of `all: true`, `location` or `filter`.")
 
 
 class SendSchema(Schema):

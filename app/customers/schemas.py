@@ -70,6 +70,13 @@ class CustomerSchema(Schema):
 
 class CustomerQuerySchema(PageQuerySchema):
     location = Text(validate=validate.Length(max=100))
+    filter = fields.String(
+        validate=validate.Length(max=64 * 1024),
+        metadata={
+            "description": "Only the customers a filter matches, as JSON (docs/api.md#filters): "
+            '`{"field": "attributes.tier", "op": "eq", "value": "gold"}`.'
+        },
+    )
     opted_out = fields.String(
         validate=validate.OneOf(Channel.ALL),
         metadata={"description": "Only customers opted out of this channel (`sms` or `whatsapp`)."},

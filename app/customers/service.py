@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from flask import current_app
 from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
 
+from app.audiences.filters import compile_filter
 from app.customers import attributes, optouts
 from app.customers.phones import InvalidPhone, country_of, normalize_phone
 from app.errors import ConflictError, NotFoundError, ValidationFailed
@@ -118,13 +120,23 @@ def list_customers(
     cursor: str | None = None,
     location: str | None = None,
     opted_out: str | None = None,
+    filter: str | None = None,  # noqa: A002 - the query parameter's name
 ) -> dict:
     stmt = select(Customer)
+    if filter is not None:
+        stmt = stmt.where(compile_filter(_parsed_filter(filter), "filter"))
     if location is not None:
         stmt = stmt.where(Customer.location == location)
     if opted_out is not None:
         stmt = stmt.where(optouts.opted_out(opted_out))
     return paginate(stmt, Customer.id, "customers", page_size, page, cursor)
+
+
+def _parsed_filter(text: str) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ValidationFailed(f"filter: not JSON ({exc})", {"filter": [f"not JSON: {exc}"]}) from None
 
 
 def opt_out(customer_id: int, channel: str) -> Customer:

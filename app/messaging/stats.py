@@ -164,9 +164,9 @@ def campaign_stats(campaign_id: int) -> dict[str, int]:
 
 
 def delivery_times(campaign_id: int) -> dict[str, float | None]:
-    """The median and 95th percentile of seconds from sent to delivered over the campaign's delivered
-    messages (continuous percentiles, as PostgreSQL's `percentile_cont`); None for both without any. Reads
-    the campaign's messages: for its detail view, not for lists."""
+    """How many of the campaign's messages were delivered (with both times), and the median and 95th
+    percentile of their seconds from sent to delivered (continuous percentiles, as PostgreSQL's
+    `percentile_cont`; None without any). Reads those messages: asked for on its own, never with stats."""
     delivered = and_(
         OutboundMessage.campaign_id == campaign_id,
         OutboundMessage.delivered_at.is_not(None),
@@ -174,18 +174,21 @@ def delivery_times(campaign_id: int) -> dict[str, float | None]:
     )
     if counted_by_database():
         seconds = func.extract("epoch", OutboundMessage.delivered_at - OutboundMessage.sent_at)
-        median, p95 = db.session.execute(
+        count, median, p95 = db.session.execute(
             select(
-                func.percentile_cont(0.5).within_group(seconds), func.percentile_cont(0.95).within_group(seconds)
+                func.count(),
+                func.percentile_cont(0.5).within_group(seconds),
+                func.percentile_cont(0.95).within_group(seconds),
             ).where(delivered)
         ).one()
         return {
-            "delivery_seconds_median": None if median is None else float(median),
-            "delivery_seconds_p95": None if p95 is None else float(p95),
+            "delivered": count,
+            "median": None if median is None else float(median),
+            "p95": None if p95 is None else float(p95),
         }
     pairs = db.session.execute(select(OutboundMessage.sent_at, OutboundMessage.delivered_at).where(delivered))
     seconds = sorted((done - sent).total_seconds() for sent, done in pairs)
-    return {"delivery_seconds_median": _percentile(seconds, 0.5), "delivery_seconds_p95": _percentile(seconds, 0.95)}
+    return {"delivered": len(seconds), "median": _percentile(seconds, 0.5), "p95": _percentile(seconds, 0.95)}
 
 
 def _percentile(ordered: list[float], fraction: float) -> float | None:
