@@ -224,6 +224,19 @@ class CustomerImportChunk(db.Model):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class Segment(db.Model):
+    """A saved filter (app.audiences.filters) with a name: an audience a send names by id, evaluated when
+    the send runs (or, for a scheduled campaign, when it fires)."""
+
+    __tablename__ = "segments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    filter: Mapped[dict] = mapped_column(JsonObject)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
 class Campaign(db.Model):
     __tablename__ = "campaigns"
 
@@ -243,6 +256,14 @@ class Campaign(db.Model):
     # weight its window (app.messaging.send.window).
     priority: Mapped[str] = mapped_column(
         String(8), default=CampaignPriority.NORMAL, server_default=CampaignPriority.NORMAL
+    )
+    # Whether FREQUENCY_CAP leaves out customers messaged enough lately: true for one-time codes and service
+    # notices, which go whatever the marketing before them.
+    ignore_frequency_cap: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # A segment a send to this scheduled campaign named: evaluated when the campaign fires (its customers
+    # then get their messages), and cleared then. A segment named here cannot be deleted.
+    segment_id: Mapped[int | None] = mapped_column(
+        Integer, ForeignKey("segments.id", name="fk_campaigns_segment_id_segments", ondelete="SET NULL")
     )
     # Why a campaign ended `failed` when no message says it (e.g. it reached its time with no recipients),
     # or why it was paused by a provider's account-level refusal.
@@ -284,6 +305,15 @@ class OutboundMessage(db.Model):
             "lease_until",
             postgresql_where=text("status = 'sending'"),
             sqlite_where=text("status = 'sending'"),
+        ),
+        # A customer's messages a provider took, by when: the frequency cap and `messaged_within` count them
+        # with one index range per customer.
+        Index(
+            "ix_outbound_messages_customer_sent_at",
+            "customer_id",
+            "sent_at",
+            postgresql_where=text("sent_at IS NOT NULL"),
+            sqlite_where=text("sent_at IS NOT NULL"),
         ),
         # A delivery receipt finds its message by the provider's id; one message per id and provider.
         Index(

@@ -70,6 +70,10 @@ class CustomerSchema(Schema):
 
 class CustomerQuerySchema(PageQuerySchema):
     location = Text(validate=validate.Length(max=100))
+    segment_id = fields.Integer(
+        validate=validate.Range(min=1, max=2**31 - 1),
+        metadata={"description": "Only the customers a saved segment matches now."},
+    )
     filter = fields.String(
         validate=validate.Length(max=64 * 1024),
         metadata={

@@ -9,7 +9,8 @@ from flask import current_app
 from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
 
-from app.audiences.filters import compile_filter
+# Modules, not names: app.audiences reads customers' modules too, and either package may be imported first.
+from app.audiences import filters, segments
 from app.customers import attributes, optouts
 from app.customers.phones import InvalidPhone, country_of, normalize_phone
 from app.errors import ConflictError, NotFoundError, ValidationFailed
@@ -121,10 +122,13 @@ def list_customers(
     location: str | None = None,
     opted_out: str | None = None,
     filter: str | None = None,  # noqa: A002 - the query parameter's name
+    segment_id: int | None = None,
 ) -> dict:
     stmt = select(Customer)
     if filter is not None:
-        stmt = stmt.where(compile_filter(_parsed_filter(filter), "filter"))
+        stmt = stmt.where(filters.compile_filter(_parsed_filter(filter), "filter"))
+    if segment_id is not None:
+        stmt = stmt.where(segments.segment_condition(segment_id))
     if location is not None:
         stmt = stmt.where(Customer.location == location)
     if opted_out is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy import (
@@ -273,13 +274,18 @@ def retry_failed_messages(campaign_id: int, retryable: ColumnElement[bool]) -> N
     return NewRows(len(ids), min(ids, default=None), max(ids, default=None))
 
 
-def start_due_campaign(campaign_id: int, now: datetime | None = None) -> bool:
+def start_due_campaign(
+    campaign_id: int, now: datetime | None = None, then: Callable[[int], object] | None = None
+) -> bool:
     """Scheduled -> sending once `scheduled_at` has come, and commit: a trigger that fires twice, early, or
-    for an old time moves nothing. True when this call made the move."""
+    for an old time moves nothing. `then(campaign_id)` runs after the move, in its transaction (the
+    recipients of a segment evaluated as the campaign fires). True when this call made the move."""
     now = now or clock.now()
     moved = move_campaign(
         campaign_id, CampaignStatus.SENDING, Campaign.status == CampaignStatus.SCHEDULED, Campaign.scheduled_at <= now
     )
+    if moved and then is not None:
+        then(campaign_id)
     db.session.commit()
     return moved
 

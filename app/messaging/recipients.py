@@ -3,7 +3,8 @@
 Rows are created by one `INSERT ... SELECT ... ON CONFLICT DO NOTHING`, so a customer has at most one
 message per campaign however often `/send` is called, and the web process never holds a list of
 recipients. Customers opted out of the campaign's channel are left out by the same statement (an
-anti-join against their opt-outs, `app.customers.optouts.not_opted_out`).
+anti-join against their opt-outs, `app.customers.optouts.not_opted_out`), and so are customers the
+frequency cap holds back (`app.audiences.caps`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from sqlalchemy import ColumnElement, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app import clock
+from app.audiences.caps import not_capped
 from app.customers.optouts import not_opted_out
 from app.database import statement_budget
 from app.extensions import db
 from app.models import Customer, MessageStatus, OutboundMessage
+from config import FrequencyCap
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,11 @@ class NewRows:
     last_id: int | None
 
 
-def create_pending_messages(campaign_id: int, audience: ColumnElement[bool], channel: str) -> NewRows:
-    """Insert a pending message for every customer matching `audience` who has none in the campaign and
-    is not opted out of `channel`.
+def create_pending_messages(
+    campaign_id: int, audience: ColumnElement[bool], channel: str, cap: FrequencyCap | None = None
+) -> NewRows:
+    """Insert a pending message for every customer matching `audience` who has none in the campaign, is
+    not opted out of `channel` and, with a frequency `cap`, is not capped.
 
     One statement, in the caller's transaction; the caller commits. On PostgreSQL it runs with
     `SEND_STATEMENT_TIMEOUT` for the rest of the transaction: a million recipients take about 9 s.
@@ -46,6 +51,8 @@ def create_pending_messages(campaign_id: int, audience: ColumnElement[bool], cha
         literal(now, OutboundMessage.created_at.type),
         literal(now, OutboundMessage.updated_at.type),
     ).where(audience, not_opted_out(channel))
+    if cap is not None:
+        source = source.where(not_capped(cap, now))
     # A key-share lock on each customer read, held until the commit: a concurrent delete of one of them
     # waits for this send and then sees its message (app.customers.service.delete_customer).
     source = source.with_for_update(read=True, key_share=True)
