@@ -6,7 +6,7 @@ cap.
 
 Builds `--customers` customers in ten locations of equal size, each with five attributes (`tier` text,
 `spend` number, `vip` boolean, `last_order` date, `zone` text), and one message each of an earlier campaign,
-sent one to thirty days ago (so about a quarter were messaged within the last week). Starts the Procfile's
+sent one to thirty days ago (so about a fifth were messaged within the last week). Starts the Procfile's
 web command with one worker process and FREQUENCY_CAP=1/7d, then measures, best and worst of `--runs`:
 
 - the count of `location in [3 values]` and `attributes.tier eq gold` and `messaged_within 7d`;
@@ -56,10 +56,10 @@ def build(customers: int) -> None:
         conn.execute(
             "INSERT INTO customers (phone, first_name, last_name, location, preferred_product, country, attributes, "
             "created_at, updated_at) SELECT '+2547' || lpad(g::text, 8, '0'), 'First' || g, 'Last' || g, "
-            f"{locations}[g % 10 + 1], 'Product' || (g % 50), 'KE', "
-            "jsonb_build_object('tier', (ARRAY['gold','silver','bronze','basic'])[g % 4 + 1], 'spend', g % 1000, "
-            "'vip', g % 10 = 0, 'last_order', to_char(date '2026-01-01' + (g % 330), 'YYYY-MM-DD'), "
-            "'zone', 'zone-' || (g % 7)), now(), now() FROM generate_series(1, %s) g",
+            f"{locations}[g %% 10 + 1], 'Product' || (g %% 50), 'KE', "
+            "jsonb_build_object('tier', (ARRAY['gold','silver','bronze','basic'])[g %% 4 + 1], 'spend', g %% 1000, "
+            "'vip', g %% 10 = 0, 'last_order', to_char(date '2026-01-01' + (g %% 330), 'YYYY-MM-DD'), "
+            "'zone', 'zone-' || (g %% 7)), now(), now() FROM generate_series(1, %s) g",
             (customers,),
         )
         earlier = conn.execute(
@@ -69,7 +69,7 @@ def build(customers: int) -> None:
         conn.execute(
             "INSERT INTO outbound_messages (campaign_id, customer_id, status, retry_count, job_seq, sent_at, "
             "created_at, updated_at) SELECT %s, id, 'delivered', 0, 0, "
-            "now() - interval '1 day' * (1 + id %% 30) - interval '1 minute' * (id %% 1440), now(), now() "
+            "now() - interval '1 day' * (1 + (id / 10) %% 30) - interval '1 minute' * (id %% 1440), now(), now() "
             "FROM customers",
             (earlier,),
         )

@@ -244,21 +244,12 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 "scheduled_at": campaign.scheduled_at,
             }
         audience_filter = _audience_filter(customer_ids, audience)
-        cap = caps.cap_for(campaign)
-        rows = recipients.create_pending_messages(campaign.id, audience_filter, campaign.channel, cap)
-        # Read in the same transaction, after the insert: the opted-out among the audience it left out, and
-        # those the cap left out (the messages just created have no `sent_at`: they change no one's count).
+        rows = recipients.create_pending_messages(
+            campaign.id, audience_filter, campaign.channel, caps.cap_for(campaign)
+        )
+        capped = rows.capped
+        # Read in the same transaction, after the insert: the opted-out among the audience it left out.
         skipped = optouts.count_opted_out(audience_filter, campaign.channel)
-        capped = 0
-        if cap is not None:
-            capped = recipients.count_customers(
-                and_(
-                    audience_filter,
-                    recipients.opt_out_filter(campaign.channel),
-                    recipients.not_yet_messaged(campaign.id),
-                    caps.capped(cap),
-                )
-            )
         if later:
             db.session.commit()
             return {
