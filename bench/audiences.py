@@ -13,8 +13,8 @@ web command with one worker process and FREQUENCY_CAP=1/7d, then measures, best 
 - a send to one location (`{"location": ...}`) and to one location as a filter, both by campaigns that
   ignore the cap, and the filter send by a campaign the cap applies to (each run a new campaign).
 
-Prints a Markdown table; `--plans` also prints PostgreSQL's plans of the count and the capped send's
-insert. No worker runs: the sends' first windows wait in Redis.
+Prints a Markdown table; `--plans` also prints PostgreSQL's plans of the count and of the capped send's
+candidates (its INSERT's SELECT, without the insert). No worker runs: the sends' first windows wait in Redis.
 
 Settings: BENCH_DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/campaigns_bench; dropped and
 recreated) and BENCH_REDIS_URL (see bench/run.py; flushed).
@@ -103,8 +103,8 @@ def timed(web: Web, path: str, body: dict, expect: int) -> tuple[dict, float]:
 
 
 def plans(env: dict) -> list[tuple[str, str]]:
-    """PostgreSQL's plans (EXPLAIN ANALYZE) of the count's statement and of the capped send's insert, as the
-    app compiles them (values inlined for EXPLAIN only)."""
+    """PostgreSQL's plans (EXPLAIN ANALYZE) of the count's statement and of the capped send's candidates, as
+    the app compiles them (values inlined for EXPLAIN only)."""
     os.environ.update({k: v for k, v in env.items() if isinstance(v, str)})
     from sqlalchemy import func, select
     from sqlalchemy.dialects import postgresql
@@ -125,7 +125,7 @@ def plans(env: dict) -> list[tuple[str, str]]:
         count = select(func.count()).select_from(Customer).where(matched)
         audience = filters.compile_filter({"field": "location", "op": "eq", "value": "Nakuru"})
         send = select(Customer.id).where(audience, not_opted_out("sms"), caps.not_capped(cap), not_yet_messaged(1))
-        for name, stmt in (("count", count), ("the capped send's SELECT", send)):
+        for name, stmt in (("count", count), ("the capped send's candidates", send)):
             sql = str(stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
             with db.engine.connect() as conn:
                 rows = conn.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql).all()
