@@ -75,10 +75,10 @@ class CustomerQuerySchema(PageQuerySchema):
         metadata={"description": "Only the customers a saved segment matches now."},
     )
     filter = fields.String(
-        validate=validate.Length(max=64 * 1024),
+        validate=validate.Length(max=4000),
         metadata={
-            "description": "Only the customers a filter matches, as JSON (docs/api.md#filters): "
-            '`{"field": "attributes.tier", "op": "eq", "value": "gold"}`.'
+            "description": "Only the customers a filter matches, as JSON (docs/api.md#filters), at most 4,000 "
+            'characters (save a longer one as a segment): `{"field": "attributes.tier", "op": "eq", "value": "gold"}`.'
         },
     )
     opted_out = fields.String(
