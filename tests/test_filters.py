@@ -187,6 +187,12 @@ def test_a_bad_filter_names_its_dotted_path(client):
     assert response.status_code == 422 and set(response.get_json()["errors"]) == {"filter"}
 
 
+def counted(client, spec) -> tuple[int, dict]:
+    """POST /audiences/count of `spec` (a body: no length limit of a URL): its status and answer."""
+    response = client.post("/audiences/count", json={"filter": spec})
+    return response.status_code, response.get_json()
+
+
 def test_the_limits_depth_conditions_and_values(client, people):
     deep = cond("location", "eq", "nairobi")
     for _ in range(4):
@@ -194,12 +200,20 @@ def test_the_limits_depth_conditions_and_values(client, people):
     assert matching(client, deep) == {"Amina"}  # 5 levels
     errors = refused(client, {"not": deep})
     assert errors == {"filter.not.not.not.not.not": ["nested deeper than 5 levels"]}
-    assert matching(client, {"any": [cond("location", "eq", f"x{n}") for n in range(50)]}) == set()
-    errors = refused(client, {"any": [cond("location", "eq", f"x{n}") for n in range(51)]})
-    assert errors == {"filter.any.50": ["more than 50 conditions in the filter"]}
-    assert matching(client, cond("location", "in", [f"x{n}" for n in range(999)] + ["nairobi"])) == {"Amina"}
-    errors = refused(client, cond("location", "in", [f"x{n}" for n in range(1001)]))
-    assert errors == {"filter.value": ["1001 values, over the limit of 1000"]}
+    status, answer = counted(
+        client, {"any": [cond("location", "eq", f"x{n}") for n in range(49)] + [deep["not"]["not"]]}
+    )
+    assert (status, answer["customers"]) == (200, 1)  # 50 conditions
+    status, answer = counted(client, {"any": [cond("location", "eq", f"x{n}") for n in range(51)]})
+    assert (status, answer["errors"]) == (422, {"filter.any.50": ["more than 50 conditions in the filter"]})
+    status, answer = counted(client, cond("location", "in", [f"x{n}" for n in range(999)] + ["nairobi"]))
+    assert (status, answer["customers"]) == (200, 1)  # 1,000 values
+    status, answer = counted(client, cond("location", "in", [f"x{n}" for n in range(1001)]))
+    assert (status, answer["errors"]) == (422, {"filter.value": ["1001 values, over the limit of 1000"]})
+    status, answer = counted(client, cond("location", "eq", "x" * 501))
+    assert (status, answer["errors"]) == (422, {"filter.value": ["longer than 500 characters"]})
+    response = client.get("/customers", query_string={"filter": json.dumps(cond("location", "in", ["x" * 400] * 10))})
+    assert response.status_code == 422 and set(response.get_json()["errors"]) == {"filter"}  # over 4,000 characters
 
 
 INJECTIONS = [
