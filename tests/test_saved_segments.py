@@ -181,3 +181,18 @@ def test_a_campaign_created_with_ignore_frequency_cap_shows_it(client):
 
 def _ids() -> list[int]:
     return sorted(db.session.scalars(select(Customer.id)))
+
+
+def test_a_segment_whose_filter_changes_before_the_campaign_fires_sends_to_the_new_filter(client, clock, work):
+    make_customer(first_name="Amina", attributes={"tier": "gold"})
+    make_customer(first_name="Brian", attributes={"tier": "silver"})
+    segment = save(client)
+    at = clock.now() + timedelta(hours=1)
+    body = {"name": "Later", "channel": "sms", "base_template": "Hi {first_name}", "scheduled_at": at.isoformat()}
+    campaign = client.post("/campaigns", json=body).get_json()
+    client.post(f"/campaigns/{campaign['id']}/send", json={"audience": {"segment_id": segment["id"]}})
+    silver = {"field": "attributes.tier", "op": "eq", "value": "silver"}
+    assert client.patch(f"/segments/{segment['id']}", json={"filter": silver}).status_code == 200
+    clock.advance(hours=1)
+    fire(campaign["id"], work)
+    assert recipients_of(campaign["id"]) == ["Brian"]
