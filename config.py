@@ -10,10 +10,11 @@ values are checked: a process starts while PostgreSQL or Redis is down, and reco
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import time
+from datetime import time, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -267,6 +268,26 @@ def quiet_hours(raw: str) -> TimeWindow | None:
     return window
 
 
+@dataclass(frozen=True)
+class FrequencyCap:
+    """At most `messages` sent to one customer in any `period`, all campaigns and channels together."""
+
+    messages: int
+    period: timedelta
+
+
+def frequency_cap(raw: str) -> FrequencyCap | None:
+    """`2/7d`: at most 2 messages sent to a customer in any 7 days (`h` hours or `d` days); empty: off."""
+    if not raw:
+        return None
+    match = re.fullmatch(r"([1-9][0-9]{0,5})/([1-9][0-9]{0,4})([hd])", raw.replace(" ", ""))
+    if match is None:
+        raise ValueError("must be a cap such as 2/7d (messages per hours `h` or days `d`), or empty for none")
+    amount = int(match.group(2))
+    period = timedelta(hours=amount) if match.group(3) == "h" else timedelta(days=amount)
+    return FrequencyCap(int(match.group(1)), period)
+
+
 def time_zone(raw: str) -> str:
     """An IANA time zone name known to this system (`Africa/Nairobi`)."""
     try:
@@ -418,6 +439,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("QUIET_HOURS", "", "a daily window (`HH:MM-HH:MM`, in the recipient's local time; it may cross "
             "midnight, e.g. `20:00-08:00`) in which no message of a campaign that respects quiet hours is sent: it "
             "waits for the window's end; empty: none", quiet_hours),
+    Setting("FREQUENCY_CAP", "", "at most this many messages sent to one customer in any period, all campaigns "
+            "and channels together (e.g. `2/7d`; `h` hours or `d` days): a send leaves capped customers out, unless "
+            "its campaign has `ignore_frequency_cap`; empty: off", frequency_cap),
     Setting("DEFAULT_TIMEZONE", "Africa/Nairobi", "the recipient's time zone for QUIET_HOURS when their number "
             "maps to no time zone (one that maps to several waits for the window's end in all of them)",
             time_zone),

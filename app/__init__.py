@@ -75,10 +75,11 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import campaigns, customers, health, webhooks
+    from app import audiences, campaigns, customers, health, webhooks
 
     api.register_blueprint(customers.bp)
     api.register_blueprint(campaigns.bp)
+    api.register_blueprint(audiences.bp)
     api.register_blueprint(health.bp)
     api.register_blueprint(webhooks.bp)
     api.register_blueprint(metrics.bp)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app import clock
@@ -51,6 +52,8 @@ class UTCDateTime(TypeDecorator):
 
 # BIGINT on PostgreSQL; SQLite only auto-increments a column declared INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# JSONB on PostgreSQL (operators, a GIN index), JSON text on SQLite.
+JsonObject = JSON().with_variant(JSONB(), "postgresql")
 
 
 class CampaignStatus:
@@ -123,6 +126,11 @@ class Customer(db.Model):
     last_name: Mapped[str | None] = mapped_column(String(100))
     location: Mapped[str | None] = mapped_column(String(100))
     preferred_product: Mapped[str | None] = mapped_column(String(200))
+    # ISO 3166 alpha-2 region of the phone number, set with it (app.customers.phones.country_of): filters
+    # compare a column rather than parsing a million numbers per query.
+    country: Mapped[str | None] = mapped_column(String(2))
+    # The business's own data about the customer (app.customers.attributes): `{"tier": "gold", "spend": 120}`.
+    attributes: Mapped[dict] = mapped_column(JsonObject, default=dict, server_default=text("'{}'"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     # Shown with the customer; a page of customers loads theirs in one more query. Written only through
@@ -216,6 +224,19 @@ class CustomerImportChunk(db.Model):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class Segment(db.Model):
+    """A saved filter (app.audiences.filters) with a name: an audience a send names by id, evaluated when
+    the send runs (or, for a scheduled campaign, when it fires)."""
+
+    __tablename__ = "segments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    filter: Mapped[dict] = mapped_column(JsonObject)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
 class Campaign(db.Model):
     __tablename__ = "campaigns"
 
@@ -235,6 +256,14 @@ class Campaign(db.Model):
     # weight its window (app.messaging.send.window).
     priority: Mapped[str] = mapped_column(
         String(8), default=CampaignPriority.NORMAL, server_default=CampaignPriority.NORMAL
+    )
+    # Whether FREQUENCY_CAP leaves out customers messaged enough lately: true for one-time codes and service
+    # notices, which go whatever the marketing before them.
+    ignore_frequency_cap: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # A segment a send to this scheduled campaign named: evaluated when the campaign fires (its customers
+    # then get their messages), and cleared then. A segment named here cannot be deleted.
+    segment_id: Mapped[int | None] = mapped_column(
+        Integer, ForeignKey("segments.id", name="fk_campaigns_segment_id_segments", ondelete="SET NULL")
     )
     # Why a campaign ended `failed` when no message says it (e.g. it reached its time with no recipients),
     # or why it was paused by a provider's account-level refusal.
@@ -277,6 +306,15 @@ class OutboundMessage(db.Model):
             postgresql_where=text("status = 'sending'"),
             sqlite_where=text("status = 'sending'"),
         ),
+        # A customer's messages a provider took, by when: the frequency cap and `messaged_within` count them
+        # with one index range per customer.
+        Index(
+            "ix_outbound_messages_customer_sent_at",
+            "customer_id",
+            "sent_at",
+            postgresql_where=text("sent_at IS NOT NULL"),
+            sqlite_where=text("sent_at IS NOT NULL"),
+        ),
         # A delivery receipt finds its message by the provider's id; one message per id and provider.
         Index(
             "uq_outbound_messages_provider_message_id",
@@ -309,7 +347,11 @@ class OutboundMessage(db.Model):
     # Who took it, and the id they gave it (a receipt finds the message by it).
     provider: Mapped[str | None] = mapped_column(String(32))
     provider_message_id: Mapped[str | None] = mapped_column(String(128))
-    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a read WhatsApp message stays delivered
+    # When the provider took it (set by the record of a `sent` outcome), when its receipt said delivered, and
+    # when one said read (a read WhatsApp message stays delivered). A retry clears them.
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Which send job may claim it: `outbound_message-<id>-<job_seq>`, counted up each time the message
     # enters its campaign's window, so that a job left from an earlier turn never claims it.
     job_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -18,6 +18,7 @@ def make_customer(**fields) -> Customer:
         "last_name": f"Last{n}",
         "location": "Nairobi",
         "preferred_product": f"Product{n}",
+        "country": "KE",
         **fields,
     }
     customer = Customer(**values)
@@ -56,6 +57,7 @@ def bulk_customers(count: int, **fields) -> list[int]:
             "last_name": f"Last{n}",
             "location": "Nairobi",
             "preferred_product": f"Product{n}",
+            "country": "KE",
             **fields,
         }
         for n in range(first, first + count)

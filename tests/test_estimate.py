@@ -160,6 +160,7 @@ def test_estimate_for_ids_splits_by_encoding_and_stores_and_queues_nothing(clien
         "channel": "sms",
         "recipients": 3,
         "skipped_opted_out": 0,
+        "skipped_frequency_cap": 0,
         "segments": 1 + 1 + 2,
         "by_encoding": {"GSM-7": {"messages": 2, "segments": 3}, "UCS-2": {"messages": 1, "segments": 1}},
         "too_long": 0,

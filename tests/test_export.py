@@ -33,6 +33,8 @@ HEADER = [
     "provider_message_id",
     "created_at",
     "not_before",
+    "sent_at",
+    "delivered_at",
     "read_at",
     "updated_at",
 ]
@@ -85,6 +87,8 @@ def expected_row(message: OutboundMessage, phone: str | None) -> list[str]:
         message.provider_message_id or "",
         iso(message.created_at),
         iso(message.not_before),
+        iso(message.sent_at),
+        iso(message.delivered_at),
         iso(message.read_at),
         iso(message.updated_at),
     ]
@@ -111,6 +115,8 @@ def test_export_has_every_message_by_id_with_its_customer_phone(client):
         status="delivered",
         provider_message_id="SM123",
         retry_count=1,
+        sent_at=datetime(2026, 12, 3, 15, 59, 0, tzinfo=UTC),
+        delivered_at=datetime(2026, 12, 3, 15, 59, 3, 250000, tzinfo=UTC),
         read_at=datetime(2026, 12, 3, 16, 0, 0, 5, tzinfo=UTC),
         not_before=datetime(2026, 12, 4, 5, 0, tzinfo=UTC),
     )
@@ -125,7 +131,10 @@ def test_export_has_every_message_by_id_with_its_customer_phone(client):
     assert response.headers["Content-Disposition"] == f'attachment; filename="campaign-{campaign.id}-messages.csv"'
     assert parse(response.data) == [HEADER, *expected]
     assert response.data.startswith(b"message_id,customer_id,phone,status,")
-    assert b",2026-12-03T15:04:05.123456Z,2026-12-04T05:00:00.000000Z,2026-12-03T16:00:00.000005Z," in response.data
+    assert (
+        b",2026-12-03T15:04:05.123456Z,2026-12-04T05:00:00.000000Z,2026-12-03T15:59:00.000000Z,"
+        b"2026-12-03T15:59:03.250000Z,2026-12-03T16:00:00.000005Z," in response.data
+    )
     assert response.data.endswith(b"\n") and b"\r" not in response.data
 
 

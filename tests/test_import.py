@@ -90,7 +90,8 @@ def test_bad_header_is_422_and_imports_nothing(client):
     for body, named in [
         ("", "empty"),
         ("first_name,location\nA,B\n", "no phone column"),
-        ("phone,frist_name\n0712000001,A\n", "frist_name"),
+        ("phone,frist name\n0712000001,A\n", "frist name"),
+        ("phone,spend:money\n0712000001,3\n", "spend:money"),
     ]:
         response = client.post("/customers/import", data=body, content_type="text/csv")
         assert response.status_code == 422
@@ -232,12 +233,12 @@ def test_a_header_with_a_million_unknown_columns_gets_a_short_422(client):
     assert customers_by_phone() == {}
 
 
-def test_a_header_with_many_unknown_columns_names_a_few(client):
-    body = "phone," + ",".join(f"c{n}" for n in range(500)) + "\n0712000001" + "," * 500 + "\n"
+def test_a_header_with_many_bad_columns_names_a_few(client):
+    body = "phone," + ",".join(f"c-{n}" for n in range(500)) + "\n0712000001" + "," * 500 + "\n"
     response = client.post("/customers/import", data=body, content_type="text/csv")
     assert response.status_code == 422
     message = response.get_json()["message"]
-    assert "c0, c1" in message and "490 more" in message
+    assert "c-0, c-1" in message and "490 more" in message
     assert len(message) < 1000
 
 

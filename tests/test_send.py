@@ -35,6 +35,7 @@ def test_send_creates_pending_rows_and_one_job_each(client, redis_conn):
         "messages_queued": 3,
         "messages_left_for_reconciler": 0,
         "skipped_opted_out": 0,
+        "skipped_frequency_cap": 0,
         "status": "sending",
     }
     messages = db.session.scalars(db.select(OutboundMessage).order_by(OutboundMessage.id)).all()
@@ -215,6 +216,7 @@ def test_send_while_redis_is_down_says_nothing_was_queued(client, app, clock, re
         "messages_queued": 0,
         "messages_left_for_reconciler": 2,
         "skipped_opted_out": 0,
+        "skipped_frequency_cap": 0,
         "status": "sending",
     }
     # In its window, without jobs: the reconciler puts them back in line.

@@ -44,20 +44,52 @@ def test_text_without_placeholders_is_left_alone():
         "No placeholder at all",
         "",
         "{first_name}",
+        "Hi {first_name|there}, {attributes.tier|member} {attributes.spend} {attributes.vip} {last_name|}",
+        "{attributes.tier}{attributes.missing|none} {attributes.Bad} {first_name|a|b}",
     ],
 )
 @pytest.mark.parametrize(
     "values",
     [
-        ("Amina", "Otieno", "Sneakers", "Nairobi"),
-        (None, "", "   ", "{location}"),
-        ("Zoë’s 😀", 42, None, "Kisumu"),
+        ("Amina", "Otieno", "Sneakers", "Nairobi", {"tier": "gold", "spend": 1250.5, "vip": True}),
+        (None, "", "   ", "{location}", {}),
+        ("Zoë’s 😀", 42, None, "Kisumu", {"tier": " ", "spend": 3.0, "vip": False}),
+        ("Amina", None, None, None, None),
     ],
 )
 def test_a_compiled_template_renders_as_render_does(template, values):
-    names = ("first_name", "last_name", "preferred_product", "location")
+    names = ("first_name", "last_name", "preferred_product", "location", "attributes")
     assert compile_template(template, names)(values) == render(template, dict(zip(names, values, strict=True)))
+
+
+def test_attributes_render_as_text_and_a_missing_one_as_unknown():
+    fields = {"first_name": "Amina", "attributes": {"tier": "gold", "spend": 1250.5, "orders": 3.0, "vip": False}}
+    template = (
+        "{first_name}: {attributes.tier}, {attributes.spend}, {attributes.orders}, {attributes.vip}, {attributes.x}"
+    )
+    assert render(template, fields) == "Amina: gold, 1250.5, 3, false, [unknown]"
+
+
+def test_a_fallback_replaces_a_missing_or_blank_value_only():
+    template = "Hi {first_name|there}, {attributes.tier|member} {last_name|}!"
+    assert render(template, {"first_name": " ", "attributes": {}}) == "Hi there, member !"
+    assert render(template, {"first_name": "Amina", "last_name": "O", "attributes": {"tier": "gold"}}) == (
+        "Hi Amina, gold O!"
+    )
+
+
+def test_unknown_fields_bad_attribute_names_and_bad_fallbacks_are_refused():
+    template = "{nickname|x} {attributes.Tier} {attributes.} {first_name|a|b} {first_name|" + "x" * 101 + "}"
+    assert unknown_placeholders(template) == [
+        "{nickname|x}",
+        "{attributes.Tier}",
+        "{attributes.}",
+        "{first_name|a|b}",
+        "{first_name|" + "x" * 101 + "}",
+    ]
+    assert unknown_placeholders("{first_name|" + "x" * 100 + "} {attributes.any_name_at_all}") == []
 
 
 def test_fixed_text_drops_only_the_known_placeholders():
     assert fixed_text("Hi {first_name}, {location} { here }") == "Hi ,  { here }"
+    assert fixed_text("Hi {first_name|there} {attributes.tier}{nickname}") == "Hi  {nickname}"

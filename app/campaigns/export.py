@@ -44,6 +44,8 @@ COLUMNS = (
     ("provider_message_id", OutboundMessage.provider_message_id),
     ("created_at", OutboundMessage.created_at),
     ("not_before", OutboundMessage.not_before),
+    ("sent_at", OutboundMessage.sent_at),
+    ("delivered_at", OutboundMessage.delivered_at),
     ("read_at", OutboundMessage.read_at),
     ("updated_at", OutboundMessage.updated_at),
 )

@@ -8,6 +8,7 @@ from app.campaigns.schemas import (
     CampaignListItemSchema,
     CampaignQuerySchema,
     CampaignSchema,
+    DeliverySecondsSchema,
     EstimateSchema,
     MessageExportQuerySchema,
     MessageQuerySchema,
@@ -58,6 +59,14 @@ class CampaignById(MethodView):
     def patch(self, data, campaign_id):
         """Change a draft or scheduled campaign; `scheduled_at: null` unschedules it"""
         return service.update_campaign(campaign_id, data)
+
+
+@bp.route(CAMPAIGN + "/delivery-seconds")
+@bp.response(200, DeliverySecondsSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+def delivery_seconds(campaign_id):
+    """Seconds from sent to delivered of the campaign's delivered messages: median and 95th percentile"""
+    return service.delivery_seconds(campaign_id)
 
 
 @bp.route(CAMPAIGN + "/send", methods=["POST"])

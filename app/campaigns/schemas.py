@@ -35,6 +35,15 @@ class StatsSchema(Schema):
     )
 
 
+class DeliverySecondsSchema(Schema):
+    """Seconds from sent to delivered over the campaign's delivered messages (continuous percentiles; null
+    before the first receipt)."""
+
+    delivered = fields.Integer(required=True, metadata={"description": "Delivered messages with both times."})
+    median = fields.Float(allow_none=True, required=True)
+    p95 = fields.Float(allow_none=True, required=True, metadata={"description": "The 95th percentile."})
+
+
 class EncodingSchema(Schema):
     """How an SMS body is encoded and billed (docs/api.md#sms-encoding-and-segments)."""
 
@@ -108,6 +117,19 @@ class CampaignSchema(Schema):
             "once: a high one's window is twice a normal one's, a low one's half (docs/operations.md)."
         },
     )
+    ignore_frequency_cap = fields.Boolean(
+        metadata={
+            "description": "Default false: a send leaves out customers FREQUENCY_CAP holds back. true for "
+            "one-time codes and service notices, which go whatever was sent before."
+        },
+    )
+    segment_id = fields.Integer(
+        dump_only=True,
+        allow_none=True,
+        metadata={
+            "description": "A scheduled campaign's segment, named by a send: evaluated when it fires (then null)."
+        },
+    )
     status = fields.String(dump_only=True, metadata={"enum": list(CampaignStatus.ALL)})
     status_reason = fields.String(
         dump_only=True,
@@ -153,16 +175,37 @@ class CampaignQuerySchema(PageQuerySchema):
     channel = fields.String(validate=validate.OneOf(Channel.ALL))
 
 
+FILTER_DESCRIPTION = (
+    "The customers a filter matches (docs/api.md#filters): a condition `{field, op, value}`, a group "
+    "`{all: [...]}`, `{any: [...]}`, `{not: {...}}`, an engagement `{campaign, event}`, `{messaged_within: "
+    '"7d"}` or `{opted_out: "sms"}`.'
+)
+FILTER_EXAMPLE = {
+    "all": [
+        {"field": "location", "op": "in", "value": ["Nairobi", "Mombasa"]},
+        {"field": "attributes.tier", "op": "eq", "value": "gold"},
+        {"not": {"messaged_within": "7d"}},
+    ]
+}
+
+
 class AudienceSchema(Schema):
     all = fields.Boolean(metadata={"description": "Every customer."})
     location = Text(validate=validate.Length(min=1, max=100), metadata={"description": "Customers in this location."})
+    filter = fields.Dict(metadata={"description": FILTER_DESCRIPTION, "example": FILTER_EXAMPLE})
+    segment_id = Id(
+        metadata={
+            "description": "The customers a saved segment matches; a campaign scheduled ahead evaluates it when "
+            "it fires."
+        }
+    )
 
     @validates_schema
     def exactly_one(self, data, **kwargs):
         if data.get("all") is False:
             raise ValidationError("`all` must be true when given.", "all")
         if len(data) != 1:
-            raise ValidationError("Give exactly one of `all: true` or `location`.")
+            raise ValidationError("Give exactly one of `all: true`, `location`, `filter` or `segment_id`.")
 
 
 class SendSchema(Schema):
@@ -200,11 +243,28 @@ class SendResultSchema(Schema):
             "was created for them."
         },
     )
+    skipped_frequency_cap = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Customers of the audience FREQUENCY_CAP held back (not opted out, not messaged in "
+            "this campaign before): no message was created for them. 0 without a cap, or when the campaign "
+            "ignores it."
+        },
+    )
     status = fields.String(required=True)
     messages_scheduled = fields.Integer(
         metadata={"description": "Recipients stored for a campaign scheduled in the future."}
     )
     scheduled_at = UTCDateTime()
+    segment_id = fields.Integer(
+        metadata={"description": "A scheduled campaign's segment, kept to be evaluated when the campaign fires."}
+    )
+    segment_evaluated_at_fire = fields.Boolean(
+        metadata={
+            "description": "true: the segment is evaluated when the campaign fires; customers who join or leave "
+            "it meanwhile are counted then (nothing is stored now)."
+        }
+    )
 
 
 class PreviewRequestSchema(Schema):
@@ -246,6 +306,9 @@ class EstimateSchema(Schema):
         },
     )
     skipped_opted_out = fields.Integer(required=True, metadata={"description": "Matching customers opted out."})
+    skipped_frequency_cap = fields.Integer(
+        required=True, metadata={"description": "Matching customers FREQUENCY_CAP would hold back now."}
+    )
     segments = fields.Integer(required=True, allow_none=True, metadata={"description": "SMS only: in all."})
     by_encoding = fields.Nested(
         ByEncodingSchema,
@@ -278,6 +341,8 @@ class MessageSchema(Schema):
     retry_count = fields.Integer()
     provider = fields.String(allow_none=True, metadata={"description": "Who took it: mock, africastalking, ..."})
     provider_message_id = fields.String(allow_none=True, metadata={"description": "The provider's id for it."})
+    sent_at = UTCDateTime(allow_none=True, metadata={"description": "When the provider took it."})
+    delivered_at = UTCDateTime(allow_none=True, metadata={"description": "When its receipt said delivered."})
     read_at = UTCDateTime(allow_none=True)
     claimed_by = fields.String(
         allow_none=True,

@@ -12,6 +12,8 @@ from flask import current_app
 from sqlalchemy import ColumnElement, and_, func, select, true
 
 from app import clock
+from app.audiences import caps, segments
+from app.audiences.filters import compile_filter
 from app.customers import optouts
 from app.customers.service import get_customer
 from app.database import statement_budget
@@ -20,7 +22,7 @@ from app.extensions import db
 from app.messaging import lifecycle, recipients, triggers
 from app.messaging.segments import GSM_7, UCS_2, encode_info, measure
 from app.messaging.send import window
-from app.messaging.stats import campaign_stats, stats_for
+from app.messaging.stats import campaign_stats, delivery_times, stats_for
 from app.messaging.templates import (
     CHANNEL_LIMITS,
     compile_template,
@@ -59,6 +61,12 @@ def with_stats(campaign: Campaign) -> Campaign:
     return campaign
 
 
+def delivery_seconds(campaign_id: int) -> dict:
+    """How long the campaign's delivered messages took from sent to delivered: median and 95th percentile."""
+    get_campaign(campaign_id)
+    return delivery_times(campaign_id)
+
+
 def template_encoding(template: str) -> dict:
     """The encoding and segments of the template's fixed text (placeholders removed: what every message
     carries whoever it goes to), with a `warning` when that alone makes every message UCS-2 or longer than
@@ -84,7 +92,8 @@ def check_template(template: str, channel: str) -> None:
     if unknown:
         errors.append(
             f"unknown placeholder{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-            "use {first_name}, {last_name}, {preferred_product} or {location}"
+            "use {first_name}, {last_name}, {preferred_product}, {location} or {attributes.NAME}, "
+            "each perhaps with a fallback: {first_name|there}"
         )
     too_long = over_limit(template, channel)
     if too_long:
@@ -180,6 +189,10 @@ def _audience_filter(customer_ids: list[int] | None, audience: Mapping | None) -
     """The customers a send targets; 422 for ids of no customer or too many ids."""
     if customer_ids is None:
         assert audience is not None
+        if "filter" in audience:
+            return compile_filter(audience["filter"], "audience.filter")
+        if "segment_id" in audience:
+            return segments.segment_condition(audience["segment_id"], "audience.segment_id", lock=True)
         return Customer.location == audience["location"] if "location" in audience else true()
     limit = current_app.config["MAX_SEND_IDS"]
     ids = sorted(set(customer_ids))
@@ -215,11 +228,31 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 f"campaign {campaign_id} is {campaign.status}; only draft, scheduled or sending campaigns can be sent",
                 campaign_status=campaign.status,
             )
+        later = campaign.status == CampaignStatus.SCHEDULED and campaign.scheduled_at > clock.now()
+        if later and audience is not None and "segment_id" in audience:
+            # Evaluated when the campaign fires: who joins or leaves the segment meanwhile counts then.
+            segments.keep_for_schedule(campaign, audience["segment_id"])
+            db.session.commit()
+            return {
+                "campaign_id": campaign.id,
+                "messages_queued": 0,
+                "messages_left_for_reconciler": 0,
+                "messages_scheduled": 0,
+                "skipped_opted_out": 0,
+                "skipped_frequency_cap": 0,
+                "segment_id": audience["segment_id"],
+                "segment_evaluated_at_fire": True,
+                "status": campaign.status,
+                "scheduled_at": campaign.scheduled_at,
+            }
         audience_filter = _audience_filter(customer_ids, audience)
-        rows = recipients.create_pending_messages(campaign.id, audience_filter, campaign.channel)
+        rows = recipients.create_pending_messages(
+            campaign.id, audience_filter, campaign.channel, caps.cap_for(campaign)
+        )
+        capped = rows.capped
         # Read in the same transaction, after the insert: the opted-out among the audience it left out.
         skipped = optouts.count_opted_out(audience_filter, campaign.channel)
-        if campaign.status == CampaignStatus.SCHEDULED and campaign.scheduled_at > clock.now():
+        if later:
             db.session.commit()
             return {
                 "campaign_id": campaign.id,
@@ -227,11 +260,13 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 "messages_left_for_reconciler": 0,
                 "messages_scheduled": rows.count,
                 "skipped_opted_out": skipped,
+                "skipped_frequency_cap": capped,
                 "status": campaign.status,
                 "scheduled_at": campaign.scheduled_at,
             }
         starting = campaign.status != CampaignStatus.SENDING
         if starting:
+            segments.add_waiting_segment(campaign.id)  # a segment named while it was scheduled
             # Recipients stored while it was scheduled go out together with the new ones.
             count = db.session.scalar(
                 select(func.count()).where(
@@ -239,10 +274,12 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 )
             )
             if not count:
-                if skipped:
+                if skipped or capped:
                     raise ValidationFailed(
-                        f"every customer of the audience is opted out of {campaign.channel}: nothing to send",
+                        "every customer of the audience is opted out of "
+                        f"{campaign.channel} or held back by the frequency cap: nothing to send",
                         skipped_opted_out=skipped,
+                        skipped_frequency_cap=capped,
                     )
                 raise ValidationFailed("the audience matches no customer: nothing to send")
             lifecycle.start_sending(campaign.id)  # under the campaign's row lock: it moves
@@ -260,6 +297,7 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
         "messages_queued": count - lost,
         "messages_left_for_reconciler": lost,
         "skipped_opted_out": skipped,
+        "skipped_frequency_cap": capped,
         "status": CampaignStatus.SENDING,
     }
 
@@ -294,11 +332,14 @@ def estimate(campaign_id: int, customer_ids: list[int] | None = None, audience: 
             )
         targeted = and_(_audience_filter(customer_ids, audience), recipients.not_yet_messaged(campaign.id))
         opt_out = recipients.opt_out_filter(campaign.channel)
-        kept = targeted if opt_out is None else and_(targeted, opt_out)
+        reachable = targeted if opt_out is None else and_(targeted, opt_out)
+        cap = caps.cap_for(campaign)
+        kept = reachable if cap is None else and_(reachable, caps.not_capped(cap))
         answer = {
             "campaign_id": campaign.id,
             "channel": campaign.channel,
             "skipped_opted_out": 0,
+            "skipped_frequency_cap": 0,
             "segments": None,
             "by_encoding": None,
             "too_long": None,
@@ -309,8 +350,12 @@ def estimate(campaign_id: int, customer_ids: list[int] | None = None, audience: 
             answer["recipients"] = recipients.count_customers(kept)
         else:
             answer.update(_count_sms(campaign.base_template, kept))
+        if cap is not None:
+            answer["skipped_frequency_cap"] = recipients.count_customers(and_(reachable, caps.capped(cap)))
         if opt_out is not None:
-            answer["skipped_opted_out"] = recipients.count_customers(targeted) - answer["recipients"]
+            answer["skipped_opted_out"] = (
+                recipients.count_customers(targeted) - answer["recipients"] - answer["skipped_frequency_cap"]
+            )
     finally:
         db.session.rollback()  # read only: end the transaction (and its cursor) here
     price, currency = current_app.config["SMS_SEGMENT_PRICE"], current_app.config["CURRENCY"]

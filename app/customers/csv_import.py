@@ -7,7 +7,10 @@ What an import writes:
 - lines for the same phone merge the same way: a later non-empty value wins;
 - the optional `opted_out_sms` and `opted_out_whatsapp` columns opt the customer out of that channel
   (`true`, `1`, `yes`; source `import`, a customer already opted out keeps their first time and source) or
-  back in (`false`, `0`, `no`); empty keeps their opt-out as it is.
+  back in (`false`, `0`, `no`); empty keeps their opt-out as it is;
+- every other column is an attribute (app.customers.attributes), its header the key, perhaps typed
+  (`spend:number`, `vip:boolean`, `last_order:date`; untyped is text); its cell sets that attribute, an empty
+  cell removes it, and attributes the file does not name are kept.
 
 Good rows are kept when some are bad; a bad row is reported with the line its record began on. Memory
 stays flat whatever the file: one batch of rows is held, and no record longer than `MAX_RECORD_BYTES`.
@@ -20,22 +23,24 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from functools import lru_cache
 from typing import IO
 
 from flask import current_app
-from sqlalchemy import String, bindparam, func, literal_column, select
+from sqlalchemy import String, bindparam, func, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError
 
 from app import clock
-from app.customers import optouts
-from app.customers.phones import InvalidPhone, normalize_phone
+from app.customers import attributes, optouts
+from app.customers.phones import InvalidPhone, country_of, normalize_phone
 from app.errors import ValidationFailed
 from app.extensions import db
-from app.models import Channel, Customer, OptOutSource
+from app.models import Channel, Customer, JsonObject, OptOutSource
 from app.text import text_problem
 
 log = logging.getLogger(__name__)
@@ -55,10 +60,14 @@ MAX_LENGTHS = {
     "opted_out_sms": 5,
     "opted_out_whatsapp": 5,
 }
+ATTRIBUTE_TYPES = ("text", "number", "boolean", "date")
 MAX_REPORTED_ERRORS = 1000
 # The longest record a valid row needs, with room to spare: every column at its limit in 4-byte UTF-8
-# characters, each doubled by CSV quoting, with its quotes and comma; twice that for padding.
-MAX_RECORD_BYTES = 2 * sum(2 * 4 * n + 3 for n in MAX_LENGTHS.values())
+# characters, each doubled by CSV quoting, with its quotes and comma, and the attributes' 8 KB (UTF-8 bytes)
+# doubled by quoting, with theirs; twice that for padding.
+MAX_RECORD_BYTES = 2 * (
+    sum(2 * 4 * n + 3 for n in MAX_LENGTHS.values()) + 2 * attributes.MAX_BYTES + 3 * attributes.MAX_KEYS
+)
 # A 422 for unknown header columns names this many of them, each cut to MAX_LISTED_NAME characters.
 MAX_LISTED_COLUMNS = 10
 MAX_LISTED_NAME = 40
@@ -141,10 +150,45 @@ def _listed(names: list[str]) -> str:
     return ", ".join(shown) + (f" and {more:,} more" if more else "")
 
 
-def read_header(source: LineSource) -> tuple[str, ...]:
-    """The column names of the header record; `ValidationFailed` (a 422) when it is missing, has no
-    `phone`, an unknown column or a column twice."""
-    expected = ",".join(COLUMNS) + " (optional: " + ", ".join(OPT_OUT_COLUMNS) + ")"
+@dataclass(frozen=True)
+class Header:
+    """The file's columns in order: built-in fields and opt-out columns by name, attributes as
+    `attributes.KEY`, each attribute with its type (`types`)."""
+
+    columns: tuple[str, ...]
+    types: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The customer columns an upsert writes."""
+        return tuple(c for c in self.columns if c in COLUMNS)
+
+    @property
+    def has_attributes(self) -> bool:
+        return bool(self.types)
+
+
+def _attribute_column(name: str) -> tuple[str, str]:
+    """(`attributes.KEY`, type) of a header name that is no built-in column; ValueError when it cannot be."""
+    key, _, kind = name.partition(":")
+    key, kind = key.strip(), kind.strip() or "text"
+    if attributes.key_problem(key):
+        raise ValueError(name)
+    if kind not in ATTRIBUTE_TYPES:
+        raise ValueError(name)
+    return f"attributes.{key}", kind
+
+
+def read_header(source: LineSource) -> Header:
+    """The columns of the header record; `ValidationFailed` (a 422) when it is missing, has no `phone`, a
+    column that can be no attribute (its name or type), more attributes than a customer may have, or a
+    column twice."""
+    expected = (
+        ",".join(COLUMNS)
+        + " (optional: "
+        + ", ".join(OPT_OUT_COLUMNS)
+        + "; any other column is an attribute: name, name:number, name:boolean or name:date)"
+    )
     source.start_record()
     try:
         header = [h.strip().lower() for h in next(csv.reader(source))]
@@ -154,17 +198,35 @@ def read_header(source: LineSource) -> tuple[str, ...]:
         raise ValidationFailed(f"CSV header: longer than {source.limit} bytes; expected columns: {expected}") from None
     except csv.Error as exc:
         raise ValidationFailed(f"CSV header: not CSV ({exc}); expected columns: {expected}") from None
-    unknown = [h for h in header if h not in ALL_COLUMNS]
+    columns: list[str] = []
+    types: dict[str, str] = {}
+    bad = []
+    for name in header:
+        if name in ALL_COLUMNS:
+            columns.append(name)
+            continue
+        try:
+            column, kind = _attribute_column(name)
+        except ValueError:
+            bad.append(name)
+            continue
+        columns.append(column)
+        types[column] = kind
     problems = []
-    if "phone" not in header:
+    if "phone" not in columns:
         problems.append("no phone column")
-    if unknown:
-        problems.append("unknown column(s) " + _listed(unknown))
-    if len(set(header)) != len(header):
+    if bad:
+        problems.append(
+            "column(s) that can be no attribute (a name is a lower-case letter, then up to 39 lower-case "
+            "letters, digits or _; a type is number, boolean or date) " + _listed(bad)
+        )
+    elif len(types) > attributes.MAX_KEYS:
+        problems.append(f"{len(types):,} attribute columns, over the limit of {attributes.MAX_KEYS}")
+    if len(set(columns)) != len(columns):
         problems.append("a column appears twice")
     if problems:
         raise ValidationFailed(f"CSV header: {'; '.join(problems)}; expected columns: {expected}")
-    return tuple(header)
+    return Header(tuple(columns), types)
 
 
 def _is_blank(values: list[str]) -> bool:
@@ -172,21 +234,58 @@ def _is_blank(values: list[str]) -> bool:
     return not values or (len(values) == 1 and not values[0].strip())
 
 
-def _parse(header: tuple[str, ...], values: list[str], region: str) -> dict:
-    """One CSV row as customer fields (an empty cell is None); ValueError with the reason when it is not
-    a valid customer."""
-    if len(values) != len(header):
-        raise ValueError(f"expected {len(header)} fields, found {len(values)}")
-    row = {}
-    for name, raw in zip(header, values, strict=True):
+def _typed(column: str, kind: str, value: str) -> str | float | int | bool | None:
+    """An attribute cell as its value (None for an empty cell: the attribute is removed)."""
+    name = column.removeprefix("attributes.")
+    if not value:
+        return None
+    shown = value if len(value) <= MAX_LISTED_NAME else value[:MAX_LISTED_NAME] + "..."
+    if kind == "number":
+        try:
+            number = int(value) if value.lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"{name}: {shown!r} is not a number") from None
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"{name}: {shown!r} is not a finite number")
+        return number
+    if kind == "boolean":
+        word = value.lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise ValueError(f"{name}: {shown!r} is not one of true/false, 1/0, yes/no (or empty)")
+    if kind == "date":
+        try:
+            day = date.fromisoformat(value) if len(value) == 10 else None
+        except ValueError:
+            day = None
+        if day is None:
+            raise ValueError(f"{name}: {shown!r} is not a date (YYYY-MM-DD)")
+        return day.isoformat()
+    if len(value) > attributes.MAX_VALUE_LENGTH:
+        raise ValueError(f"{name}: longer than {attributes.MAX_VALUE_LENGTH} characters")
+    return value
+
+
+def _parse(header: Header, values: list[str], region: str) -> dict:
+    """One CSV row as customer fields (an empty cell is None), its attributes under `attributes` (an empty
+    cell is None: removed); ValueError with the reason when it is not a valid customer."""
+    if len(values) != len(header.columns):
+        raise ValueError(f"expected {len(header.columns)} fields, found {len(values)}")
+    row: dict = {"attributes": {}} if header.has_attributes else {}
+    for name, raw in zip(header.columns, values, strict=True):
         value = raw.strip()
         if "\ufffd" in value:
-            raise ValueError(f"{name}: not valid UTF-8 text")
+            raise ValueError(f"{name.removeprefix('attributes.')}: not valid UTF-8 text")
         problem = text_problem(value)
         if problem:
-            raise ValueError(f"{name}: {problem}")
+            raise ValueError(f"{name.removeprefix('attributes.')}: {problem}")
         if name in OPT_OUT_COLUMNS:
             row[name] = _flag(name, value)
+            continue
+        if name in header.types:
+            row["attributes"][name.removeprefix("attributes.")] = _typed(name, header.types[name], value)
             continue
         if len(value) > MAX_LENGTHS[name]:
             raise ValueError(f"{name}: longer than {MAX_LENGTHS[name]} characters")
@@ -197,6 +296,7 @@ def _parse(header: tuple[str, ...], values: list[str], region: str) -> dict:
         row["phone"] = normalize_phone(row["phone"], region)
     except InvalidPhone as exc:
         raise ValueError(f"phone: {exc}") from None
+    row["country"] = country_of(row["phone"])
     return row
 
 
@@ -230,12 +330,14 @@ class Batch:
         if held is None:
             self.rows[phone] = row
         else:
-            held.update((name, value) for name, value in row.items() if value is not None)
+            held.update((name, value) for name, value in row.items() if value is not None and name != "attributes")
+            if "attributes" in row:
+                held["attributes"].update((k, v) for k, v in row["attributes"].items() if v is not None)
             self.repeats[phone] = self.repeats.get(phone, 0) + 1
         self.lines[phone] = line
 
 
-def read_batches(source: LineSource, header: tuple[str, ...], report: ImportReport) -> Iterator[Batch]:
+def read_batches(source: LineSource, header: Header, report: ImportReport) -> Iterator[Batch]:
     """The records after the header, in batches of `IMPORT_BATCH_SIZE` records (good or bad; blank
     lines do not count). Bad records go to `report` as they are read. The last batch, `last` and
     perhaps empty, ends at the end of the file."""
@@ -310,9 +412,9 @@ def _upsert(rows: list[dict], columns: tuple[str, ...]) -> int:
     return len(rows) - existing
 
 
-def _write_opt_outs(rows: list[dict], header: tuple[str, ...]) -> None:
+def _write_opt_outs(rows: list[dict], header: Header) -> None:
     """The opt-out columns of written rows: opt out or back in by phone, in the caller's transaction."""
-    for column in (c for c in header if c in OPT_OUT_COLUMNS):
+    for column in (c for c in header.columns if c in OPT_OUT_COLUMNS):
         flagged = {True: [], False: []}
         for row in rows:
             if row.get(column) is not None:
@@ -328,16 +430,67 @@ def _write_opt_outs(rows: list[dict], header: tuple[str, ...]) -> None:
                 optouts.opt_in_ids(ids, channel)
 
 
-def write_batch(batch: Batch, header: tuple[str, ...], report: ImportReport) -> None:
+def _merge_attributes(batch: Batch, phones: list[str], report: ImportReport) -> list[str]:
+    """Each row's attributes merged into its customer's stored ones (`merged_attributes`), read under row
+    locks taken in phone order (as the upsert takes them); a row whose merged attributes are over the limits
+    is reported and dropped. Returns the phones kept."""
+    stored = dict(
+        db.session.execute(
+            select(Customer.phone, Customer.attributes)
+            .where(Customer.phone.in_(phones))
+            .order_by(Customer.phone)
+            .with_for_update()
+        ).all()
+    )
+    kept = []
+    for phone in phones:
+        row = batch.rows[phone]
+        merged = attributes.merged(stored.get(phone), row["attributes"])
+        problem = attributes.size_problem(merged)
+        if problem:
+            report.reject(batch.lines[phone], f"attributes: {problem}")
+            continue
+        row["merged_attributes"] = merged
+        kept.append(phone)
+    return kept
+
+
+def _write_attributes(rows: list[dict]) -> None:
+    """Store each written row's merged attributes, by phone, in phone order."""
+    if db.session.get_bind().dialect.name == "postgresql":
+        given = (
+            func.unnest(
+                bindparam("phones", type_=postgresql.ARRAY(String)),
+                bindparam("attrs", type_=postgresql.ARRAY(postgresql.JSONB)),
+            )
+            .table_valued("phone", "attrs")
+            .render_derived(name="given")
+        )
+        db.session.execute(
+            update(_customers).values(attributes=given.c.attrs).where(_customers.c.phone == given.c.phone),
+            {"phones": [r["phone"] for r in rows], "attrs": [r["merged_attributes"] for r in rows]},
+        )
+        return
+    stmt = (
+        update(_customers)
+        .where(_customers.c.phone == bindparam("p"))
+        .values(attributes=bindparam("a", type_=JsonObject))
+    )
+    db.session.execute(stmt, [{"p": r["phone"], "a": r["merged_attributes"]} for r in rows])
+
+
+def write_batch(batch: Batch, header: Header, report: ImportReport) -> None:
     """Upsert the batch's rows in the caller's transaction, in phone order, and count them in `report`;
-    then apply their opt-out columns.
+    then apply their attributes and opt-out columns.
 
     If the database refuses the batch, its rows are written one by one, each in a savepoint, so that a
     refused row costs only itself; it is reported with its line."""
     phones = sorted(batch.rows)
+    if header.has_attributes and phones:
+        phones = _merge_attributes(batch, phones, report)
     if not phones:
         return
-    columns = tuple(c for c in header if c not in OPT_OUT_COLUMNS)
+    columns = (*header.fields, "country")
     try:
         with db.session.begin_nested():
             created = _upsert([batch.rows[p] for p in phones], columns)
@@ -354,6 +507,8 @@ def write_batch(batch: Batch, header: tuple[str, ...], report: ImportReport) -> 
                 report.reject(batch.lines[phone], "the database refused this row")
     report.created += created
     report.updated += len(written) - created + sum(batch.repeats.get(p, 0) for p in written)
+    if header.has_attributes and written:
+        _write_attributes([batch.rows[p] for p in written])
     _write_opt_outs([batch.rows[p] for p in written], header)
 
 

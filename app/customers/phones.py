@@ -66,3 +66,26 @@ def _valid_e164(raw: str) -> str | None:
     if not phonenumbers.is_valid_number(PhoneNumber(country_code=country_code, national_number=int(national))):
         return None
     return raw
+
+
+def country_of(e164: str) -> str | None:
+    """The ISO 3166 alpha-2 region of a number already in E.164 (`+254712345678` -> `KE`); None when no one
+    region owns it (a non-geographic number)."""
+    digits = e164.removeprefix("+")
+    for size in (1, 2, 3):
+        country_code = int(digits[:size] or 0)
+        if country_code in COUNTRY_CODE_TO_REGION_CODE:
+            break
+    else:
+        return None
+    national = digits[size:]
+    # Italy keeps the leading 0 of its numbers: libphonenumber marks it rather than keeping it in the digits.
+    leading = len(national) - len(national.lstrip("0"))
+    number = PhoneNumber(
+        country_code=country_code,
+        national_number=int(national or 0),
+        italian_leading_zero=leading > 0 or None,
+        number_of_leading_zeros=leading if leading > 1 else None,
+    )
+    region = phonenumbers.region_code_for_number(number)
+    return region if region and region != "001" else None

@@ -1,11 +1,27 @@
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate
 
+from app.customers import attributes
 from app.models import Channel, ImportStatus
 from app.schemas import PageQuerySchema, Text, UTCDateTime
 
 
 def _name(max_length: int) -> Text:
     return Text(allow_none=True, validate=validate.Length(max=max_length))
+
+
+class Attributes(fields.Dict):
+    """A customer's attributes: keys `^[a-z][a-z0-9_]{0,39}$`, values strings (at most 500 characters),
+    numbers or booleans; null removes a key (PATCH). The size limits apply to the merged whole (service)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(keys=fields.String(), **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        errors = {key.removeprefix("attributes."): texts for key, texts in attributes.change_errors(value).items()}
+        if errors:
+            raise ValidationError(errors)
+        return value
 
 
 class CustomerSchema(Schema):
@@ -17,6 +33,20 @@ class CustomerSchema(Schema):
     last_name = _name(100)
     location = _name(100)
     preferred_product = _name(200)
+    attributes = Attributes(
+        metadata={
+            "description": "The business's own data about the customer: up to 50 keys (`^[a-z][a-z0-9_]{0,39}$`), "
+            "each a string (at most 500 characters), a number or a boolean; at most 8 KB as JSON. PATCH merges: "
+            "keys it does not name are kept, a key set to null is removed. Templates render them as "
+            "`{attributes.NAME}`; filters compare them as `attributes.NAME`.",
+            "example": {"tier": "gold", "spend": 1250.5, "vip": True, "last_order": "2026-11-30"},
+        },
+    )
+    country = fields.String(
+        dump_only=True,
+        allow_none=True,
+        metadata={"description": "ISO 3166 alpha-2 country of the phone number (`KE`), derived from it."},
+    )
     opt_outs = fields.Method(
         "_opt_outs",
         dump_only=True,
@@ -40,6 +70,17 @@ class CustomerSchema(Schema):
 
 class CustomerQuerySchema(PageQuerySchema):
     location = Text(validate=validate.Length(max=100))
+    segment_id = fields.Integer(
+        validate=validate.Range(min=1, max=2**31 - 1),
+        metadata={"description": "Only the customers a saved segment matches now."},
+    )
+    filter = fields.String(
+        validate=validate.Length(max=4000),
+        metadata={
+            "description": "Only the customers a filter matches, as JSON (docs/api.md#filters), at most 4,000 "
+            'characters (save a longer one as a segment): `{"field": "attributes.tier", "op": "eq", "value": "gold"}`.'
+        },
+    )
     opted_out = fields.String(
         validate=validate.OneOf(Channel.ALL),
         metadata={"description": "Only customers opted out of this channel (`sms` or `whatsapp`)."},

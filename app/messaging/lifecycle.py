@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy import (
@@ -256,6 +257,8 @@ def retry_failed_messages(campaign_id: int, retryable: ColumnElement[bool]) -> N
             retry_count=0,
             provider=None,
             provider_message_id=None,
+            sent_at=None,
+            delivered_at=None,
             read_at=None,
             updated_at=clock.now(),
         )
@@ -271,13 +274,18 @@ def retry_failed_messages(campaign_id: int, retryable: ColumnElement[bool]) -> N
     return NewRows(len(ids), min(ids, default=None), max(ids, default=None))
 
 
-def start_due_campaign(campaign_id: int, now: datetime | None = None) -> bool:
+def start_due_campaign(
+    campaign_id: int, now: datetime | None = None, then: Callable[[int], object] | None = None
+) -> bool:
     """Scheduled -> sending once `scheduled_at` has come, and commit: a trigger that fires twice, early, or
-    for an old time moves nothing. True when this call made the move."""
+    for an old time moves nothing. `then(campaign_id)` runs after the move, in its transaction (the
+    recipients of a segment evaluated as the campaign fires). True when this call made the move."""
     now = now or clock.now()
     moved = move_campaign(
         campaign_id, CampaignStatus.SENDING, Campaign.status == CampaignStatus.SCHEDULED, Campaign.scheduled_at <= now
     )
+    if moved and then is not None:
+        then(campaign_id)
     db.session.commit()
     return moved
 
@@ -489,6 +497,13 @@ RECORD = (
         provider=func.coalesce(bindparam("provider"), _M.c.provider),
         provider_message_id=func.coalesce(bindparam("provider_message_id"), _M.c.provider_message_id),
         not_before=func.coalesce(bindparam("not_before", type_=_M.c.not_before.type), _M.c.not_before),
+        sent_at=case(
+            (
+                bindparam("new_status", type_=String) == MessageStatus.SENT,
+                func.coalesce(_M.c.sent_at, bindparam("now")),
+            ),
+            else_=_M.c.sent_at,
+        ),
         claimed_by=null(),
         lease_until=null(),
         claim_token=null(),
@@ -550,6 +565,9 @@ def _receipt_move(target: str, read: bool):
         "last_error": func.coalesce(bindparam("error"), _MESSAGES.c.last_error),
     }
     condition = moves
+    if target == MessageStatus.DELIVERED:
+        delivered_at = func.coalesce(_MESSAGES.c.delivered_at, bindparam("now"))
+        values["delivered_at"] = case((moves, delivered_at), else_=_MESSAGES.c.delivered_at) if read else delivered_at
     if read:
         unread = and_(_MESSAGES.c.status == MessageStatus.DELIVERED, _MESSAGES.c.read_at.is_(None))
         condition = or_(moves, unread)

@@ -3,7 +3,8 @@
 Rows are created by one `INSERT ... SELECT ... ON CONFLICT DO NOTHING`, so a customer has at most one
 message per campaign however often `/send` is called, and the web process never holds a list of
 recipients. Customers opted out of the campaign's channel are left out by the same statement (an
-anti-join against their opt-outs, `app.customers.optouts.not_opted_out`).
+anti-join against their opt-outs, `app.customers.optouts.not_opted_out`), and so are customers the
+frequency cap holds back (`app.audiences.caps`).
 """
 
 from __future__ import annotations
@@ -11,71 +12,108 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flask import current_app
-from sqlalchemy import ColumnElement, func, literal, select
+from sqlalchemy import ColumnElement, false, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app import clock
+from app.audiences.caps import capped
 from app.customers.optouts import not_opted_out
 from app.database import statement_budget
 from app.extensions import db
 from app.models import Customer, MessageStatus, OutboundMessage
+from config import FrequencyCap
 
 
 @dataclass(frozen=True)
 class NewRows:
-    """What one bulk insert created: how many rows, and the id range they lie in (None when none)."""
+    """What one bulk insert created: how many rows, and the id range they lie in (None when none); for a
+    send with a frequency cap, how many customers it left out for it (`capped`)."""
 
     count: int
     first_id: int | None
     last_id: int | None
+    capped: int = 0
 
 
-def create_pending_messages(campaign_id: int, audience: ColumnElement[bool], channel: str) -> NewRows:
-    """Insert a pending message for every customer matching `audience` who has none in the campaign and
-    is not opted out of `channel`.
+def create_pending_messages(
+    campaign_id: int, audience: ColumnElement[bool], channel: str, cap: FrequencyCap | None = None
+) -> NewRows:
+    """Insert a pending message for every customer matching `audience` who has none in the campaign, is
+    not opted out of `channel` and, with a frequency `cap`, is not capped; `capped` counts the customers the
+    cap left out (those without a message in the campaign before).
 
     One statement, in the caller's transaction; the caller commits. On PostgreSQL it runs with
     `SEND_STATEMENT_TIMEOUT` for the rest of the transaction: a million recipients take about 9 s.
     """
     now = clock.now()
-    source = select(
+    is_capped = capped(cap, now) if cap is not None else false()
+    candidates = (
+        select(Customer.id.label("customer_id"), is_capped.label("capped"))
+        .where(audience, not_opted_out(channel))
+        # A key-share lock on each customer read, held until the commit: a concurrent delete of one of them
+        # waits for this send and then sees its message (app.customers.service.delete_customer).
+        .with_for_update(read=True, key_share=True)
+    )
+    dialect = db.session.get_bind().dialect.name
+    if dialect == "postgresql":
+        # One statement: the candidates are read once, for the insert and for the count of the capped.
+        candidates = candidates.cte("candidates")
+        inserted = _insert(campaign_id, candidates, now, dialect).cte("inserted")
+        left_out = (
+            select(func.count())
+            .where(candidates.c.capped, ~_has_message(candidates.c.customer_id, campaign_id))
+            .scalar_subquery()
+        )
+        with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
+            count, first, last, held = db.session.execute(
+                select(func.count(), func.min(inserted.c.id), func.max(inserted.c.id), left_out)
+            ).one()
+        return NewRows(count, first, last, held if cap is not None else 0)
+    # SQLite: one writer at a time, so the count read before the insert is what the insert leaves out.
+    held = 0
+    if cap is not None:
+        found = candidates.subquery()
+        held = db.session.scalar(
+            select(func.count()).where(found.c.capped, ~_has_message(found.c.customer_id, campaign_id))
+        )
+    count, first, last = 0, None, None
+    for (message_id,) in db.session.execute(_insert(campaign_id, candidates.subquery(), now, dialect)):
+        count += 1
+        first = message_id if first is None else min(first, message_id)
+        last = message_id if last is None else max(last, message_id)
+    return NewRows(count, first, last, held)
+
+
+def _has_message(customer_id, campaign_id: int) -> ColumnElement[bool]:
+    return (
+        select(OutboundMessage.id)
+        .where(OutboundMessage.customer_id == customer_id, OutboundMessage.campaign_id == campaign_id)
+        .exists()
+    )
+
+
+def _insert(campaign_id: int, candidates, now, dialect: str):
+    """`INSERT ... SELECT` of a pending message for each candidate the cap leaves in; repeats do nothing."""
+    rows = select(
         literal(campaign_id),
-        Customer.id,
+        candidates.c.customer_id,
         literal(MessageStatus.PENDING),
         literal(0),
         literal(now, OutboundMessage.created_at.type),
         literal(now, OutboundMessage.updated_at.type),
-    ).where(audience, not_opted_out(channel))
-    # A key-share lock on each customer read, held until the commit: a concurrent delete of one of them
-    # waits for this send and then sees its message (app.customers.service.delete_customer).
-    source = source.with_for_update(read=True, key_share=True)
+    ).where(~candidates.c.capped)
     columns = ["campaign_id", "customer_id", "status", "retry_count", "created_at", "updated_at"]
-    dialect = db.session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = (
+    return (
         insert(OutboundMessage)
-        .from_select(columns, source)
+        .from_select(columns, rows)
         .on_conflict_do_nothing(index_elements=["customer_id", "campaign_id"])
         .returning(OutboundMessage.id)
     )
-    if dialect == "postgresql":
-        # Count in the database: a 100k-row insert sends back three numbers, not 100k ids.
-        inserted = stmt.cte("inserted")
-        with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
-            count, first, last = db.session.execute(
-                select(func.count(), func.min(inserted.c.id), func.max(inserted.c.id))
-            ).one()
-        return NewRows(count, first, last)
-    count, first, last = 0, None, None
-    for (message_id,) in db.session.execute(stmt):
-        count += 1
-        first = message_id if first is None else min(first, message_id)
-        last = message_id if last is None else max(last, message_id)
-    return NewRows(count, first, last)
 
 
 # The fields a message renders from, in the order `stream_recipient_fields` yields them.
-RENDER_FIELDS = ("first_name", "last_name", "preferred_product", "location")
+RENDER_FIELDS = ("first_name", "last_name", "preferred_product", "location", "attributes")
 
 
 def opt_out_filter(channel: str) -> ColumnElement[bool] | None:

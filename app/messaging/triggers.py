@@ -15,6 +15,7 @@ from flask import current_app
 from rq.job import Job
 from rq_scheduler import Scheduler
 
+from app.audiences import segments
 from app.messaging import lifecycle
 from app.messaging.send import window
 from app.queues import get_control_queue, get_redis
@@ -27,8 +28,8 @@ DISPATCH_JOB = "app.messaging.jobs.dispatch_scheduled_campaign"
 def dispatch_due_campaign(campaign_id: int, now: datetime | None = None) -> int | None:
     """Start a due scheduled campaign and queue its first window; one with no messages ends `failed` at
     once. Idempotent: returns how many jobs were queued, or None when it was not due or was already
-    dispatched."""
-    if not lifecycle.start_due_campaign(campaign_id, now):
+    dispatched. A segment a send named while it was scheduled is evaluated now, as it fires."""
+    if not lifecycle.start_due_campaign(campaign_id, now, then=segments.add_waiting_segment):
         return None
     queued = window.refill(campaign_id).queued
     if not queued:

@@ -66,6 +66,7 @@ def _load(claimed):
             Customer.last_name,
             Customer.location,
             Customer.preferred_product,
+            Customer.attributes,
         )
         .select_from(claimed)
         .join(Campaign, Campaign.id == claimed.c.campaign_id)

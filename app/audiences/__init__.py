@@ -1,0 +1,3 @@
+from app.audiences.routes import bp
+
+__all__ = ["bp"]
