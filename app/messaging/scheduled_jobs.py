@@ -22,7 +22,6 @@ rate-limited enqueue.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable
 
@@ -33,6 +32,8 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 from rq.utils import current_timestamp, now, utcformat
+
+from app.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -121,36 +122,24 @@ def overdue_counts(connection: Redis, queue_names: Iterable[str]) -> dict[str, i
         return dict(zip(names, pipe.execute(), strict=True))
 
 
-class DueJobMover:
+class DueJobMover(Periodic):
     """A daemon thread that moves the due jobs of `queue_names` every `interval` seconds until stopped. A
     move that fails (Redis down, stalled, restarting) is logged once per outage and tried again at the
     next: the thread never ends on an error."""
 
     def __init__(self, connection: Redis, queue_names: Iterable[str], interval: float = MOVE_INTERVAL) -> None:
+        super().__init__(interval, "due-job-mover")
         self.connection = connection
         self.queue_names = list(queue_names)
-        self.interval = interval
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="due-job-mover", daemon=True)
         self._failures = 0
 
     def start(self) -> DueJobMover:
         """Move what is due now, before a worker first looks at the queues (a burst worker may end at once),
         then every `interval` seconds on the thread."""
-        self._move()
-        self._thread.start()
-        return self
+        self.tick()
+        return super().start()
 
-    def stop(self) -> None:
-        """Stop after the move in progress, if any."""
-        self._stopped.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            self._move()
-
-    def _move(self) -> None:
+    def tick(self) -> None:
         try:
             moved = move_due_jobs(self.connection, self.queue_names)
         except RedisError as exc:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
@@ -34,6 +33,7 @@ from redis.exceptions import RedisError
 
 from app.database import describe, is_unavailable
 from app.extensions import db
+from app.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -140,42 +140,30 @@ def drain(redis: Redis, apply: Callable[[dict], None]) -> int:
     return applied
 
 
-class Drainer:
+class Drainer(Periodic):
     """`drain` every `DRAIN_INTERVAL` seconds in a daemon thread of a worker process, until stopped; one look
     at the lists' lengths (one round trip to Redis) when nothing waits. A failure (Redis down) is logged once
     and tried again next time."""
 
     def __init__(self, app: Flask, redis: Redis, apply: Callable[[dict], None], interval: float = DRAIN_INTERVAL):
+        super().__init__(interval, "spool-drain")
         self.app = app
         self.redis = redis
         self.apply = apply
-        self.interval = interval
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="spool-drain", daemon=True)
         self._failing = False
 
-    def start(self) -> Drainer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            try:
-                if any(lengths(self.redis).values()):
-                    with self.app.app_context():
-                        try:
-                            drain(self.redis, self.apply)
-                        finally:
-                            db.session.remove()
-                self._failing = False
-            except RedisError as exc:
-                if not self._failing:
-                    log.warning("spool: Redis failed (%s: %s); trying again", type(exc).__name__, exc)
-                self._failing = True
-            except Exception:  # noqa: BLE001 - the next look may work; the items stay in Redis
-                log.exception("spool: the drain failed; trying again")
+    def tick(self) -> None:
+        try:
+            if any(lengths(self.redis).values()):
+                with self.app.app_context():
+                    try:
+                        drain(self.redis, self.apply)
+                    finally:
+                        db.session.remove()
+            self._failing = False
+        except RedisError as exc:
+            if not self._failing:
+                log.warning("spool: Redis failed (%s: %s); trying again", type(exc).__name__, exc)
+            self._failing = True
+        except Exception:  # noqa: BLE001 - the next look may work; the items stay in Redis
+            log.exception("spool: the drain failed; trying again")

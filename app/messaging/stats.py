@@ -13,7 +13,6 @@ On SQLite (tests, a local run) there are no triggers: the stats count the rows, 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable
 
 from flask import Flask, current_app
@@ -23,6 +22,7 @@ from app import clock
 from app.database import statement_budget
 from app.extensions import db
 from app.models import CampaignMessageCount, CampaignMessageCountChange, MessageStatus, OutboundMessage
+from app.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -263,34 +263,27 @@ def pending_changes() -> int:
     return db.session.scalar(select(func.count()).select_from(CampaignMessageCountChange)) or 0
 
 
-class Folder:
+class Folder(Periodic):
     """`fold_all` every `STATS_FOLD_INTERVAL` seconds in a daemon thread of a worker process, until
     stopped. Every worker runs one; the advisory lock lets one fold at a time, the others find it taken
     and wait for their next turn. A failure (the database down) is logged and tried again next time."""
 
     def __init__(self, app: Flask) -> None:
+        super().__init__(app.config["STATS_FOLD_INTERVAL"], "stats-fold")
         self.app = app
-        self.interval = app.config["STATS_FOLD_INTERVAL"]
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stats-fold", daemon=True)
 
     def start(self) -> Folder:
+        """Starts the thread where the database keeps the counts (PostgreSQL); SQLite counts the rows."""
         with self.app.app_context():
             if counted_by_database():
-                self._thread.start()
+                super().start()
         return self
 
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            with self.app.app_context():
-                try:
-                    fold_all()
-                except Exception:  # noqa: BLE001 - the changes stay, and are folded next time
-                    log.warning("could not fold the message count changes", exc_info=True)
-                finally:
-                    db.session.remove()
+    def tick(self) -> None:
+        with self.app.app_context():
+            try:
+                fold_all()
+            except Exception:  # noqa: BLE001 - the changes stay, and are folded next time
+                log.warning("could not fold the message count changes", exc_info=True)
+            finally:
+                db.session.remove()
