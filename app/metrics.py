@@ -314,8 +314,16 @@ def flush_all() -> None:
         recorder.flush()
 
 
+def _flush_at_exit() -> None:
+    """The last flush as the process exits. A second stop signal that lands during it (a gunicorn worker
+    told to quit by its master after the first) ends it quietly: what was not flushed is lost, as in a
+    kill, and no traceback is written."""
+    with contextlib.suppress(SystemExit, KeyboardInterrupt):
+        flush_all()
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(flush_all)
+atexit.register(_flush_at_exit)
 
 
 def _recorder() -> Recorder | None:

@@ -191,8 +191,16 @@ def _signal_group(child: subprocess.Popen, signum: int) -> None:
 
 
 def _terminate(children: dict[str, subprocess.Popen]) -> None:
+    """A process that runs is told to stop, and stops its own children (gunicorn its workers: signalled
+    twice at once, by us and by their master, a worker would be cut short in its exit); the group of one
+    that died is told instead, for the children it left behind. Whatever of a group still runs after
+    `STOP_GRACE` seconds is killed."""
     for name, child in children.items():
-        _signal_group(child, STOP_SIGNALS.get(name, signal.SIGTERM) if child.poll() is None else signal.SIGTERM)
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(STOP_SIGNALS.get(name, signal.SIGTERM))
+        else:
+            _signal_group(child, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE
     for child in children.values():
         try:

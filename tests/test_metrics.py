@@ -464,3 +464,22 @@ def test_every_web_and_worker_process_adds_into_the_same_totals(app, gunicorn, s
         assert time.monotonic() < deadline, "the live worker was never counted"
         time.sleep(0.2)
     assert live.poll() is None
+
+
+def test_a_stop_signal_during_the_exit_flush_ends_the_process_without_a_traceback():
+    """A gunicorn worker signalled twice (by `flask up` or the platform, then by its master) got the second
+    signal in its last metrics flush and wrote a traceback on its way out. The flush at exit ends quietly."""
+    child = (
+        "import signal\n"
+        "from app import metrics\n"
+        "class SignalledMidFlush:\n"
+        "    def flush(self):\n"
+        "        signal.raise_signal(signal.SIGINT)  # the second signal, while the last flush runs\n"
+        "held = SignalledMidFlush()\n"
+        "metrics._recorders.add(held)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0
