@@ -23,11 +23,8 @@ recreated) and BENCH_REDIS_URL (see bench/run.py; flushed).
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -84,24 +81,6 @@ def campaign(conn, name: str, ignore_cap: bool) -> int:
     ).fetchone()[0]
 
 
-def timed(web: Web, path: str, body: dict, expect: int) -> tuple[dict, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=600)
-    start = time.perf_counter()
-    conn.request(
-        "POST",
-        path,
-        body=json.dumps(body),
-        headers={"Authorization": "Bearer bench-key", "Content-Type": "application/json"},
-    )
-    response = conn.getresponse()
-    payload = json.loads(response.read())
-    elapsed = time.perf_counter() - start
-    conn.close()
-    if response.status != expect:
-        raise RuntimeError(f"{path}: {response.status} {payload}")
-    return payload, elapsed
-
-
 def plans(env: dict) -> list[tuple[str, str]]:
     """PostgreSQL's plans (EXPLAIN ANALYZE) of the count's statement and of the capped send's candidates, as
     the app compiles them (values inlined for EXPLAIN only)."""
@@ -151,7 +130,7 @@ def main() -> None:
     answers: dict[str, dict] = {}
     try:
         for _ in range(args.runs):
-            answer, elapsed = timed(web, "/audiences/count", {"filter": COUNT_FILTER}, 200)
+            answer, elapsed = web.post("/audiences/count", {"filter": COUNT_FILTER})
             rows.setdefault("count: location in 3, tier eq, messaged_within 7d", []).append(elapsed)
             answers["count"] = answer
         with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
@@ -164,7 +143,9 @@ def main() -> None:
                 )
                 for name, audience, ignore in cases:
                     campaign_id = campaign(conn, f"{name} {run}", ignore)
-                    answer, elapsed = timed(web, f"/campaigns/{campaign_id}/send", {"audience": audience}, 202)
+                    answer, elapsed = web.post(
+                        f"/campaigns/{campaign_id}/send", {"audience": audience}, expect=202, timeout=600
+                    )
                     rows.setdefault(name, []).append(elapsed)
                     answers[name] = answer
     finally:

@@ -16,8 +16,6 @@ recreated). Redis is not touched (BENCH_REDIS_URL is only handed to the web proc
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import subprocess
 import sys
 import threading
@@ -64,24 +62,6 @@ def build(sizes: list[int]) -> int:
             "VALUES ('estimate', 'sms', 'draft', %s, now(), now()) RETURNING id",
             (TEMPLATE,),
         ).fetchone()[0]
-
-
-def post(web: Web, path: str, body: dict) -> tuple[dict, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=120)
-    start = time.perf_counter()
-    conn.request(
-        "POST",
-        path,
-        body=json.dumps(body),
-        headers={"Authorization": "Bearer bench-key", "Content-Type": "application/json"},
-    )
-    response = conn.getresponse()
-    payload = json.loads(response.read())
-    elapsed = time.perf_counter() - start
-    conn.close()
-    if response.status != 200:
-        raise RuntimeError(f"{path}: {response.status} {payload}")
-    return payload, elapsed
 
 
 class PeakSampler:
@@ -138,8 +118,8 @@ def main() -> None:
             times = []
             with sampler:
                 for _ in range(args.runs):
-                    answer, elapsed = post(
-                        web, f"/campaigns/{campaign_id}/estimate", {"audience": {"location": f"size-{size}"}}
+                    answer, elapsed = web.post(
+                        f"/campaigns/{campaign_id}/estimate", {"audience": {"location": f"size-{size}"}}
                     )
                     times.append(elapsed)
             assert answer["recipients"] == size, answer

@@ -15,7 +15,6 @@ Settings: BENCH_REDIS_URL (see bench/run.py; flushed).
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import subprocess
@@ -35,21 +34,6 @@ from run import REDIS_URL, log  # noqa: E402
 from web import Web  # noqa: E402
 
 from tests.pg_server import PgServer  # noqa: E402
-
-
-def post(web: Web, path: str, body: dict) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", web.port, timeout=120)
-    conn.request(
-        "POST",
-        path,
-        body=json.dumps(body),
-        headers={"Authorization": "Bearer bench-key", "Content-Type": "application/json"},
-    )
-    response = conn.getresponse()
-    answer = json.loads(response.read())
-    conn.close()
-    assert response.status < 300, answer
-    return answer
 
 
 def sent_so_far(url: str, campaign_id: int) -> tuple[str, int]:
@@ -97,8 +81,10 @@ def main() -> None:
     web = Web(env, None)
     worker = None
     try:
-        campaign = post(web, "/campaigns", {"name": "outage", "channel": "sms", "base_template": "Hi {first_name}"})
-        post(web, f"/campaigns/{campaign['id']}/send", {"audience": {"location": "outage"}})
+        campaign, _ = web.post(
+            "/campaigns", {"name": "outage", "channel": "sms", "base_template": "Hi {first_name}"}, expect=201
+        )
+        web.post(f"/campaigns/{campaign['id']}/send", {"audience": {"location": "outage"}}, expect=202)
         stderr = Path(tempfile.mkdtemp(prefix="outage-")) / "worker.log"
         with open(stderr, "wb") as out:
             worker = subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=env, stdout=out, stderr=out)

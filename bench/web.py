@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import socket
 import statistics
@@ -98,6 +99,25 @@ class Web:
         if own:
             conn.close()
         return response.status, time.perf_counter() - start
+
+    def post(self, path: str, body: dict, expect: int = 200, timeout: float = 120) -> tuple[dict, float]:
+        """POST `body` as JSON with the bench's key: (the answer, seconds it took); an answer other than
+        `expect` ends the benchmark."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        start = time.perf_counter()
+        conn.request(
+            "POST",
+            path,
+            body=json.dumps(body),
+            headers={"Authorization": "Bearer bench-key", "Content-Type": "application/json"},
+        )
+        response = conn.getresponse()
+        payload = json.loads(response.read())
+        elapsed = time.perf_counter() - start
+        conn.close()
+        if response.status != expect:
+            raise RuntimeError(f"{path}: {response.status} {payload}")
+        return payload, elapsed
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, 15)
