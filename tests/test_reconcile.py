@@ -244,13 +244,16 @@ def test_worker_killed_mid_campaign_new_worker_completes_it(app, client, clock, 
     clock.current = datetime.now(UTC) + timedelta(seconds=app.config["JOB_TIMEOUT"] + LEASE_MARGIN + 1)
     first = reconcile()
     assert first.in_doubt <= 1  # the one send in flight at the kill
-    drain = spawn_worker(burst=True)
-    assert drain.wait(timeout=120) == 0, drain.stderr.read().decode()[-3000:]
-    second = reconcile()
-    drain = spawn_worker(burst=True)
-    assert drain.wait(timeout=120) == 0, drain.stderr.read().decode()[-3000:]
+    # A new worker, left running: an attempt that fails on a loaded machine (a statement past its time limit)
+    # waits out its retry delay in RQ's scheduled registry, which a burst worker would not wait for.
+    successor = spawn_worker(burst=False)
+    try:
+        wait_for(lambda: stats(client, campaign_id)["status"] == "sent", timeout=150, interval=0.5)
+    except AssertionError:
+        raise AssertionError((first, stats(client, campaign_id)["stats"])) from None
+    finally:
+        kill_group(successor)
     detail = stats(client, campaign_id)
-    assert detail["status"] == "sent", (first, second, detail["stats"])
     assert detail["stats"]["sent"] == 300
     sends = Counter(a["message_id"] for a in read_send_log(send_log))
     assert len(sends) == 300
