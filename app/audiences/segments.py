@@ -20,8 +20,9 @@ from app.pagination import paginate
 WAITING = (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED, CampaignStatus.PAUSED)
 
 
-def get_segment(segment_id: int) -> Segment:
-    segment = db.session.get(Segment, segment_id)
+def get_segment(segment_id: int, lock: bool = False) -> Segment:
+    """The segment (404 when there is none); `lock` holds its row until the commit."""
+    segment = db.session.get(Segment, segment_id, with_for_update=True if lock else None)
     if segment is None:
         raise NotFoundError(f"segment {segment_id} not found")
     return segment
@@ -49,9 +50,7 @@ def update_segment(segment_id: int, data: Mapping) -> Segment:
 def delete_segment(segment_id: int) -> None:
     """Delete a segment no scheduled campaign waits on (409 naming them); the row lock makes a concurrent
     send that names it wait, then find it gone."""
-    segment = db.session.scalar(select(Segment).where(Segment.id == segment_id).with_for_update())
-    if segment is None:
-        raise NotFoundError(f"segment {segment_id} not found")
+    segment = get_segment(segment_id, lock=True)
     waiting = db.session.scalars(
         select(Campaign.id)
         .where(Campaign.segment_id == segment_id, Campaign.status.in_(WAITING))

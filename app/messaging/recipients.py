@@ -56,19 +56,23 @@ def create_pending_messages(
     )
     dialect = db.session.get_bind().dialect.name
     if dialect == "postgresql":
-        # One statement: the candidates are read once, for the insert and for the count of the capped.
-        candidates = candidates.cte("candidates")
-        inserted = _insert(campaign_id, candidates, now, dialect).cte("inserted")
-        left_out = (
-            select(func.count())
-            .where(candidates.c.capped, ~_has_message(candidates.c.customer_id, campaign_id))
-            .scalar_subquery()
-        )
+        # One statement. With a cap the candidates are read once (a CTE), for the insert and for the count
+        # of the capped; without one they feed the insert alone, and nothing is counted twice.
+        if cap is None:
+            source, left_out = candidates.subquery(), literal(0)
+        else:
+            source = candidates.cte("candidates")
+            left_out = (
+                select(func.count())
+                .where(source.c.capped, ~_has_message(source.c.customer_id, campaign_id))
+                .scalar_subquery()
+            )
+        inserted = _insert(campaign_id, source, now, dialect).cte("inserted")
         with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
             count, first, last, held = db.session.execute(
                 select(func.count(), func.min(inserted.c.id), func.max(inserted.c.id), left_out)
             ).one()
-        return NewRows(count, first, last, held if cap is not None else 0)
+        return NewRows(count, first, last, held)
     # SQLite: one writer at a time, so the count read before the insert is what the insert leaves out.
     held = 0
     if cap is not None:

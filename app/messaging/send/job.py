@@ -114,8 +114,9 @@ def send_outbound_message(message_id: int, job_seq: int) -> str | Retry:
     metrics.count_outcome(row["channel"], outcome)
     size = window.window_size(row["priority"])
     params = record_params(message_id, row["campaign_id"], claim, outcome, size, clock.now())
-    recorded = record_through_outage(params, _record_window(), _follow_up(row, outcome))
-    return _after_record(row, message_id, outcome, recorded, size)
+    follow_up = _follow_up(row, outcome)
+    recorded = record_through_outage(params, _record_window(), follow_up)
+    return _after_record(row, message_id, outcome, recorded, size, follow_up)
 
 
 def _give_back_after_a_crash(row: dict, message_id: int, claim: Claim, exc: Exception) -> None:
@@ -149,14 +150,16 @@ def _follow_up(row: dict, outcome: Outcome) -> dict:
     }
 
 
-def _after_record(row: dict, message_id: int, outcome: Outcome, recorded: Recorded, size: int) -> str | Retry:
+def _after_record(
+    row: dict, message_id: int, outcome: Outcome, recorded: Recorded, size: int, follow_up: dict
+) -> str | Retry:
     """What is left once the outcome is recorded (see `_follow_through`); then what the job returns (see
     `send_outbound_message`). A record that waits in Redis (the database unavailable) is followed through
     when it is applied."""
     campaign_id = row["campaign_id"]
     extra = {"campaign_id": campaign_id, "message_id": message_id, "status": outcome.status}
     if not recorded.deferred:
-        _follow_through(campaign_id, message_id, recorded, size, _follow_up(row, outcome), outcome)
+        _follow_through(campaign_id, message_id, recorded, size, follow_up, outcome)
     if outcome.not_before is not None:
         window.schedule_refill(campaign_id, outcome.not_before)
         log.info(
@@ -170,7 +173,7 @@ def _after_record(row: dict, message_id: int, outcome: Outcome, recorded: Record
     if outcome.status == MessageStatus.QUEUED:
         log.info("send attempt failed; RQ will retry", extra={**extra, "error": outcome.error})
         raise SendAttemptFailed(f"message {message_id}: {outcome.error}")
-    if outcome.error_class == ErrorClass.ACCOUNT and outcome.status == MessageStatus.PENDING:
+    if follow_up["account_refused"]:
         return "held: account refused, campaign paused"
     if outcome.status == MessageStatus.PENDING:
         return "held: campaign paused or canceled while it waited for its slot"

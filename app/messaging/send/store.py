@@ -242,12 +242,11 @@ def _sql(name: str, statement, params: dict) -> tuple[str, dict]:
     return compiled.string, {**compiled.params, **params}
 
 
-class PipelineStore(_ClosedOnExit):
+class PsycopgStore(_ClosedOnExit):
     """Raw psycopg, each statement committing by itself. (psycopg's pipeline mode would save the record's
     second round trip, but its wait for results cost the worker more CPU than the round trip it saved.)
-    Its statements are prepared on the
-    server, but behind PgBouncer in transaction mode (`DATABASE_PGBOUNCER`), where a transaction's next one
-    may run on another server connection."""
+    Its statements are prepared on the server, but not behind PgBouncer in transaction mode
+    (`DATABASE_PGBOUNCER`), where a transaction's next one may run on another server connection."""
 
     def __init__(self) -> None:
         self._prepare = not current_app.config["DATABASE_PGBOUNCER"]
@@ -305,7 +304,7 @@ class PipelineStore(_ClosedOnExit):
 
 
 def open_store() -> MessageStore:
-    return PipelineStore() if db.engine.dialect.driver == "psycopg" else SessionStore()
+    return PsycopgStore() if db.engine.dialect.driver == "psycopg" else SessionStore()
 
 
 # Seconds between two tries at recording an attempt while the database is unavailable.
