@@ -414,6 +414,9 @@ SETTINGS: tuple[Setting, ...] = (
             choice("mock", "whatsapp_cloud")),
     Setting("PUBLIC_BASE_URL", "", "the URL at which providers reach this service (https in production), for "
             "Twilio's `StatusCallback` and to check Twilio's signatures behind a proxy", http_url),
+    Setting("LINK_BASE_URL", "", "where a campaign's short links point (`{LINK_BASE_URL}/{code}`; the app answers "
+            "`/l/{code}`): a short domain pointed at the app (docs/operations.md); empty: `{PUBLIC_BASE_URL}/l`, or "
+            "`http://127.0.0.1:{PORT}/l` when that is empty too", http_url),
     Setting("WEBHOOK_TOKEN", "", "the secret Africa's Talking callbacks must carry as `?token=` (it does not sign "
             "them)", secret=True),
     Setting("OPT_OUT_KEYWORDS", "STOP,STOPALL,UNSUBSCRIBE,CANCEL,END,QUIT", "comma-separated words that, as "

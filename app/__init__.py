@@ -75,7 +75,7 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import audiences, campaigns, customers, health, webhooks
+    from app import audiences, campaigns, customers, health, links, webhooks
 
     api.register_blueprint(customers.bp)
     api.register_blueprint(campaigns.bp)
@@ -84,6 +84,7 @@ def register_blueprints(app: Flask) -> None:
     api.register_blueprint(webhooks.bp)
     api.register_blueprint(metrics.bp)
     app.register_blueprint(docs_assets)
+    app.register_blueprint(links.bp)  # a public redirect, not part of the JSON API's document
 
 
 def register_commands(app: Flask) -> None:

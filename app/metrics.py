@@ -147,6 +147,13 @@ WEBHOOK_INVALID_ITEMS = Metric(
     "counter",
     ("provider", "reason"),
 )
+LINK_REQUESTS = Metric(
+    "link_requests",
+    "Requests for short links (/l/{code}), by result: `click` (counted), `preview` (a link-preview fetcher, "
+    "redirected, not counted), `head` (redirected, not counted), `unknown` (no such link: 404)",
+    "counter",
+    ("result",),
+)
 EVENT_METRICS = (
     HTTP_REQUESTS,
     HTTP_DURATION,
@@ -157,6 +164,7 @@ EVENT_METRICS = (
     SPOOLED,
     IN_DOUBT,
     WEBHOOK_INVALID_ITEMS,
+    LINK_REQUESTS,
 )
 
 # A histogram's fields: `<label values>` + SEPARATOR + `b<index of the bucket>` (the last is +Inf) or `sum`.
@@ -468,6 +476,13 @@ def count_invalid_webhook_items(provider: str, reasons: Iterable[str]) -> None:
     if recorder is not None:
         for reason in reasons:
             recorder.count(WEBHOOK_INVALID_ITEMS, (provider, reason))
+
+
+def count_link_request(result: str) -> None:
+    """Count a request for a short link: `click`, `preview`, `head` or `unknown`."""
+    recorder = _recorder()
+    if recorder is not None:
+        recorder.count(LINK_REQUESTS, (result,))
 
 
 # --- the scrape ------------------------------------------------------------------------------------------

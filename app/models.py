@@ -260,6 +260,9 @@ class Campaign(db.Model):
     # Whether FREQUENCY_CAP leaves out customers messaged enough lately: true for one-time codes and service
     # notices, which go whatever the marketing before them.
     ignore_frequency_cap: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Whether its messages' http(s) URLs become short links that count clicks (app.links); on for a new
+    # campaign, off for those made before links existed (their bodies stay exactly as rendered).
+    track_links: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("false"))
     # A segment a send to this scheduled campaign named: evaluated when the campaign fires (its customers
     # then get their messages), and cleared then. A segment named here cannot be deleted.
     segment_id: Mapped[int | None] = mapped_column(
@@ -364,15 +367,23 @@ class OutboundMessage(db.Model):
     # When a message held by quiet hours may go (the window's end in its recipient's time zone); kept after
     # it goes, as a record. Set by the send job (`lifecycle.HOLD_UNTIL`), never a status change.
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The original URLs its short links lead to, by position (app.links: the position is in each code); null
+    # when it was sent without any. Clicks per position (`{"0": 3}`), all its clicks, and the first one's time.
+    # A click changes these only, never the status.
+    links: Mapped[list | None] = mapped_column(JsonObject)
+    link_clicks: Mapped[dict | None] = mapped_column(JsonObject)
+    clicks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    first_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class CampaignMessageCount(db.Model):
-    """A campaign's messages in one status: how many, how many read, their SMS segments. Kept by
-    PostgreSQL itself (migration 0011): triggers on `outbound_messages` append every statement's net change
-    to `CampaignMessageCountChange`, and `app.messaging.stats.fold` adds those here, so that a campaign's
-    stats read a few rows however many messages it has. Empty on SQLite, where stats count the rows."""
+    """A campaign's messages in one status: how many, how many read, how many clicked and their clicks, their
+    SMS segments. Kept by PostgreSQL itself (migrations 0011, 0015): triggers on `outbound_messages` append
+    every statement's net change to `CampaignMessageCountChange`, and `app.messaging.stats.fold` adds those
+    here, so that a campaign's stats read a few rows however many messages it has.
+    Empty on SQLite, where stats count the rows."""
 
     __tablename__ = "campaign_message_counts"
 
@@ -381,6 +392,8 @@ class CampaignMessageCount(db.Model):
     messages: Mapped[int] = mapped_column(BigInteger, default=0)
     read: Mapped[int] = mapped_column(BigInteger, default=0)
     segments: Mapped[int] = mapped_column(BigInteger, default=0)
+    clicked: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    clicks: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class CampaignMessageCountChange(db.Model):
@@ -397,6 +410,8 @@ class CampaignMessageCountChange(db.Model):
     messages: Mapped[int] = mapped_column(BigInteger, default=0)
     read: Mapped[int] = mapped_column(BigInteger, default=0)
     segments: Mapped[int] = mapped_column(BigInteger, default=0)
+    clicked: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    clicks: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class DeliveryReceipt(db.Model):

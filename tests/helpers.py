@@ -80,7 +80,8 @@ def job_ids_of(messages) -> list[str]:
 
 
 def stats(**counts: int) -> dict[str, int]:
-    """A campaign's `stats` as the API answers them: every status counted (0 unless given), `read` and `total`;
+    """A campaign's `stats` as the API answers them: every status counted (0 unless given), `read`, `clicked`,
+    `clicks` and `total`;
     `segments_sent` is compared only when given (the tests of segments give it); `waiting_quiet_hours` is 0
     unless given."""
     return {
@@ -95,6 +96,8 @@ def stats(**counts: int) -> dict[str, int]:
         "failed": 0,
         "canceled": 0,
         "read": 0,
+        "clicked": 0,
+        "clicks": 0,
         "waiting_quiet_hours": 0,
         **counts,
     }

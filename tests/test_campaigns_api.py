@@ -139,6 +139,7 @@ def test_preview_renders_without_storing_or_queueing(client, app, redis_conn):
         "campaign_id": campaign.id,
         "customer_id": customer.id,
         "rendered_message": "Hi [unknown], check out Shoes",
+        "links": [],
         "encoding": "GSM-7",
         "characters": 29,
         "units": 31,  # `[` and `]` are GSM-7 extension characters: two septets each

@@ -55,6 +55,7 @@ def test_preview_of_a_whatsapp_message_has_no_sms_fields(client):
         "campaign_id": campaign.id,
         "customer_id": customer.id,
         "rendered_message": "Hi Amina 😀",
+        "links": [],
     }
 
 

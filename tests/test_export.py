@@ -36,6 +36,8 @@ HEADER = [
     "sent_at",
     "delivered_at",
     "read_at",
+    "clicks",
+    "first_clicked_at",
     "updated_at",
 ]
 CREATED = datetime(2026, 12, 3, 15, 4, 5, 123456, tzinfo=UTC)
@@ -90,6 +92,8 @@ def expected_row(message: OutboundMessage, phone: str | None) -> list[str]:
         iso(message.sent_at),
         iso(message.delivered_at),
         iso(message.read_at),
+        str(message.clicks or 0),
+        iso(message.first_clicked_at),
         iso(message.updated_at),
     ]
 

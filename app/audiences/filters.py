@@ -29,7 +29,7 @@ from app.models import Channel, Customer, CustomerOptOut, MessageStatus, Outboun
 TEXT_FIELDS = ("phone", "first_name", "last_name", "location", "preferred_product", "country")
 FIELDS = (*TEXT_FIELDS, "created_at")
 OPS = ("eq", "ne", "in", "not_in", "contains", "starts_with", "gt", "gte", "lt", "lte", "exists", "missing")
-EVENTS = ("sent", "delivered", "read", "failed", "not_sent")
+EVENTS = ("sent", "delivered", "read", "clicked", "failed", "not_sent")
 MAX_DEPTH = 5
 MAX_CONDITIONS = 50
 MAX_VALUES = 1000
@@ -125,6 +125,7 @@ def _engagement(spec: Mapping, path: str) -> ColumnElement[bool]:
         "sent": OutboundMessage.status.in_(MessageStatus.ACCEPTED),
         "delivered": OutboundMessage.status == MessageStatus.DELIVERED,
         "read": OutboundMessage.read_at.is_not(None),
+        "clicked": OutboundMessage.first_clicked_at.is_not(None),
         "failed": OutboundMessage.status.in_((MessageStatus.FAILED, MessageStatus.UNDELIVERED)),
     }[event]
     return exists().where(theirs, happened)

@@ -47,6 +47,8 @@ COLUMNS = (
     ("sent_at", OutboundMessage.sent_at),
     ("delivered_at", OutboundMessage.delivered_at),
     ("read_at", OutboundMessage.read_at),
+    ("clicks", OutboundMessage.clicks),
+    ("first_clicked_at", OutboundMessage.first_clicked_at),
     ("updated_at", OutboundMessage.updated_at),
 )
 HEADER = tuple(name for name, _ in COLUMNS)

@@ -5,6 +5,7 @@ from app.blueprint import Blueprint
 from app.campaigns import export, service
 from app.campaigns.schemas import (
     CampaignDetailSchema,
+    CampaignLinksSchema,
     CampaignListItemSchema,
     CampaignQuerySchema,
     CampaignSchema,
@@ -67,6 +68,14 @@ class CampaignById(MethodView):
 def delivery_seconds(campaign_id):
     """Seconds from sent to delivered of the campaign's delivered messages: median and 95th percentile"""
     return service.delivery_seconds(campaign_id)
+
+
+@bp.route(CAMPAIGN + "/links")
+@bp.response(200, CampaignLinksSchema)
+@bp.alt_response(404, schema=ErrorSchema, description="Unknown campaign")
+def links(campaign_id):
+    """The campaign's links: for each original URL, its messages, clicks, messages clicked and click rate"""
+    return service.link_stats(campaign_id)
 
 
 @bp.route(CAMPAIGN + "/send", methods=["POST"])

@@ -22,6 +22,12 @@ class StatsSchema(Schema):
     failed = fields.Integer(required=True, metadata={"description": "Never accepted, or refused for good."})
     canceled = fields.Integer(required=True, metadata={"description": "Still pending when the campaign was canceled."})
     read = fields.Integer(required=True, metadata={"description": "Delivered ones read (WhatsApp, Twilio)."})
+    clicked = fields.Integer(
+        required=True, metadata={"description": "Messages whose short links were clicked at least once."}
+    )
+    clicks = fields.Integer(
+        required=True, metadata={"description": "Clicks on the campaign's short links (link-preview fetches left out)."}
+    )
     segments_sent = fields.Integer(
         required=True,
         metadata={"description": "SMS segments of the messages a provider accepted (sent, delivered, undelivered)."},
@@ -121,6 +127,13 @@ class CampaignSchema(Schema):
         metadata={
             "description": "Default false: a send leaves out customers FREQUENCY_CAP holds back. true for "
             "one-time codes and service notices, which go whatever was sent before."
+        },
+    )
+    track_links = fields.Boolean(
+        metadata={
+            "description": "Default true for a new campaign: each http(s) URL in a message becomes a short link "
+            "of its own ({LINK_BASE_URL}/{code}) that counts clicks (docs/api.md). false: bodies go exactly as "
+            "rendered."
         },
     )
     segment_id = fields.Integer(
@@ -275,6 +288,14 @@ class PreviewSchema(Schema):
     campaign_id = fields.Integer(required=True)
     customer_id = fields.Integer(required=True)
     rendered_message = fields.String(required=True)
+    links = fields.List(
+        fields.String(),
+        required=True,
+        metadata={
+            "description": "The URLs its short links lead to, in order (empty without track_links). The preview's "
+            "codes are a placeholder of a real code's length; each message gets codes of its own."
+        },
+    )
     # SMS only (absent for WhatsApp): how the rendered message is encoded and billed.
     encoding = fields.String(metadata={"enum": ["GSM-7", "UCS-2"], "description": "SMS only."})
     characters = fields.Integer(metadata={"description": "SMS only: characters (Unicode code points)."})
@@ -344,6 +365,11 @@ class MessageSchema(Schema):
     sent_at = UTCDateTime(allow_none=True, metadata={"description": "When the provider took it."})
     delivered_at = UTCDateTime(allow_none=True, metadata={"description": "When its receipt said delivered."})
     read_at = UTCDateTime(allow_none=True)
+    links = fields.List(
+        fields.String(), allow_none=True, metadata={"description": "The URLs its short links lead to, in order."}
+    )
+    clicks = fields.Integer(metadata={"description": "Clicks on its short links."})
+    first_clicked_at = UTCDateTime(allow_none=True, metadata={"description": "When one was first clicked."})
     claimed_by = fields.String(
         allow_none=True,
         metadata={"description": "While sending: the worker (host:pid) that claimed it."},
@@ -407,3 +433,32 @@ class RetryFailedResultSchema(Schema):
 
 class MessageExportQuerySchema(Schema):
     status = fields.String(validate=validate.OneOf(MessageStatus.ALL))
+
+
+class CampaignLinkSchema(Schema):
+    url = fields.String(required=True, metadata={"description": "The original URL its short links lead to."})
+    messages = fields.Integer(
+        required=True, metadata={"description": "Messages that carry it (each with a code of its own)."}
+    )
+    clicks = fields.Integer(required=True, metadata={"description": "Clicks on it (link-preview fetches left out)."})
+    clicked = fields.Integer(required=True, metadata={"description": "Messages in which it was clicked at least once."})
+    reached = fields.Integer(
+        required=True,
+        metadata={"description": "Of its messages, those the rate is over: delivered (or read), or sent (see `over`)."},
+    )
+    click_rate = fields.Float(
+        required=True, allow_none=True, metadata={"description": "clicked / reached; null while none is reached."}
+    )
+
+
+class CampaignLinksSchema(Schema):
+    campaign_id = fields.Integer(required=True)
+    over = fields.String(
+        required=True,
+        metadata={
+            "enum": ["delivered", "sent"],
+            "description": "What the rates are over: delivered messages; sent ones (sent, delivered, undelivered) "
+            "when the campaign's provider sends no delivery receipts (none has come).",
+        },
+    )
+    links = fields.List(fields.Nested(CampaignLinkSchema), required=True)

@@ -19,6 +19,8 @@ from app.customers.service import get_customer
 from app.database import statement_budget
 from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
+from app.links import shorten
+from app.links.clicks import link_counts
 from app.messaging import lifecycle, recipients, triggers
 from app.messaging.segments import GSM_7, UCS_2, encode_info, measure
 from app.messaging.send import window
@@ -308,7 +310,11 @@ def preview(campaign_id: int, customer_id: int) -> dict:
     customer = get_customer(customer_id)
     fields = {name: getattr(customer, name) for name in recipients.RENDER_FIELDS}
     body = render(campaign.base_template, fields)
-    answer = {"campaign_id": campaign.id, "customer_id": customer.id, "rendered_message": body}
+    links = []
+    if campaign.track_links:
+        shortener = shorten.sample(current_app)
+        body, links = shortener.shorten(body), shortener.links
+    answer = {"campaign_id": campaign.id, "customer_id": customer.id, "rendered_message": body, "links": links}
     if campaign.channel == Channel.SMS:
         answer.update(encode_info(body).as_dict())
     return answer
@@ -349,7 +355,7 @@ def estimate(campaign_id: int, customer_ids: list[int] | None = None, audience: 
         if campaign.channel != Channel.SMS:
             answer["recipients"] = recipients.count_customers(kept)
         else:
-            answer.update(_count_sms(campaign.base_template, kept))
+            answer.update(_count_sms(campaign.base_template, kept, campaign.track_links))
         if cap is not None:
             answer["skipped_frequency_cap"] = recipients.count_customers(and_(reachable, caps.capped(cap)))
         if opt_out is not None:
@@ -365,16 +371,20 @@ def estimate(campaign_id: int, customer_ids: list[int] | None = None, audience: 
     return answer
 
 
-def _count_sms(template: str, where: ColumnElement[bool]) -> dict:
-    """Recipients, segments and their split by encoding, rendering each recipient's message in turn."""
+def _count_sms(template: str, where: ColumnElement[bool], track_links: bool) -> dict:
+    """Recipients, segments and their split by encoding, rendering each recipient's message in turn (with
+    its links shortened, when the campaign tracks them: the short link's length is what is billed)."""
     limit = CHANNEL_LIMITS[Channel.SMS]
     render_row = compile_template(template, recipients.RENDER_FIELDS)
+    base = shorten.link_base(current_app.config) if track_links else None
     messages = {GSM_7: 0, UCS_2: 0}
     segments = {GSM_7: 0, UCS_2: 0}
     count = too_long = 0
     for row in recipients.stream_recipient_fields(where):
         count += 1
         body = render_row(row)
+        if base is not None and shorten.has_link(body):
+            body = shorten.Shortener(base, _sample_code).shorten(body)
         if len(body) > limit:
             too_long += 1
             continue
@@ -388,6 +398,35 @@ def _count_sms(template: str, where: ColumnElement[bool]) -> dict:
         "by_encoding": by_encoding,
         "too_long": too_long,
     }
+
+
+def _sample_code(position: int) -> str:
+    return shorten.SAMPLE_CODE
+
+
+def link_stats(campaign_id: int) -> dict:
+    """For each original URL of the campaign's messages: the messages that carry it, its clicks, the
+    messages in which it was clicked, and the click rate over those delivered (over those sent when no
+    delivery receipt has come: a provider that sends none). Reads the messages with links: asked for on
+    its own, never with stats."""
+    get_campaign(campaign_id)
+    rows = link_counts(campaign_id)
+    db.session.rollback()
+    over = "delivered" if any(row["delivered"] for row in rows) else "sent"
+    links = []
+    for row in rows:
+        reached = row[over]
+        links.append(
+            {
+                "url": row["url"],
+                "messages": row["messages"],
+                "clicks": row["clicks"],
+                "clicked": row["clicked"],
+                "reached": reached,
+                "click_rate": round(row["clicked"] / reached, 4) if reached else None,
+            }
+        )
+    return {"campaign_id": campaign_id, "over": over, "links": links}
 
 
 # Delivery controls: pause, resume, cancel and retry-failed. Each locks the campaign row first, so that

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     ColumnElement,
     String,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 
 from app import clock
 from app.extensions import db
@@ -472,6 +474,8 @@ CLAIM = (
 # after its claim was lost (its lease passed meanwhile) while the message still waits, or was canceled:
 # the provider took it, so it did go out, and says so. Fixed SQL (plain comparisons), compiled once by the
 # send job's store.
+# A message's links as a bound value: None is SQL NULL (no links), not JSON's null.
+_LINKS = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 RECORD = (
     update(_M)
     .where(
@@ -489,6 +493,8 @@ RECORD = (
         status=bindparam("new_status"),
         rendered_content=func.coalesce(bindparam("body"), _M.c.rendered_content),
         segments=func.coalesce(bindparam("segments"), _M.c.segments),
+        # A message's links are the same on every attempt (its codes come from its id): the first are kept.
+        links=func.coalesce(_M.c.links, bindparam("links", type_=_LINKS)),
         # A success keeps the last error, its code and class, for the record.
         last_error=func.coalesce(bindparam("error"), _M.c.last_error),
         error_code=func.coalesce(bindparam("error_code"), _M.c.error_code),

@@ -41,17 +41,19 @@ _FOLD = text(
     WITH moved AS (
         DELETE FROM campaign_message_count_changes
         WHERE id IN (SELECT id FROM campaign_message_count_changes ORDER BY id LIMIT :batch)
-        RETURNING campaign_id, status, messages, read, segments
+        RETURNING campaign_id, status, messages, read, segments, clicked, clicks
     ), summed AS (
         SELECT campaign_id, status, sum(messages) AS messages, sum(read) AS read, sum(segments) AS segments,
-               count(*) AS changes
+               sum(clicked) AS clicked, sum(clicks) AS clicks, count(*) AS changes
         FROM moved GROUP BY campaign_id, status
     ), added AS (
-        INSERT INTO campaign_message_counts AS c (campaign_id, status, messages, read, segments)
-        SELECT campaign_id, status, messages, read, segments FROM summed ORDER BY campaign_id, status
+        INSERT INTO campaign_message_counts AS c (campaign_id, status, messages, read, segments, clicked, clicks)
+        SELECT campaign_id, status, messages, read, segments, clicked, clicks FROM summed
+        ORDER BY campaign_id, status
         ON CONFLICT (campaign_id, status) DO UPDATE
         SET messages = c.messages + excluded.messages, read = c.read + excluded.read,
-            segments = c.segments + excluded.segments
+            segments = c.segments + excluded.segments, clicked = c.clicked + excluded.clicked,
+            clicks = c.clicks + excluded.clicks
     )
     SELECT coalesce(sum(changes), 0) FROM summed
     """
@@ -64,16 +66,18 @@ _RECOUNT = text(
     WITH dropped AS (
         DELETE FROM campaign_message_count_changes WHERE campaign_id = :campaign_id
     ), fresh AS (
-        SELECT status, count(*) AS messages, count(read_at) AS read, coalesce(sum(segments), 0) AS segments
+        SELECT status, count(*) AS messages, count(read_at) AS read, coalesce(sum(segments), 0) AS segments,
+               count(first_clicked_at) AS clicked, coalesce(sum(clicks), 0) AS clicks
         FROM outbound_messages WHERE campaign_id = :campaign_id GROUP BY status
     ), stale AS (
         DELETE FROM campaign_message_counts
         WHERE campaign_id = :campaign_id AND status NOT IN (SELECT status FROM fresh)
     )
-    INSERT INTO campaign_message_counts AS c (campaign_id, status, messages, read, segments)
-    SELECT :campaign_id, status, messages, read, segments FROM fresh ORDER BY status
+    INSERT INTO campaign_message_counts AS c (campaign_id, status, messages, read, segments, clicked, clicks)
+    SELECT :campaign_id, status, messages, read, segments, clicked, clicks FROM fresh ORDER BY status
     ON CONFLICT (campaign_id, status) DO UPDATE
-    SET messages = excluded.messages, read = excluded.read, segments = excluded.segments
+    SET messages = excluded.messages, read = excluded.read, segments = excluded.segments,
+        clicked = excluded.clicked, clicks = excluded.clicks
     """
 )
 
@@ -84,7 +88,7 @@ def counted_by_database() -> bool:
 
 
 def counts_query(campaign_ids: Iterable[int]) -> Select:
-    """Per campaign and status: messages, read, segments. On PostgreSQL from the kept counts plus the
+    """Per campaign and status: messages, read, segments, clicked, clicks. On PostgreSQL from the kept counts plus the
     changes not folded yet; elsewhere from the rows."""
     statement = _KEPT_COUNTS if counted_by_database() else _ROW_COUNTS
     return statement.params(campaign_ids=list(campaign_ids))
@@ -105,32 +109,50 @@ _ROW_COUNTS = (
         func.count(),
         func.count(OutboundMessage.read_at),
         func.coalesce(func.sum(OutboundMessage.segments), 0),
+        func.count(OutboundMessage.first_clicked_at),
+        func.coalesce(func.sum(OutboundMessage.clicks), 0),
     )
     .where(OutboundMessage.campaign_id.in_(_IDS))
     .group_by(OutboundMessage.campaign_id, OutboundMessage.status)
 )
 _BOTH = union_all(
     *(
-        select(t.campaign_id, t.status, t.messages, t.read, t.segments).where(t.campaign_id.in_(_IDS))
+        select(t.campaign_id, t.status, t.messages, t.read, t.segments, t.clicked, t.clicks).where(
+            t.campaign_id.in_(_IDS)
+        )
         for t in (CampaignMessageCount, CampaignMessageCountChange)
     )
 ).subquery()
 _KEPT_COUNTS = select(
-    _BOTH.c.campaign_id, _BOTH.c.status, func.sum(_BOTH.c.messages), func.sum(_BOTH.c.read), func.sum(_BOTH.c.segments)
+    _BOTH.c.campaign_id,
+    _BOTH.c.status,
+    func.sum(_BOTH.c.messages),
+    func.sum(_BOTH.c.read),
+    func.sum(_BOTH.c.segments),
+    func.sum(_BOTH.c.clicked),
+    func.sum(_BOTH.c.clicks),
 ).group_by(_BOTH.c.campaign_id, _BOTH.c.status)
 
 
 def _empty() -> dict[str, int]:
-    return {status: 0 for status in MessageStatus.ALL} | {"read": 0, "total": 0, "segments_sent": 0}
+    return {status: 0 for status in MessageStatus.ALL} | {
+        "read": 0,
+        "clicked": 0,
+        "clicks": 0,
+        "total": 0,
+        "segments_sent": 0,
+    }
 
 
 def stats_from(rows: Iterable[tuple]) -> dict[int, dict[str, int]]:
     """`counts_query` or `rows_query` rows as each campaign's stats (without `waiting_quiet_hours`)."""
     stats: dict[int, dict[str, int]] = {}
-    for campaign_id, status, messages, read, segments in rows:
+    for campaign_id, status, messages, read, segments, clicked, clicks in rows:
         campaign = stats.setdefault(campaign_id, _empty())
         campaign[status] = int(messages)
         campaign["read"] += int(read)
+        campaign["clicked"] += int(clicked)
+        campaign["clicks"] += int(clicks)
         campaign["total"] += int(messages)
         if status in MessageStatus.ACCEPTED:
             campaign["segments_sent"] += int(segments)
@@ -139,7 +161,8 @@ def stats_from(rows: Iterable[tuple]) -> dict[int, dict[str, int]]:
 
 def stats_for(campaign_ids: Iterable[int]) -> dict[int, dict[str, int]]:
     """Each campaign's stats: how many of its messages are in each status (each counted once, under its
-    current one), `read` (delivered ones with `read_at`), `total`, `segments_sent` (the SMS segments of
+    current one), `read` (delivered ones with `read_at`), `clicked` (messages whose links were clicked at
+    least once) and `clicks` (all their clicks), `total`, `segments_sent` (the SMS segments of
     the messages a provider accepted: sent, delivered or undelivered; what the campaign is billed for) and
     `waiting_quiet_hours` (pending messages held by quiet hours until a time still ahead). Two queries
     for any number of campaigns; neither reads a campaign's messages one by one."""

@@ -130,6 +130,17 @@ def fixed_text(template: str) -> str:
     return _PLACEHOLDER.sub(lambda m: "" if _parsed(m.group(1)) else m.group(0), template)
 
 
+def render_values(template: str, values: Sequence[str]) -> str:
+    """`template` with the placeholders rendering fills replaced, in order, by `values` (as many as
+    `placeholder_values` gives): a WhatsApp template's body, rendered from the parameters it was sent with."""
+    given = iter(values)
+
+    def substitute(match: re.Match[str]) -> str:
+        return match.group(0) if _parsed(match.group(1)) is None else next(given)
+
+    return _PLACEHOLDER.sub(substitute, template)
+
+
 def placeholder_values(template: str, fields: Mapping[str, object]) -> list[str]:
     """The value of each placeholder rendering fills in `template`, in order of appearance (once per
     appearance), rendered as `render` would: a WhatsApp template's body parameters."""

@@ -39,6 +39,7 @@ from rq.timeouts import JobTimeoutException
 from app import clock, metrics
 from app.customers import optouts
 from app.extensions import db
+from app.links import shorten
 from app.messaging import lifecycle, receipts
 from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
 from app.messaging.providers.http import LATE_FOR_SLOT
@@ -53,7 +54,7 @@ from app.messaging.send.store import (
     record_params,
     record_through_outage,
 )
-from app.messaging.templates import over_limit, placeholder_values, render
+from app.messaging.templates import over_limit, placeholder_values, render, render_values
 from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus, OptOutSource
 
 log = logging.getLogger(__name__)
@@ -261,11 +262,11 @@ def _attempt_and_decide(row: dict, message_id: int, claim: Claim) -> Outcome:
         return Outcome(MessageStatus.FAILED, retries, error="the customer no longer exists", **gone)
     if row["opted_out"]:  # since it was queued: never sent
         return Outcome(MessageStatus.CANCELED, retries, error=OPTED_OUT_REASON, error_code="opted_out")
-    body = render(row["base_template"], row)
+    body, parameters, links = _rendered(row, message_id)
     too_long = over_limit(body, row["channel"])
     if too_long:  # long values made it so: no provider would take it, now or on a retry
         error = f"the rendered message is {too_long}"
-        return Outcome(MessageStatus.FAILED, retries, body, error, "too_long", ErrorClass.PERMANENT)
+        return Outcome(MessageStatus.FAILED, retries, body, error, "too_long", ErrorClass.PERMANENT, links=links)
     if row["respect_quiet_hours"]:  # before the throughput slot: a held message takes none
         config = current_app.config
         until = quiet_hours.quiet_until(row["phone"], clock.now(), config["QUIET_HOURS"], config["DEFAULT_TIMEZONE"])
@@ -289,13 +290,32 @@ def _attempt_and_decide(row: dict, message_id: int, claim: Claim) -> Outcome:
                 stopped = MessageStatus.CANCELED if status == CampaignStatus.CANCELED else MessageStatus.PENDING
                 return Outcome(stopped, retries)
             checked = time.monotonic()
-        result = _attempt(provider, message_id, row, body)
+        result = _attempt(provider, message_id, row, body, parameters)
         if result.error_code != LATE_FOR_SLOT:
             break
     else:  # late for every slot it took: the worker is overloaded; back to the queue
         metrics.count_message(row["channel"], "limited")
         return Outcome(MessageStatus.QUEUED, retries, hand_back=1)
-    return _decide(result, provider, retries, body)
+    return dataclasses.replace(_decide(result, provider, retries, body), links=links)
+
+
+def _rendered(row: dict, message_id: int) -> tuple[str, list[str] | None, list[str] | None]:
+    """The message's body, its WhatsApp template's body parameters (None without a template), and the
+    original URLs of its short links (None when its campaign tracks none, or it has none). With
+    `track_links` every http(s) URL becomes the message's own short link (app.links); in a WhatsApp
+    template only the parameters' URLs can be (the template's own text is Meta's), and the body is rendered
+    from the shortened parameters, so that it says what was sent."""
+    template = row.get("whatsapp_template") if row["channel"] == Channel.WHATSAPP else None
+    parameters = placeholder_values(row["base_template"], row) if template else None
+    if not row["track_links"]:
+        return render(row["base_template"], row), parameters, None
+    shortener = shorten.for_message(current_app._get_current_object(), message_id)
+    if parameters is None:
+        body = shortener.shorten(render(row["base_template"], row))
+    else:
+        parameters = [shortener.shorten(value) for value in parameters]
+        body = render_values(row["base_template"], parameters)
+    return body, parameters, shortener.links or None
 
 
 def _decide(result: SendResult, provider: Provider, retries: int, body: str) -> Outcome:
@@ -322,9 +342,9 @@ def _decide(result: SendResult, provider: Provider, retries: int, body: str) -> 
     return Outcome(MessageStatus.FAILED, retries, body, **refused)
 
 
-def _attempt(provider: Provider, message_id: int, row: dict, body: str) -> SendResult:
+def _attempt(provider: Provider, message_id: int, row: dict, body: str, parameters: list[str] | None) -> SendResult:
     """One call to the provider; an exception from it (a bug) is a transient failure like any other."""
-    template = row.get("whatsapp_template") if row["channel"] == Channel.WHATSAPP else None
+    template = row.get("whatsapp_template") if parameters is not None else None
     outgoing = OutgoingMessage(
         message_id=message_id,
         campaign_id=row["campaign_id"],
@@ -332,9 +352,7 @@ def _attempt(provider: Provider, message_id: int, row: dict, body: str) -> SendR
         phone=row["phone"],
         body=body,
         attempt=row["retry_count"] + 1,
-        template=WhatsAppTemplate(template["name"], template["language"], placeholder_values(row["base_template"], row))
-        if template
-        else None,
+        template=WhatsAppTemplate(template["name"], template["language"], parameters) if template else None,
     )
     try:
         with metrics.provider_call(provider.name):

@@ -23,6 +23,7 @@ from typing import Protocol, Self
 import psycopg
 from flask import current_app
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from redis.exceptions import RedisError
 from sqlalchemy import and_, bindparam, exists, select
 from sqlalchemy.engine import Compiled
@@ -61,6 +62,8 @@ def _load(claimed):
             # Whether QUIET_HOURS hold this message (checked before the throughput slot).
             Campaign.respect_quiet_hours,
             Campaign.priority,
+            # Whether its URLs become short links (app.links).
+            Campaign.track_links,
             Customer.phone,
             Customer.first_name,
             Customer.last_name,
@@ -128,6 +131,7 @@ class Outcome:
     recipient_opted_out: bool = False  # the provider says the recipient opted out with it (not stored)
     not_before: datetime | None = None  # held by quiet hours until then
     hand_back: float | None = None  # the job runs again after this many seconds (no slot, throttled): no retry used
+    links: list[str] | None = None  # the original URLs of the body's short links, by position (app.links)
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ def record_params(message_id: int, campaign_id: int, claim: Claim, outcome: Outc
         "new_status": outcome.status,
         "body": outcome.body,
         "segments": outcome.segments,
+        "links": outcome.links,
         "error": outcome.error,
         "error_code": outcome.error_code,
         "error_class": outcome.error_class,
@@ -278,6 +283,8 @@ class PsycopgStore(_ClosedOnExit):
                 self._conn.autocommit = False
 
     def record(self, params: dict) -> Recorded:
+        if params.get("links") is not None:  # SQLAlchemy's JSON type is not in this path: psycopg's adapter is
+            params = {**params, "links": Jsonb(params["links"])}
         with self._autocommit():
             self._cursor.execute(*_sql("record", RECORD, params), prepare=self._prepare)
             recorded = self._cursor.rowcount == 1

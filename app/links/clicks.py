@@ -1,0 +1,162 @@
+"""Clicks: what a short link's request records, and what the campaign's links add up to.
+
+A click is one UPDATE of its message's row, by primary key, in a statement that commits by itself (one
+round trip): the message's `clicks` + 1, its clicks at the link's position + 1, `first_clicked_at` set once,
+and the link's URL returned, all only when the message has a link at that position. The status never
+changes. The campaign's `clicked` and `clicks` follow through the counts' triggers (app.messaging.stats).
+
+Requests from link-preview fetchers (`PREVIEW_AGENTS`: a chat app fetching the page to draw a card, a search
+engine's crawler) and HEAD requests are redirected and count nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import String, bindparam, select, text
+
+from app.extensions import db
+from app.models import MessageStatus, OutboundMessage, UTCDateTime
+
+# Substrings (lower case) of the User-Agent of link-preview fetchers and crawlers: such a request gets the
+# redirect but is not a click. WhatsApp's fetcher says `WhatsApp/2.x`; Facebook's and Instagram's
+# `facebookexternalhit` or `Facebot`; the rest name themselves.
+PREVIEW_AGENTS = (
+    "whatsapp",
+    "facebookexternalhit",
+    "facebot",
+    "twitterbot",
+    "slackbot",
+    "telegrambot",
+    "discordbot",
+    "linkedinbot",
+    "skypeuripreview",
+    "googlebot",
+    "bingbot",
+    "applebot",
+)
+
+
+def is_preview(user_agent: str | None) -> bool:
+    """Whether a request with this User-Agent comes from a link-preview fetcher or a crawler."""
+    agent = (user_agent or "").lower()
+    return any(name in agent for name in PREVIEW_AGENTS)
+
+
+_CLICK = {
+    "postgresql": text(
+        """
+        UPDATE outbound_messages
+        SET clicks = clicks + 1,
+            first_clicked_at = coalesce(first_clicked_at, :now),
+            link_clicks = jsonb_set(
+                coalesce(link_clicks, '{}'::jsonb), ARRAY[:key],
+                to_jsonb(coalesce((link_clicks ->> :key)::int, 0) + 1)
+            )
+        WHERE id = :message_id AND links ->> CAST(:position AS integer) IS NOT NULL
+        RETURNING links ->> CAST(:position AS integer) AS url
+        """
+    ),
+    "sqlite": text(
+        """
+        UPDATE outbound_messages
+        SET clicks = clicks + 1,
+            first_clicked_at = coalesce(first_clicked_at, :now),
+            link_clicks = json_set(
+                coalesce(link_clicks, '{}'), :key_path,
+                coalesce(json_extract(link_clicks, :key_path), 0) + 1
+            )
+        WHERE id = :message_id AND json_extract(links, :path) IS NOT NULL
+        RETURNING json_extract(links, :path) AS url
+        """
+    ),
+}
+_FIND = {
+    "postgresql": text(
+        "SELECT links ->> CAST(:position AS integer) AS url FROM outbound_messages WHERE id = :message_id"
+    ),
+    "sqlite": text("SELECT json_extract(links, :path) AS url FROM outbound_messages WHERE id = :message_id"),
+}
+
+
+def _params(message_id: int, position: int) -> dict:
+    return {
+        "message_id": message_id,
+        "position": position,
+        "key": str(position),
+        "path": f"$[{position}]",
+        "key_path": f'$."{position}"',
+    }
+
+
+def _statement(statements: dict, dialect: str):
+    return statements[dialect].bindparams(bindparam("now", type_=UTCDateTime())).columns(url=String)
+
+
+def click(message_id: int, position: int, now: datetime) -> str | None:
+    """Record a click on the link at `position` of message `message_id` and return its URL; None (nothing
+    recorded) when there is no such link. One statement, committed by itself."""
+    engine = db.engine
+    statement = _statement(_CLICK, engine.dialect.name)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        return connection.execute(statement, {**_params(message_id, position), "now": now}).scalar()
+
+
+def find(message_id: int, position: int) -> str | None:
+    """The URL of the link at `position` of message `message_id`, recording nothing; None when there is none."""
+    engine = db.engine
+    statement = _FIND[engine.dialect.name].columns(url=String)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        return connection.execute(statement, _params(message_id, position)).scalar()
+
+
+_PER_LINK = text(
+    """
+    SELECT link.url,
+           count(*) AS messages,
+           coalesce(sum((m.link_clicks ->> (link.n - 1)::text)::int), 0) AS clicks,
+           count(*) FILTER (WHERE (m.link_clicks ->> (link.n - 1)::text) IS NOT NULL) AS clicked,
+           count(*) FILTER (WHERE m.status = :delivered) AS delivered,
+           count(*) FILTER (WHERE m.status IN (:sent, :delivered, :undelivered)) AS sent
+    FROM outbound_messages AS m
+    CROSS JOIN LATERAL jsonb_array_elements_text(m.links) WITH ORDINALITY AS link(url, n)
+    WHERE m.campaign_id = :campaign_id AND m.links IS NOT NULL
+    GROUP BY link.url
+    ORDER BY clicks DESC, link.url
+    """
+)
+
+
+def link_counts(campaign_id: int) -> list[dict]:
+    """Per original URL of the campaign's messages: `messages` carrying it, its `clicks`, messages in which it
+    was `clicked`, and of its messages those `delivered` and those `sent` (accepted by the provider)."""
+    if db.engine.dialect.name == "postgresql":
+        rows = db.session.execute(
+            _PER_LINK,
+            {
+                "campaign_id": campaign_id,
+                "sent": MessageStatus.SENT,
+                "delivered": MessageStatus.DELIVERED,
+                "undelivered": MessageStatus.UNDELIVERED,
+            },
+        )
+        return [dict(row._mapping) for row in rows]
+    # SQLite (tests, a local run): added up here.
+    totals: dict[str, dict] = {}
+    rows = db.session.execute(
+        select(OutboundMessage.links, OutboundMessage.link_clicks, OutboundMessage.status).where(
+            OutboundMessage.campaign_id == campaign_id, OutboundMessage.links.is_not(None)
+        )
+    )
+    for links, link_clicks, status in rows:
+        for position, url in enumerate(links or []):
+            total = totals.setdefault(
+                url, {"url": url, "messages": 0, "clicks": 0, "clicked": 0, "delivered": 0, "sent": 0}
+            )
+            clicks = int((link_clicks or {}).get(str(position), 0))
+            total["messages"] += 1
+            total["clicks"] += clicks
+            total["clicked"] += 1 if clicks else 0
+            total["delivered"] += status == MessageStatus.DELIVERED
+            total["sent"] += status in MessageStatus.ACCEPTED
+    return sorted(totals.values(), key=lambda t: (-t["clicks"], t["url"]))
