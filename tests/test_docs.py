@@ -32,6 +32,7 @@ OPERATIONS = [
     ("get", "/campaigns/{campaign_id}"),
     ("patch", "/campaigns/{campaign_id}"),
     ("get", "/campaigns/{campaign_id}/delivery-seconds"),
+    ("get", "/campaigns/{campaign_id}/links"),
     ("post", "/campaigns/{campaign_id}/send"),
     ("post", "/campaigns/{campaign_id}/estimate"),
     ("post", "/campaigns/{campaign_id}/personalized-preview"),

@@ -322,3 +322,15 @@ def test_customers_who_clicked_are_an_audience(links_app, client, anonymous_clie
     negated = {"filter": {"not": {"campaign": campaign.id, "event": "clicked"}}}
     everyone = db.session.scalar(select(func.count()).select_from(Customer))
     assert client.post("/audiences/count", json=negated).get_json()["customers"] == everyone - 1
+
+
+def test_track_links_is_changed_with_a_patch_and_the_next_messages_follow_it(links_app, client, work):
+    campaign = make_campaign(base_template=TEMPLATE)
+    answer = client.patch(f"/campaigns/{campaign.id}", json={"track_links": False})
+    assert (answer.status_code, answer.get_json()["track_links"]) == (200, False)
+    (message,) = send(client, work, campaign, [make_customer(first_name="Amina")])
+    assert (
+        message.rendered_content
+        == "Hi Amina, 20% off: https://shop.example/sale?id=7&utm=sms#top and http://b.example/x."
+    )
+    assert message.links is None
