@@ -48,9 +48,10 @@ def procfile_web() -> str:
 
 class Web:
     """The Procfile's web command with extra settings: `threads` threads per process, `"sync"` for gunicorn's
-    sync worker, None for the Procfile's defaults. `public_base_url` sets PUBLIC_BASE_URL to its own URL."""
+    sync worker, None for the Procfile's defaults. `public_base_url` sets PUBLIC_BASE_URL to its own URL.
+    `app` serves another WSGI app than the service's under the same command (it must answer `/health`)."""
 
-    def __init__(self, env: dict, threads: int | str | None, public_base_url: bool = False):
+    def __init__(self, env: dict, threads: int | str | None, public_base_url: bool = False, app: str = "wsgi:app"):
         self.port = free_port()
         if threads == "sync":  # gunicorn turns a sync worker with threads into a threaded one: --threads 1
             variant = {"GUNICORN_CMD_ARGS": "--worker-class sync --threads 1"}
@@ -65,7 +66,7 @@ class Web:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         }
         self.proc = subprocess.Popen(
-            ["bash", "-c", f"exec {procfile_web()}"],
+            ["bash", "-c", f"exec {procfile_web().replace('wsgi:app', app, 1)}"],
             cwd=ROOT,
             env=environment,
             stdout=subprocess.DEVNULL,

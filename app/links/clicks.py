@@ -91,15 +91,20 @@ def _params(message_id: int, position: int) -> dict:
     }
 
 
-def _statement(statements: dict, dialect: str):
-    return statements[dialect].bindparams(bindparam("now", type_=UTCDateTime())).columns(url=String)
+# The statements with their types, built once: a statement made anew on each request is a new object, whose
+# cache key SQLAlchemy computes again (and whose types it builds again) on every execution.
+_CLICK = {
+    dialect: statement.bindparams(bindparam("now", type_=UTCDateTime())).columns(url=String)
+    for dialect, statement in _CLICK.items()
+}
+_FIND = {dialect: statement.columns(url=String) for dialect, statement in _FIND.items()}
 
 
 def click(message_id: int, position: int, now: datetime) -> str | None:
     """Record a click on the link at `position` of message `message_id` and return its URL; None (nothing
     recorded) when there is no such link. One statement, committed by itself."""
     engine = db.engine
-    statement = _statement(_CLICK, engine.dialect.name)
+    statement = _CLICK[engine.dialect.name]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         return connection.execute(statement, {**_params(message_id, position), "now": now}).scalar()
 
@@ -107,7 +112,7 @@ def click(message_id: int, position: int, now: datetime) -> str | None:
 def find(message_id: int, position: int) -> str | None:
     """The URL of the link at `position` of message `message_id`, recording nothing; None when there is none."""
     engine = db.engine
-    statement = _FIND[engine.dialect.name].columns(url=String)
+    statement = _FIND[engine.dialect.name]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         return connection.execute(statement, _params(message_id, position)).scalar()
 
