@@ -198,21 +198,24 @@ class Links(Bench):
 
 def redirects(bench: Links, args) -> tuple[list[dict], dict]:
     bench.reset()
-    bench.start_web()  # the API the benchmark drives
-    log(f"import {CODES:,} customers")
-    bench.import_customers(CODES, "links")
-    log("issue the codes")
-    clicked_id, codes = bench.issue_links("links")
-    log("send a campaign of as many messages, drained by one worker meanwhile")
-    sending_id = bench.create_campaign("bench links sending", True)
-    bench.send_to(sending_id, "links")
-    env = {**bench.env, "WEB_CLIENT_TIMEOUT": "30"}
-    servers = {"redirect": Web(env, None), "bare": Web(env, None, app="bench.links:bare")}
-    workers = bench.start_workers(1, {"MOCK_SENDER_LATENCY": str(args.latency)})
-    paths = [f"/l/{code}" for code in codes]
+    servers: dict[str, Web] = {}
+    workers: list[subprocess.Popen] = []
     answered = 0  # the 302s of the redirect, warm-ups included
     runs: list[dict] = []
     try:
+        bench.start_web()  # the API the benchmark drives
+        log(f"import {CODES:,} customers")
+        bench.import_customers(CODES, "links")
+        log("issue the codes")
+        clicked_id, codes = bench.issue_links("links")
+        paths = [f"/l/{code}" for code in codes]
+        log("send a campaign of as many messages, drained by one worker meanwhile")
+        sending_id = bench.create_campaign("bench links sending", True)
+        bench.send_to(sending_id, "links")
+        env = {**bench.env, "WEB_CLIENT_TIMEOUT": "30"}
+        servers["redirect"] = Web(env, None)
+        servers["bare"] = Web(env, None, app="bench.links:bare")
+        workers = bench.start_workers(1, {"MOCK_SENDER_LATENCY": str(args.latency)})
         while bench.sent(sending_id) == 0:
             time.sleep(0.1)
         for name, web in servers.items():  # warm up: connections, pools, the key
@@ -231,7 +234,7 @@ def redirects(bench: Links, args) -> tuple[list[dict], dict]:
                     f"{result['cpu_ms']:.2f} CPU ms; sends {result['sends']:.0f}/s; {result['statuses']}"
                 )
                 runs.append(result)
-        remaining = bench.sent(sending_id)
+        sent = bench.sent(sending_id)
     finally:
         for proc in workers:
             proc.terminate()
@@ -240,7 +243,7 @@ def redirects(bench: Links, args) -> tuple[list[dict], dict]:
         for web in servers.values():
             web.stop()
         bench.stop()
-    checks = {"answered": answered, "clicks": bench.clicks(clicked_id), "sent": remaining}
+    checks = {"answered": answered, "clicks": bench.clicks(clicked_id), "sent": sent}
     return runs, checks
 
 
@@ -248,10 +251,10 @@ def redirects(bench: Links, args) -> tuple[list[dict], dict]:
 def shortening(bench: Links, args) -> list[dict]:
     bench.reset()
     bench.env.update({"MOCK_SENDER_LATENCY": "0"})
-    bench.start_web()
-    bench.import_customers(args.send_messages, "shorten")
     runs = []
     try:
+        bench.start_web()
+        bench.import_customers(args.send_messages, "shorten")
         for round_ in range(args.rounds):
             for track in (False, True):
                 log(f"send {args.send_messages:,} messages, track_links {track}")
