@@ -8,7 +8,7 @@ from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from app import auth, database, metrics, ratelimit
+from app import auth, database, links, metrics, ratelimit
 from app.bodies import Request
 from app.errors import register_errorhandlers
 from app.extensions import api, db, migrate
@@ -51,6 +51,7 @@ def create_app(config: object | str = "config.Config", overrides: dict | None = 
     register_errorhandlers(app)
     register_commands(app)
     metrics.init_app(app)  # its hooks go around every other hook
+    links.install(app)  # /l/{code}, in front of the app and its hooks
     return app
 
 
@@ -75,7 +76,7 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import audiences, campaigns, customers, health, links, webhooks
+    from app import audiences, campaigns, customers, health, webhooks
 
     api.register_blueprint(customers.bp)
     api.register_blueprint(campaigns.bp)
@@ -84,7 +85,6 @@ def register_blueprints(app: Flask) -> None:
     api.register_blueprint(webhooks.bp)
     api.register_blueprint(metrics.bp)
     app.register_blueprint(docs_assets)
-    app.register_blueprint(links.bp)  # a public redirect, not part of the JSON API's document
 
 
 def register_commands(app: Flask) -> None:

@@ -27,7 +27,8 @@ from config import SettingsError
 
 log = logging.getLogger(__name__)
 
-# Health checks, the OpenAPI document, the docs page (with its assets), the webhooks and short links need no key.
+# Health checks, the OpenAPI document, the docs page (with its assets) and the webhooks need no key.
+# (Short links, /l/{code}, are answered in front of the app: app.links.redirect.)
 PUBLIC_ENDPOINTS = frozenset(
     {
         "health.health",
@@ -42,8 +43,6 @@ PUBLIC_ENDPOINTS = frozenset(
         "webhooks.twilio_inbound",
         "webhooks.whatsapp_verify",
         "webhooks.whatsapp_statuses",
-        # A short link's redirect: recipients follow it (app.links).
-        "links.follow",
     }
 )
 KEY_PREFIX = "cd_"

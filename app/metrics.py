@@ -336,7 +336,12 @@ atexit.register(_flush_at_exit)
 
 def _recorder() -> Recorder | None:
     """The current app's recorder, its flush thread started; None outside an app built by create_app."""
-    recorder = current_app.extensions.get("metrics")
+    return recorder_of(current_app)
+
+
+def recorder_of(app: Flask) -> Recorder | None:
+    """`app`'s recorder, its flush thread started (for code that runs outside an app context)."""
+    recorder = app.extensions.get("metrics")
     if recorder is not None and (_flusher is None or not _flusher.is_alive()):
         _start_flusher()
     return recorder
@@ -478,9 +483,9 @@ def count_invalid_webhook_items(provider: str, reasons: Iterable[str]) -> None:
             recorder.count(WEBHOOK_INVALID_ITEMS, (provider, reason))
 
 
-def count_link_request(result: str) -> None:
-    """Count a request for a short link: `click`, `preview`, `head` or `unknown`."""
-    recorder = _recorder()
+def count_link_request(result: str, recorder: Recorder | None) -> None:
+    """Count a request for a short link: `click`, `preview`, `head` or `unknown` (answered outside any app
+    context: the app's `recorder` is given)."""
     if recorder is not None:
         recorder.count(LINK_REQUESTS, (result,))
 

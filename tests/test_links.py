@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import urllib.error
+import urllib.request
 
 import pytest
 from sqlalchemy import func, select
@@ -13,7 +15,7 @@ from app.links.codes import LENGTH, MAX_LINKS, Codec, codec
 from app.links.shorten import SAMPLE_CODE, Shortener, link_base
 from app.messaging.segments import measure
 from app.models import Customer, OutboundMessage
-from tests.conftest import read_send_log
+from tests.conftest import read_send_log, serve
 from tests.factories import make_campaign, make_customer, make_customers
 
 BASE = "https://sho.rt/l"
@@ -334,3 +336,59 @@ def test_track_links_is_changed_with_a_patch_and_the_next_messages_follow_it(lin
         == "Hi Amina, 20% off: https://shop.example/sale?id=7&utm=sms#top and http://b.example/x."
     )
     assert message.links is None
+
+
+def test_other_methods_are_refused_and_nothing_is_counted(links_app, client, anonymous_client, work):
+    campaign = make_campaign(base_template=TEMPLATE)
+    (message,) = send(client, work, campaign, [make_customer()])
+    code = codes_in(message.rendered_content)[0]
+    for method in ("POST", "PUT", "DELETE"):
+        response = follow(anonymous_client, code, method=method)
+        assert (response.status_code, response.headers["Allow"]) == (405, "GET, HEAD")
+    assert client.get(f"/campaigns/{campaign.id}").get_json()["stats"]["clicks"] == 0
+
+
+@pytest.mark.real_only
+def test_a_stopped_database_answers_503_and_the_clicks_go_on_once_it_is_back(private_app, pg_server):
+    with private_app.app_context():
+        campaign = make_campaign(base_template=TEMPLATE)
+        (customer,) = make_customers(1)
+        message = OutboundMessage(
+            campaign_id=campaign.id, customer_id=customer, status="sent", links=["https://shop.example/a"]
+        )
+        db.session.add(message)
+        db.session.commit()
+        code = codec(private_app).encode(message.id, 0)
+    with serve(private_app) as base:
+
+        def get(path: str):
+            request = urllib.request.Request(f"{base}{path}", headers={"User-Agent": BROWSER})
+            opener = urllib.request.build_opener(NoRedirect)
+            try:
+                answer = opener.open(request, timeout=30)
+            except urllib.error.HTTPError as refused:
+                answer = refused
+            return answer.status, answer.headers, answer.read()
+
+        assert get(f"/l/{code}")[0] == 302
+        pg_server.stop()
+        try:
+            for _ in range(2):  # on the pooled connection, then on a new one
+                status, headers, body = get(f"/l/{code}")
+                assert (status, headers["Retry-After"], headers["Content-Type"]) == (
+                    503,
+                    "5",
+                    "text/plain; charset=utf-8",
+                )
+                assert body.startswith(b"This link cannot be followed right now")
+        finally:
+            pg_server.start()
+        status, headers, _ = get(f"/l/{code}")
+        assert (status, headers["Location"]) == (302, "https://shop.example/a")
+    with private_app.app_context():
+        assert db.session.get(OutboundMessage, message.id).clicks == 2
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None

@@ -1,6 +1,6 @@
 """Short links that count clicks: codes (`codes`), shortening a message's URLs (`shorten`), the redirect
-(`routes`) and what clicks add up to (`clicks`)."""
+in front of the app (`redirect`) and what clicks add up to (`clicks`)."""
 
-from app.links.routes import bp
+from app.links.redirect import install
 
-__all__ = ["bp"]
+__all__ = ["install"]

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from flask import current_app
-from sqlalchemy import String, bindparam, select, text
+from flask import Flask, current_app
+from sqlalchemy import Engine, String, bindparam, select, text
 
 from app.database import statement_budget
 from app.extensions import db
@@ -45,21 +45,24 @@ def is_preview(user_agent: str | None) -> bool:
     return any(name in agent for name in PREVIEW_AGENTS)
 
 
-_CLICK = {
-    "postgresql": text(
-        """
-        UPDATE outbound_messages
-        SET clicks = clicks + 1,
-            first_clicked_at = coalesce(first_clicked_at, :now),
-            link_clicks = jsonb_set(
-                coalesce(link_clicks, '{}'::jsonb), ARRAY[:key],
-                to_jsonb(coalesce((link_clicks ->> :key)::int, 0) + 1)
-            )
-        WHERE id = :message_id AND links ->> CAST(:position AS integer) IS NOT NULL
-        RETURNING links ->> CAST(:position AS integer) AS url
-        """
-    ),
-    "sqlite": text(
+# PostgreSQL: plain psycopg on a pooled connection in autocommit (one round trip, prepared by psycopg after
+# a few runs on a connection); the URL comes back from the UPDATE itself.
+_PG_CLICK = """
+    UPDATE outbound_messages
+    SET clicks = clicks + 1,
+        first_clicked_at = coalesce(first_clicked_at, %(now)s),
+        link_clicks = jsonb_set(
+            coalesce(link_clicks, '{}'::jsonb), ARRAY[%(key)s::text],
+            to_jsonb(coalesce((link_clicks ->> %(key)s::text)::int, 0) + 1)
+        )
+    WHERE id = %(message_id)s AND links ->> %(position)s::integer IS NOT NULL
+    RETURNING links ->> %(position)s::integer
+"""
+_PG_FIND = "SELECT links ->> %(position)s::integer FROM outbound_messages WHERE id = %(message_id)s"
+
+# SQLite (tests, a local run): through SQLAlchemy, whose type stores the time as the app's other times.
+_SQLITE_CLICK = (
+    text(
         """
         UPDATE outbound_messages
         SET clicks = clicks + 1,
@@ -71,14 +74,13 @@ _CLICK = {
         WHERE id = :message_id AND json_extract(links, :path) IS NOT NULL
         RETURNING json_extract(links, :path) AS url
         """
-    ),
-}
-_FIND = {
-    "postgresql": text(
-        "SELECT links ->> CAST(:position AS integer) AS url FROM outbound_messages WHERE id = :message_id"
-    ),
-    "sqlite": text("SELECT json_extract(links, :path) AS url FROM outbound_messages WHERE id = :message_id"),
-}
+    )
+    .bindparams(bindparam("now", type_=UTCDateTime()))
+    .columns(url=String)
+)
+_SQLITE_FIND = text("SELECT json_extract(links, :path) AS url FROM outbound_messages WHERE id = :message_id").columns(
+    url=String
+)
 
 
 def _params(message_id: int, position: int) -> dict:
@@ -91,30 +93,45 @@ def _params(message_id: int, position: int) -> dict:
     }
 
 
-# The statements with their types, built once: a statement made anew on each request is a new object, whose
-# cache key SQLAlchemy computes again (and whose types it builds again) on every execution.
-_CLICK = {
-    dialect: statement.bindparams(bindparam("now", type_=UTCDateTime())).columns(url=String)
-    for dialect, statement in _CLICK.items()
-}
-_FIND = {dialect: statement.columns(url=String) for dialect, statement in _FIND.items()}
+def engine_of(app: Flask) -> Engine:
+    """`app`'s database engine, for code that runs outside an app context (the redirect)."""
+    engine = app.extensions.get("links_engine")
+    if engine is None:
+        with app.app_context():
+            engine = app.extensions["links_engine"] = db.engine
+    return engine
 
 
-def click(message_id: int, position: int, now: datetime) -> str | None:
+def _one(engine: Engine, pg_sql: str, sqlite_statement, params: dict) -> str | None:
+    """The one value `pg_sql` (PostgreSQL) or `sqlite_statement` returns, the statement committed by itself."""
+    if engine.dialect.driver != "psycopg":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            return connection.execute(sqlite_statement, params).scalar()
+    pooled = engine.raw_connection()
+    try:
+        conn = pooled.driver_connection
+        conn.autocommit = True
+        try:
+            row = conn.execute(pg_sql, params).fetchone()
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
+    except BaseException:
+        pooled.invalidate()  # its state is unknown: never reused
+        raise
+    pooled.close()  # back to the pool
+    return None if row is None else row[0]
+
+
+def click(engine: Engine, message_id: int, position: int, now: datetime) -> str | None:
     """Record a click on the link at `position` of message `message_id` and return its URL; None (nothing
     recorded) when there is no such link. One statement, committed by itself."""
-    engine = db.engine
-    statement = _CLICK[engine.dialect.name]
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        return connection.execute(statement, {**_params(message_id, position), "now": now}).scalar()
+    return _one(engine, _PG_CLICK, _SQLITE_CLICK, {**_params(message_id, position), "now": now})
 
 
-def find(message_id: int, position: int) -> str | None:
+def find(engine: Engine, message_id: int, position: int) -> str | None:
     """The URL of the link at `position` of message `message_id`, recording nothing; None when there is none."""
-    engine = db.engine
-    statement = _FIND[engine.dialect.name]
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        return connection.execute(statement, _params(message_id, position)).scalar()
+    return _one(engine, _PG_FIND, _SQLITE_FIND, _params(message_id, position))
 
 
 _PER_LINK = text(
