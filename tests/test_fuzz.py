@@ -30,9 +30,8 @@ CHECKS = [
     response_headers_conformance,
 ]
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
-# Examples per operation and mode; raise it locally for a longer hunt. The real pass sends the same
-# schema's requests to PostgreSQL and Redis, where what differs from the fast pass is the database's
-# limits (integer ranges, NUL characters), which the first, simplest examples reach: it runs fewer.
+# Examples per operation and mode; raise them locally for a longer hunt. The real pass generates its
+# requests from the same schema, with the same seed, and sends them to PostgreSQL and Redis: it runs fewer.
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", 25))
 REAL_MAX_EXAMPLES = int(os.environ.get("FUZZ_REAL_MAX_EXAMPLES", 10))
 DEADLINE_MS = 3000  # per example
