@@ -30,12 +30,29 @@ CHECKS = [
     response_headers_conformance,
 ]
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
-# Examples per operation and mode; raise it locally for a longer hunt.
+# Examples per operation and mode; raise them locally for a longer hunt. The real pass generates its
+# requests from the same schema, with the same seed, and sends them to PostgreSQL and Redis: it runs fewer.
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", 25))
+REAL_MAX_EXAMPLES = int(os.environ.get("FUZZ_REAL_MAX_EXAMPLES", 10))
 DEADLINE_MS = 3000  # per example
+FORM = "application/x-www-form-urlencoded"
 
 
-def test_api_conforms_to_its_openapi_document(live_server):
+def has_no_invalid_request(operation) -> bool:
+    """An operation whose only input is a form body of any object (the providers' webhooks) has no invalid
+    request to generate: all that is not an object cannot be sent as a form. schemathesis finds none only
+    after a thousand draws (7-10 s an operation), so the negative mode is not run for it."""
+    parameters = [*operation.path_parameters, *operation.headers, *operation.cookies, *operation.query]
+    bodies = list(operation.body)
+    return (
+        not parameters
+        and bool(bodies)
+        and all(body.media_type == FORM and body.definition.get("schema") == {"type": "object"} for body in bodies)
+    )
+
+
+def test_api_conforms_to_its_openapi_document(live_server, backend):
+    max_examples = MAX_EXAMPLES if backend == "fast" else min(MAX_EXAMPLES, REAL_MAX_EXAMPLES)
     # Rows for small generated ids to hit, so that not every request is a 404.
     make_customers(3)
     make_campaign()
@@ -48,9 +65,11 @@ def test_api_conforms_to_its_openapi_document(live_server):
         operation = result.ok()
         operations += 1
         for mode in MODES:
+            if mode is GenerationMode.NEGATIVE and has_no_invalid_request(operation):
+                continue
 
             @settings(
-                max_examples=MAX_EXAMPLES,
+                max_examples=max_examples,
                 deadline=DEADLINE_MS,
                 derandomize=True,
                 database=None,

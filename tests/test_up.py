@@ -200,7 +200,8 @@ def test_up_exits_non_zero_when_one_of_its_processes_dies(tmp_path, start_up):
 
 def test_up_prints_a_progress_line_per_campaign_instead_of_a_line_per_message(tmp_path, start_up):
     instance, port = tmp_path / "instance", free_port()
-    # One send at a time, each taking 3 s: the campaign sends for longer than two progress intervals.
+    # One send at a time, each taking 3 s, to four customers: the campaign sends for 12 s, longer than two
+    # progress intervals (5 s), so that a line while it sends has a rate.
     up = start_up(instance, port, WORKER_CONCURRENCY="1", MOCK_SENDER_LATENCY="3")
     up.wait_for_output("running: API on")
     key = (instance / "local-api-key").read_text().strip()
@@ -211,7 +212,8 @@ def test_up_prints_a_progress_line_per_campaign_instead_of_a_line_per_message(tm
     )
     assert status == 201
     customers = request(f"{api}/customers?page_size=100", key)[1]["data"]
-    ids = [customer["id"] for customer in customers]
+    ids = [customer["id"] for customer in customers][:4]
+    assert len(ids) == 4
     assert request(f"{api}/campaigns/{campaign['id']}/send", key, {"customer_ids": ids})[0] == 202
     total = len(ids)
     up.wait_for_output(f"campaign {campaign['id']} 'Launch': {total}/{total} done ({total} sent), sent", timeout=120)

@@ -216,7 +216,7 @@ def test_a_small_campaign_sent_beside_a_big_one_is_sent_within_10_s_while_the_bi
     big_id = create_campaign(client, "newsletter")
     send_to(client, big_id, "everywhere")
     spawn_worker(burst=False, SEND_WINDOW=WINDOW)
-    wait_for(lambda: detail(client, big_id)["stats"]["sent"] >= 1000, timeout=60)  # well under way
+    wait_for(lambda: detail(client, big_id)["stats"]["sent"] >= 300, timeout=60)  # under way
 
     small_id = create_campaign(client, "flash sale")
     requested = time.monotonic()
@@ -234,14 +234,14 @@ def test_two_equal_campaigns_started_together_finish_within_10_percent_of_each_o
     app, client, spawn_worker, send_log
 ):
     # The campaign ahead in the line leads by at most one window, which the other drains at the end: a
-    # window of 100 keeps that a small part of a run short enough for a test (2 x 2,000 sends).
-    app.config["SEND_WINDOW"] = 100
+    # window of 50 keeps that a small part (2.5%) of a run short enough for a test (2 x 1,000 sends).
+    app.config["SEND_WINDOW"] = 50
     for location in ("north", "south"):
-        add_customers(2000, location)
+        add_customers(1000, location)
     campaigns = [create_campaign(client, location) for location in ("north", "south")]
     for campaign_id, location in zip(campaigns, ("north", "south"), strict=True):
         send_to(client, campaign_id, location)
-    spawn_worker(burst=False, SEND_WINDOW=100)
+    spawn_worker(burst=False, SEND_WINDOW=50)
     wait_for(lambda: all(detail(client, c)["status"] == "sent" for c in campaigns), timeout=180, interval=0.5)
 
     # From the first send recorded to each campaign's end, both as the workers' clock says.
@@ -250,7 +250,7 @@ def test_two_equal_campaigns_started_together_finish_within_10_percent_of_each_o
     took = [datetime.fromisoformat(detail(client, c)["updated_at"]).timestamp() - began for c in campaigns]
     assert abs(took[0] - took[1]) <= 0.1 * max(took), f"finished {took[0]:.1f} s and {took[1]:.1f} s in"
     for campaign_id in campaigns:
-        assert_each_sent_once(send_log, campaign_id, 2000)
+        assert_each_sent_once(send_log, campaign_id, 1000)
 
 
 @pytest.mark.real_only
@@ -259,7 +259,7 @@ def test_a_high_priority_campaign_gets_a_larger_share_than_a_normal_one_sending_
 ):
     app.config["SEND_WINDOW"] = 100  # high: 200; one turn of the line is 300 sends
     for location in ("normal", "high"):
-        add_customers(3000, location)
+        add_customers(2000, location)
     # The normal one is sent first: its window is ahead in the line.
     normal_id = create_campaign(client, "newsletter", priority="normal")
     high_id = create_campaign(client, "flash sale", priority="high")
@@ -267,10 +267,10 @@ def test_a_high_priority_campaign_gets_a_larger_share_than_a_normal_one_sending_
     send_to(client, high_id, "high")
     assert (detail(client, normal_id)["priority"], detail(client, high_id)["priority"]) == ("normal", "high")
     spawn_worker(burst=False, SEND_WINDOW=100)
-    wait_for(lambda: len(read_send_log(send_log)) >= 1800, timeout=120, interval=0.5)
+    wait_for(lambda: len(read_send_log(send_log)) >= 1200, timeout=120, interval=0.5)
 
-    # Shares over five turns of the line, after the first: both still have plenty to send.
-    lines = sorted(read_send_log(send_log), key=lambda line: line["started"])[300:1800]
+    # Shares over three turns of the line, after the first: both still have plenty to send.
+    lines = sorted(read_send_log(send_log), key=lambda line: line["started"])[300:1200]
     shares = Counter(line["campaign_id"] for line in lines)
     assert shares[high_id] >= 1.5 * shares[normal_id], shares  # twice by the windows' weights
     assert shares[normal_id] > 0.2 * len(lines), shares  # and the normal one still advances
@@ -282,7 +282,7 @@ def test_a_high_priority_campaign_gets_a_larger_share_than_a_normal_one_sending_
 @pytest.mark.real_only
 def test_a_pause_leaves_at_most_one_window_whose_jobs_end_without_sending(app, client, spawn_worker, send_log):
     app.config["SEND_WINDOW"] = WINDOW
-    add_customers(3000, "everywhere")
+    add_customers(1500, "everywhere")  # three windows: one in Redis, the rest waiting in the database
     campaign_id = create_campaign(client, "newsletter")
     send_to(client, campaign_id, "everywhere")
     spawn_worker(burst=False, SEND_WINDOW=WINDOW, WORKER_CONCURRENCY=CONCURRENCY)
@@ -295,13 +295,13 @@ def test_a_pause_leaves_at_most_one_window_whose_jobs_end_without_sending(app, c
     wait_for(lambda: send_queue(app).count == 0 and in_window(campaign_id) == 0, timeout=60)
     paused = detail(client, campaign_id)
     assert paused["status"] == "paused"
-    assert paused["stats"]["pending"] == 3000 - paused["stats"]["sent"]
+    assert paused["stats"]["pending"] == 1500 - paused["stats"]["sent"]
     late = [line for line in sends_of(send_log, campaign_id) if line["started"] > paused_at]
     assert len(late) <= CONCURRENCY  # at most the sends claimed before the pause, one per thread
 
     assert client.post(f"/campaigns/{campaign_id}/resume").status_code == 200
     wait_for(lambda: detail(client, campaign_id)["status"] == "sent", timeout=120, interval=0.5)
-    assert_each_sent_once(send_log, campaign_id, 3000)
+    assert_each_sent_once(send_log, campaign_id, 1500)
 
 
 @pytest.mark.real_only
@@ -344,7 +344,7 @@ def test_a_redis_flush_mid_campaign_is_healed_by_one_reconciler_pass_and_each_me
 ):
     app.config["SEND_WINDOW"] = 100
     app.extensions["redis"] = private_redis.client()
-    add_customers(2000, "everywhere")
+    add_customers(1000, "everywhere")
     campaign_id = create_campaign(client, "newsletter")
     send_to(client, campaign_id, "everywhere")
     spawn_worker(burst=False, SEND_WINDOW=100, REDIS_URL=private_redis.url)
@@ -362,7 +362,7 @@ def test_a_redis_flush_mid_campaign_is_healed_by_one_reconciler_pass_and_each_me
     assert report.requeued == lost
     assert send_queue(app).count <= 100  # what it puts back is a window, not the rest of the audience
     wait_for(lambda: detail(client, campaign_id)["status"] == "sent", timeout=120, interval=0.5)
-    assert_each_sent_once(send_log, campaign_id, 2000)
+    assert_each_sent_once(send_log, campaign_id, 1000)
 
 
 # A worker process that dies (SIGKILL, with the processes it forked) the first time it enqueues anything:
@@ -382,7 +382,7 @@ def test_a_worker_killed_mid_refill_leaves_nothing_unsent_and_nothing_sent_twice
     app, client, clock, spawn, spawn_worker, send_log
 ):
     app.config["SEND_WINDOW"] = 100  # a send job refills once the window is 10 below its size
-    add_customers(1000, "everywhere")
+    add_customers(500, "everywhere")
     campaign_id = create_campaign(client, "newsletter")
     send_to(client, campaign_id, "everywhere")
     # One send at a time: nothing is at the provider when it dies, so no send is in doubt.
@@ -402,7 +402,7 @@ def test_a_worker_killed_mid_refill_leaves_nothing_unsent_and_nothing_sent_twice
     report = reconcile()
     assert (report.requeued, report.refilled, report.in_doubt) == (10, 10, 0)
     wait_for(lambda: detail(client, campaign_id)["status"] == "sent", timeout=60, interval=0.5)
-    assert_each_sent_once(send_log, campaign_id, 1000)
+    assert_each_sent_once(send_log, campaign_id, 500)
 
 
 # A web process killed (SIGKILL) during a send, after the window's messages were committed `queued` and before
@@ -424,13 +424,13 @@ def test_a_send_killed_between_its_commit_and_its_enqueue_is_healed_by_one_recon
     app, client, clock, spawn, spawn_worker, send_log
 ):
     app.config["SEND_WINDOW"] = 100
-    add_customers(1000, "everywhere")
+    add_customers(500, "everywhere")
     campaign_id = create_campaign(client, "newsletter")
     web = spawn(["-c", SEND_DIES_BEFORE_ITS_ENQUEUE, str(campaign_id)], SEND_WINDOW=100)
     assert web.wait(timeout=60) == -signal.SIGKILL, web.stderr.read().decode()[-3000:]
     assert send_queue(app).count == 0
     assert detail(client, campaign_id)["status"] == "sending"
-    assert (count_of(campaign_id, "queued"), count_of(campaign_id, "pending")) == (100, 900)
+    assert (count_of(campaign_id, "queued"), count_of(campaign_id, "pending")) == (100, 400)
 
     spawn_worker(burst=False, SEND_WINDOW=100)
     clock.current = datetime.now(UTC)
@@ -439,7 +439,7 @@ def test_a_send_killed_between_its_commit_and_its_enqueue_is_healed_by_one_recon
     report = reconcile()
     assert (report.requeued, report.refilled) == (100, 100)
     wait_for(lambda: detail(client, campaign_id)["status"] == "sent", timeout=60, interval=0.5)
-    assert_each_sent_once(send_log, campaign_id, 1000)
+    assert_each_sent_once(send_log, campaign_id, 500)
 
 
 @pytest.mark.real_only
@@ -481,7 +481,7 @@ def test_two_workers_refilling_one_window_at_once_keep_it_and_send_each_message_
 ):
     # 48 sends in flight for a window of 30 refilled every 3 sends: the workers' refills race all along.
     app.config["SEND_WINDOW"] = 30
-    add_customers(2000, "everywhere")
+    add_customers(1000, "everywhere")
     campaign_id = create_campaign(client, "newsletter")
     send_to(client, campaign_id, "everywhere")
     for _ in range(2):
@@ -494,4 +494,4 @@ def test_two_workers_refilling_one_window_at_once_keep_it_and_send_each_message_
     assert max(in_db for in_db, _ in samples) <= 30
     assert max(in_redis for _, in_redis in samples) <= 30
     assert len(samples) > 20  # sampled all along the run
-    assert_each_sent_once(send_log, campaign_id, 2000)
+    assert_each_sent_once(send_log, campaign_id, 1000)
