@@ -523,6 +523,9 @@ SETTINGS: tuple[Setting, ...] = (
             integer(1, 1000)),
     Setting("WEB_CLIENT_TIMEOUT", "10", "seconds a client may leave a `web` thread waiting for the next bytes of "
             "its request (or to take its answer) before it is dropped; 0: no limit", number(0, 3600)),
+    Setting("WEB_SWITCH_INTERVAL", "0.0005", "seconds a `web` thread keeps Python's interpreter lock while another "
+            "thread waits for it (`sys.setswitchinterval`; Python's own is 0.005): a thread whose database answer has "
+            "come goes on within this, instead of waiting behind a busy one (docs/operations.md)", number(0.0001, 0.1)),
     Setting("METRICS_FLUSH_INTERVAL", "2", "seconds between two flushes of a process's metrics into Redis, where "
             "`GET /metrics` adds up every process's", number(0.1, 60)),
     # Logs

@@ -60,6 +60,11 @@ class RedactingLogger(Logger):
                 handler.setFormatter(RedactingFormatter(handler.formatter, lambda: secrets))
 
 
+# A request's thread that waits on the database gives up the interpreter lock, and when the answer comes it
+# must get the lock back from whichever thread holds it: with Python's default of 5 ms a click or a primary-key
+# read spends more time waiting for the lock than for PostgreSQL (measured: docs/benchmarks.md). Set in the
+# master, inherited by the workers it forks.
+sys.setswitchinterval(Config.WEB_SWITCH_INTERVAL)
 worker_class = ClientTimeoutWorker
 threads = Config.WEB_THREADS
 logger_class = RedactingLogger

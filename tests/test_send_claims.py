@@ -67,17 +67,18 @@ def test_a_cancel_answers_without_waiting_for_sends_in_flight_and_no_send_starts
     time.sleep(0.5)
 
     # Receipts for messages already sent keep coming while the cancel runs: none may wait on it.
-    delivered = [m for m in rows(campaign.id) if m.status == MessageStatus.SENT]
+    # Their provider ids as plain values: the poster's thread must not load anything through this thread's session.
+    delivered = [m.provider_message_id for m in rows(campaign.id) if m.status == MessageStatus.SENT]
     timings: list[float] = []
     stop = threading.Event()
 
     def post_receipts() -> None:
         with app.app_context():
-            for message in delivered:
+            for provider_message_id in delivered:
                 if stop.is_set():
                     break
                 started = time.monotonic()
-                receipts.record([receipts.Receipt("mock", message.provider_message_id, MessageStatus.DELIVERED)])
+                receipts.record([receipts.Receipt("mock", provider_message_id, MessageStatus.DELIVERED)])
                 timings.append(time.monotonic() - started)
                 time.sleep(0.01)
             db.session.remove()

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import psycopg
 from flask import Flask, current_app
 from sqlalchemy import Engine, String, bindparam, select, text
 
-from app.database import statement_budget
+from app.database import RoundTripTimeout, statement_budget, without_pre_ping
 from app.extensions import db
 from app.models import MessageStatus, OutboundMessage, UTCDateTime
 
@@ -107,19 +108,48 @@ def _one(engine: Engine, pg_sql: str, sqlite_statement, params: dict) -> str | N
     if engine.dialect.driver != "psycopg":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             return connection.execute(sqlite_statement, params).scalar()
-    pooled = engine.raw_connection()
+    # A pooled connection without the pool's pre-ping first (a round trip saved on every click). One that
+    # turns out dead (the server restarted since it was pooled) fails at once, before its statement can run,
+    # and the statement is tried once more on a connection the pool pings.
+    with without_pre_ping():
+        pooled = engine.raw_connection()
     try:
-        conn = pooled.driver_connection
+        return _run(pooled, pg_sql, params)
+    except _DeadConnection:
+        return _run(engine.raw_connection(), pg_sql, params)
+
+
+# What a server says on a connection it ended before the statement came (a restart, a crash elsewhere).
+_ENDED_BEFORE = frozenset({"57P01", "57P02"})
+
+
+class _DeadConnection(psycopg.OperationalError):
+    """The pooled connection was dead before its statement ran: the statement did not run."""
+
+
+def _run(pooled, sql: str, params: dict) -> str | None:
+    """`sql` in autocommit on the checked-out `pooled` connection, which goes back to the pool after (or is
+    dropped, if anything failed: its state is unknown). Raises `_DeadConnection` when the server had closed
+    the connection already (not a timeout: a hung server is not asked twice)."""
+    conn = pooled.driver_connection
+    try:
         conn.autocommit = True
         try:
-            row = conn.execute(pg_sql, params).fetchone()
+            row = conn.execute(sql, params).fetchone()
         finally:
             if not conn.closed:
                 conn.autocommit = False
-    except BaseException:
-        pooled.invalidate()  # its state is unknown: never reused
+    except psycopg.OperationalError as exc:
+        ended = exc.sqlstate in _ENDED_BEFORE or (exc.sqlstate is None and not isinstance(exc, RoundTripTimeout))
+        dead = conn.closed and ended
+        pooled.invalidate()
+        if dead:
+            raise _DeadConnection(str(exc)) from exc
         raise
-    pooled.close()  # back to the pool
+    except BaseException:
+        pooled.invalidate()
+        raise
+    pooled.close()
     return None if row is None else row[0]
 
 

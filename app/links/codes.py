@@ -39,11 +39,14 @@ class Codec:
     """Encodes and decodes link codes under one key (the purpose `links` mixed into the secret key)."""
 
     def __init__(self, key: bytes) -> None:
-        self._keys = [hmac.new(key, b"link-codes:%d" % r, hashlib.sha256).digest() for r in range(_ROUNDS)]
+        keys = [hmac.new(key, b"link-codes:%d" % r, hashlib.sha256).digest() for r in range(_ROUNDS)]
+        # Keyed once; each round copies its keyed state (half the cost of keying anew: a redirect decodes one).
+        self._macs = [hmac.new(round_key, digestmod=hashlib.sha256) for round_key in keys]
 
     def _round(self, r: int, half: int) -> int:
-        digest = hmac.new(self._keys[r], half.to_bytes(4, "big"), hashlib.sha256).digest()
-        return int.from_bytes(digest[:4], "big") & _HALF_MASK
+        mac = self._macs[r].copy()
+        mac.update(half.to_bytes(4, "big"))
+        return int.from_bytes(mac.digest()[:4], "big") & _HALF_MASK
 
     def encode(self, message_id: int, position: int) -> str:
         """The code of the link at `position` (0-15) of message `message_id`."""

@@ -77,7 +77,7 @@ class ShortLinks:
             metrics.count_link_request("unknown", recorder)
             return "404 Not Found", NOT_FOUND, [_PLAIN]
         metrics.count_link_request(result, recorder)
-        return "302 Found", b"", [("Location", iri_to_uri(url))]
+        return "302 Found", b"", [("Location", url if url.isascii() else iri_to_uri(url))]
 
 
 def _answer(start_response: Callable, status: str, body: bytes, headers: list) -> list[bytes]:

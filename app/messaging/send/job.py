@@ -5,12 +5,13 @@
    campaign is sending; a paused campaign's message goes back to pending (resume queues it again), a
    canceled one's is canceled. A job that runs twice, or a job from an earlier turn of the message, claims
    nothing: two workers never send one message at once.
-2. **Decide before the provider**, in this order: a customer gone or a body over the channel's limit fails
-   the message for good; a customer who opted out since it was queued cancels it; inside QUIET_HOURS
-   where the recipient is, the message waits pending until the window ends (`not_before`; a refill is
-   scheduled for then); under a throughput limit the send takes its slot (at most a second away, else the
-   message is queued again and the job handed back for later, no retry used), and after a wait longer than
-   `RECHECK_AFTER` reads the campaign's status again, so a pause or a cancel stops it.
+2. **Decide before the provider**, in this order: a customer gone or a body over the channel's limit (as
+   rendered, its URLs made short links when the campaign tracks them: `_rendered`) fails the message for good;
+   a customer who opted out since it was queued cancels it; inside QUIET_HOURS where the recipient is, the
+   message waits pending until the window ends (`not_before`; a refill is scheduled for then); under a
+   throughput limit the send takes its slot (at most a second away, else the message is queued again and the
+   job handed back for later, no retry used), and after a wait longer than `RECHECK_AFTER` reads the
+   campaign's status again, so a pause or a cancel stops it.
 3. **Send**: one provider call, with no transaction and no pooled connection held.
 4. **Record** (`store.record`, naming the claim, committed): taken -> `sent` with the provider's id;
    refused for good -> `failed`; a transient refusal with retries left -> queued again and RQ's Retry
