@@ -118,6 +118,8 @@ def test_two_links_get_two_codes_and_the_same_link_twice_one():
     body = s.shorten("a https://a.example/1 b https://b.example/2 c https://a.example/1")
     assert body == f"a {BASE}/code000000 b {BASE}/code000001 c {BASE}/code000000"
     assert s.links == ["https://a.example/1", "https://b.example/2"]
+    short = shortener()
+    assert (short.shorten("go http://x!"), short.links) == (f"go {BASE}/code000000!", ["http://x"])
 
 
 def test_text_without_links_and_links_already_short_are_left_as_they_are():

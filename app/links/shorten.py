@@ -71,7 +71,7 @@ class Shortener:
         found = match.group(0)
         url = _trimmed(found)
         rest = found[len(url) :]
-        if len(url) <= len("https://") or url.startswith(self._base + "/"):
+        if not url.partition("://")[2] or url.startswith(self._base + "/"):
             return found
         position = self._positions.get(url)
         if position is None:
