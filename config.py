@@ -402,6 +402,9 @@ SETTINGS: tuple[Setting, ...] = (
             "holds the windows, not the audiences; a `high` priority campaign's window is twice this, a `low` one's "
             "half. Keep it above the workers' total `WORKER_CONCURRENCY` (docs/operations.md)", integer(1, 100000)),
     # Sending
+    Setting("RECIPIENT_BATCH", "10000", "customers a send to an audience reads per batch: the send request adds "
+            "the first batch's messages and answers, a job of the control queue adds the rest batch by batch while "
+            "the first are sent (docs/architecture.md)", integer(1, 1000000)),
     Setting("MAX_SEND_IDS", "10000", "most `customer_ids` in one send; use an audience beyond", integer(1)),
     Setting("SMS_SEGMENT_PRICE", "", "what one SMS segment costs (a decimal number, e.g. `0.8`), for the `cost` "
             "of `POST /campaigns/{id}/estimate`; set with CURRENCY, or neither", optional_price),

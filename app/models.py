@@ -271,6 +271,16 @@ class Campaign(db.Model):
     # Why a campaign ended `failed` when no message says it (e.g. it reached its time with no recipients),
     # or why it was paused by a provider's account-level refusal.
     status_reason: Mapped[str | None] = mapped_column(Text)
+    # A send to a large audience adds its recipients in batches of RECIPIENT_BATCH customers, in id order
+    # (app.messaging.recipient_batches): the first in the request, the rest after its answer. While it adds,
+    # `adding_audience` is the audience (a segment as its filter when sent), `adding_after` the last customer
+    # id covered and `adding_at` the last batch's commit; all three are null otherwise, and the campaign
+    # cannot end meanwhile. `last_send`: the latest audience send's counts (added, skipped_opted_out,
+    # skipped_frequency_cap), as they grow.
+    adding_audience: Mapped[dict | None] = mapped_column(JSON)
+    adding_after: Mapped[int | None] = mapped_column(BigInteger)
+    adding_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_send: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -99,6 +99,7 @@ def test_repeat_send_replays_and_enqueues_nothing_more(client, redis_conn, send_
             "messages_left_for_reconciler": 0,
             "skipped_opted_out": 0,
             "skipped_frequency_cap": 0,
+            "adding_recipients": False,
             "status": "sending",
         }
     )

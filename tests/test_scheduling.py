@@ -97,6 +97,7 @@ def test_send_before_the_time_stores_recipients_and_queues_nothing(client, clock
         "messages_scheduled": 2,
         "skipped_opted_out": 0,
         "skipped_frequency_cap": 0,
+        "adding_recipients": False,
         "status": "scheduled",
         "scheduled_at": iso(at),
     }
@@ -177,6 +178,7 @@ def test_send_on_a_due_scheduled_campaign_starts_it_with_stored_recipients(clien
         "messages_left_for_reconciler": 0,
         "skipped_opted_out": 0,
         "skipped_frequency_cap": 0,
+        "adding_recipients": False,
         "status": "sending",
     }
     assert trigger_time(campaign["id"]) is None

@@ -36,6 +36,7 @@ def test_send_creates_pending_rows_and_one_job_each(client, redis_conn):
         "messages_left_for_reconciler": 0,
         "skipped_opted_out": 0,
         "skipped_frequency_cap": 0,
+        "adding_recipients": False,
         "status": "sending",
     }
     messages = db.session.scalars(db.select(OutboundMessage).order_by(OutboundMessage.id)).all()
@@ -217,6 +218,7 @@ def test_send_while_redis_is_down_says_nothing_was_queued(client, app, clock, re
         "messages_left_for_reconciler": 2,
         "skipped_opted_out": 0,
         "skipped_frequency_cap": 0,
+        "adding_recipients": False,
         "status": "sending",
     }
     # In its window, without jobs: the reconciler puts them back in line.

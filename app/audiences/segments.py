@@ -72,16 +72,21 @@ def list_segments(page_size: int, page: int | None = None, cursor: str | None = 
     return paginate(select(Segment), Segment.id, "segments", page_size, page, cursor)
 
 
-def segment_condition(segment_id: int, path: str = "segment_id", lock: bool = False) -> ColumnElement[bool]:
-    """The condition of the segment's filter; a 422 naming `path` when there is no such segment. `lock`
-    holds the segment (a key-share lock) until the commit, so that it cannot be deleted meanwhile."""
+def segment_filter(segment_id: int, path: str = "segment_id", lock: bool = False) -> dict:
+    """The segment's filter as it is now; a 422 naming `path` when there is no such segment. `lock` holds
+    the segment (a key-share lock) until the commit, so that it cannot be deleted meanwhile."""
     stmt = select(Segment.filter).where(Segment.id == segment_id)
     if lock:
         stmt = stmt.with_for_update(read=True, key_share=True)
     spec = db.session.scalar(stmt)
     if spec is None:
         raise ValidationFailed(f"{path}: no segment with id {segment_id}", {path: [f"no segment with id {segment_id}"]})
-    return filters.compile_filter(spec, path)
+    return spec
+
+
+def segment_condition(segment_id: int, path: str = "segment_id", lock: bool = False) -> ColumnElement[bool]:
+    """The condition of the segment's filter (`segment_filter`)."""
+    return filters.compile_filter(segment_filter(segment_id, path, lock), path)
 
 
 def audience_condition(data: Mapping, path: str = "") -> ColumnElement[bool]:

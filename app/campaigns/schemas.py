@@ -84,6 +84,14 @@ class WhatsAppTemplateSchema(Schema):
     )
 
 
+class LastSendSchema(Schema):
+    added = fields.Integer(metadata={"description": "Messages the send created so far."})
+    skipped_opted_out = fields.Integer(metadata={"description": "Customers left out as opted out of the channel."})
+    skipped_frequency_cap = fields.Integer(metadata={"description": "Customers FREQUENCY_CAP left out."})
+    adding = fields.Boolean(metadata={"description": "true while it still adds recipients, batch by batch."})
+    updated_at = fields.String(metadata={"description": "When its last batch was added (ISO 8601, UTC)."})
+
+
 class CampaignSchema(Schema):
     id = fields.Integer(dump_only=True)
     name = Text(required=True, validate=validate.Length(min=1, max=200))
@@ -144,6 +152,16 @@ class CampaignSchema(Schema):
         },
     )
     status = fields.String(dump_only=True, metadata={"enum": list(CampaignStatus.ALL)})
+    last_send = fields.Nested(
+        LastSendSchema,
+        dump_only=True,
+        allow_none=True,
+        metadata={
+            "description": "The latest send to an audience: what it added so far, and whether it is still "
+            "adding (a large audience's recipients are added in batches after the send's answer). null before "
+            "any."
+        },
+    )
     status_reason = fields.String(
         dump_only=True,
         allow_none=True,
@@ -262,6 +280,15 @@ class SendResultSchema(Schema):
             "description": "Customers of the audience FREQUENCY_CAP held back (not opted out, not messaged in "
             "this campaign before): no message was created for them. 0 without a cap, or when the campaign "
             "ignores it."
+        },
+    )
+    adding_recipients = fields.Boolean(
+        required=True,
+        metadata={
+            "description": "true: the audience is larger than RECIPIENT_BATCH customers, and the rest of its "
+            "recipients are being added after this answer, batch by batch, while the first are sent; the "
+            "campaign's `stats` and `last_send` show them as they come, and it ends only once all are added. "
+            "The counts here are the first batch's."
         },
     )
     status = fields.String(required=True)

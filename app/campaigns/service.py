@@ -9,11 +9,10 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from flask import current_app
-from sqlalchemy import ColumnElement, and_, func, select, true
+from sqlalchemy import ColumnElement, and_, func, select
 
 from app import clock
 from app.audiences import caps, segments
-from app.audiences.filters import compile_filter
 from app.customers import optouts
 from app.customers.service import get_customer
 from app.database import statement_budget
@@ -21,7 +20,7 @@ from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
 from app.links import shorten
 from app.links.clicks import link_counts
-from app.messaging import lifecycle, recipients, triggers
+from app.messaging import lifecycle, recipient_batches, recipients, triggers
 from app.messaging.segments import GSM_7, UCS_2, encode_info, measure
 from app.messaging.send import window
 from app.messaging.stats import campaign_stats, delivery_times, stats_for
@@ -187,15 +186,8 @@ def list_messages(
     return paginate(stmt, OutboundMessage.id, "messages", page_size, page, cursor)
 
 
-def _audience_filter(customer_ids: list[int] | None, audience: Mapping | None) -> ColumnElement[bool]:
-    """The customers a send targets; 422 for ids of no customer or too many ids."""
-    if customer_ids is None:
-        assert audience is not None
-        if "filter" in audience:
-            return compile_filter(audience["filter"], "audience.filter")
-        if "segment_id" in audience:
-            return segments.segment_condition(audience["segment_id"], "audience.segment_id", lock=True)
-        return Customer.location == audience["location"] if "location" in audience else true()
+def _ids_filter(customer_ids: list[int]) -> ColumnElement[bool]:
+    """The customers a send to ids targets; 422 for ids of no customer or too many ids."""
     limit = current_app.config["MAX_SEND_IDS"]
     ids = sorted(set(customer_ids))
     if len(ids) > limit:
@@ -216,12 +208,50 @@ def _audience_filter(customer_ids: list[int] | None, audience: Mapping | None) -
     return Customer.id.in_(ids)
 
 
-def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audience: Mapping | None = None) -> dict:
-    """Create the pending messages for the recipients in one transaction, then queue them.
+def _audience_filter(customer_ids: list[int] | None, audience: Mapping | None) -> ColumnElement[bool]:
+    """The customers a send or an estimate targets (a segment held until the commit)."""
+    if customer_ids is not None:
+        return _ids_filter(customer_ids)
+    assert audience is not None
+    return recipient_batches.audience_condition(recipient_batches.audience_spec(audience))
 
-    A campaign scheduled in the future only stores its recipients; its trigger queues them later.
-    A campaign that starts now (draft, or scheduled and due) queues all its pending messages,
-    one already sending queues only the rows this call created.
+
+def _add_recipients(
+    campaign: Campaign, customer_ids: list[int] | None, audience: Mapping | None, has_pending: bool
+) -> recipient_batches.Added:
+    """The messages of a send's recipients, in the request's transaction: all of them for ids, the first
+    batches of an audience (`recipient_batches`; the campaign then records where the rest starts)."""
+    if customer_ids is not None:
+        where = _ids_filter(customer_ids)
+        rows = recipients.create_pending_messages(campaign.id, where, campaign.channel, caps.cap_for(campaign))
+        # Read in the same transaction, after the insert: the opted-out among the ids it left out.
+        return recipient_batches.Added(rows.count, optouts.count_opted_out(where, campaign.channel), rows.capped)
+    if campaign.adding_after is not None:
+        raise ConflictError(
+            f"campaign {campaign.id} is still adding the recipients of an earlier send "
+            f"({(campaign.last_send or {}).get('added', 0)} so far, `last_send` in its detail): send to another "
+            "audience once it is done",
+            campaign_status=campaign.status,
+        )
+    return recipient_batches.add_first(campaign, recipient_batches.audience_spec(audience), has_pending)
+
+
+def _pending_count(campaign_id: int) -> int:
+    return db.session.scalar(
+        select(func.count()).where(
+            OutboundMessage.campaign_id == campaign_id, OutboundMessage.status == MessageStatus.PENDING
+        )
+    )
+
+
+def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audience: Mapping | None = None) -> dict:
+    """Create the pending messages for the recipients, then queue them.
+
+    Ids, and the first `RECIPIENT_BATCH` customers of an audience, get their messages in the request's
+    transaction; a larger audience's rest is added batch by batch after the answer (`adding_recipients`).
+    A campaign scheduled in the future only stores its recipients; its trigger queues them later. A campaign
+    that starts now (draft, or scheduled and due) queues all its pending messages, one already sending
+    queues only the rows this call created.
     """
     campaign = get_campaign(campaign_id, lock=True)  # serializes sends to one campaign
     try:
@@ -242,55 +272,52 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
                 "messages_scheduled": 0,
                 "skipped_opted_out": 0,
                 "skipped_frequency_cap": 0,
+                "adding_recipients": False,
                 "segment_id": audience["segment_id"],
                 "segment_evaluated_at_fire": True,
                 "status": campaign.status,
                 "scheduled_at": campaign.scheduled_at,
             }
-        audience_filter = _audience_filter(customer_ids, audience)
-        rows = recipients.create_pending_messages(
-            campaign.id, audience_filter, campaign.channel, caps.cap_for(campaign)
-        )
-        capped = rows.capped
-        # Read in the same transaction, after the insert: the opted-out among the audience it left out.
-        skipped = optouts.count_opted_out(audience_filter, campaign.channel)
+        starting = not later and campaign.status != CampaignStatus.SENDING
+        # Recipients stored while it was scheduled go out with the new ones, and answer "something to send".
+        stored = _pending_count(campaign.id) if starting else 0
+        added = _add_recipients(campaign, customer_ids, audience, has_pending=bool(stored))
         if later:
             db.session.commit()
+            if added.more:
+                recipient_batches.enqueue(campaign.id, campaign.adding_after)
             return {
                 "campaign_id": campaign.id,
                 "messages_queued": 0,
                 "messages_left_for_reconciler": 0,
-                "messages_scheduled": rows.count,
-                "skipped_opted_out": skipped,
-                "skipped_frequency_cap": capped,
+                "messages_scheduled": added.created,
+                "skipped_opted_out": added.skipped_opted_out,
+                "skipped_frequency_cap": added.skipped_frequency_cap,
+                "adding_recipients": added.more,
                 "status": campaign.status,
                 "scheduled_at": campaign.scheduled_at,
             }
-        starting = campaign.status != CampaignStatus.SENDING
         if starting:
-            segments.add_waiting_segment(campaign.id)  # a segment named while it was scheduled
-            # Recipients stored while it was scheduled go out together with the new ones.
-            count = db.session.scalar(
-                select(func.count()).where(
-                    OutboundMessage.campaign_id == campaign.id, OutboundMessage.status == MessageStatus.PENDING
-                )
-            )
+            added_from_segment = segments.add_waiting_segment(campaign.id)  # a segment named while scheduled
+            count = stored + added.created + added_from_segment
             if not count:
-                if skipped or capped:
+                if added.skipped_opted_out or added.skipped_frequency_cap:
                     raise ValidationFailed(
                         "every customer of the audience is opted out of "
                         f"{campaign.channel} or held back by the frequency cap: nothing to send",
-                        skipped_opted_out=skipped,
-                        skipped_frequency_cap=capped,
+                        skipped_opted_out=added.skipped_opted_out,
+                        skipped_frequency_cap=added.skipped_frequency_cap,
                     )
                 raise ValidationFailed("the audience matches no customer: nothing to send")
             lifecycle.start_sending(campaign.id)  # under the campaign's row lock: it moves
         else:
-            count = rows.count
+            count = added.created
         db.session.commit()
     except Exception:
         db.session.rollback()
         raise
+    if added.more:
+        recipient_batches.enqueue(campaign.id, campaign.adding_after)
     if starting:
         triggers.sync_dispatch(campaign.id, None)
     lost = window.refill(campaign.id).lost
@@ -298,8 +325,9 @@ def send_campaign(campaign_id: int, customer_ids: list[int] | None = None, audie
         "campaign_id": campaign.id,
         "messages_queued": count - lost,
         "messages_left_for_reconciler": lost,
-        "skipped_opted_out": skipped,
-        "skipped_frequency_cap": capped,
+        "skipped_opted_out": added.skipped_opted_out,
+        "skipped_frequency_cap": added.skipped_frequency_cap,
+        "adding_recipients": added.more,
         "status": CampaignStatus.SENDING,
     }
 

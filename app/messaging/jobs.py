@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rq import Retry
 
-from app.messaging import lifecycle, reconcile
+from app.messaging import lifecycle, recipient_batches, reconcile
 from app.messaging.send import job, window
 from app.messaging.triggers import dispatch_due_campaign
 
@@ -32,6 +32,11 @@ def fan_out_pending_messages(campaign_id: int, first_id: int | None = None, last
 def cancel_waiting_messages(campaign_id: int) -> str:
     """Cancel what a canceled campaign still has waiting, batch by batch (what its cancel left)."""
     return f"canceled {lifecycle.cancel_all_waiting(campaign_id)}"
+
+
+def add_recipients(campaign_id: int) -> str:
+    """Add the rest of a send's audience, batch by batch (`app.messaging.recipient_batches`)."""
+    return f"added {recipient_batches.add_rest(campaign_id)}"
 
 
 def dispatch_scheduled_campaign(campaign_id: int) -> str:

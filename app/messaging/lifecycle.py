@@ -369,7 +369,8 @@ def finish_campaign(campaign_id: int, checked: bool = False) -> str | None:
         return None  # the common case: a few indexed lookups, no lock, no transaction
     locked = db.session.scalar(
         select(Campaign.id)
-        .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.SENDING)
+        # Not while a send still adds its recipients (app.messaging.recipient_batches): more are coming.
+        .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.SENDING, Campaign.adding_after.is_(None))
         .with_for_update()
     )
     if locked is None or unfinished_exists(db.session, campaign_id):

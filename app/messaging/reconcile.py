@@ -12,7 +12,9 @@ It runs every `RECONCILE_INTERVAL` seconds and
 5. applies delivery receipts kept because their message's provider id was not recorded yet (every one whose
    message now exists), and deletes those kept longer than `KEPT_RECEIPT_TTL` (counted);
 6. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
-   job is not waiting in Redis (a flushed Redis, a killed worker); the job resumes where the import was.
+   job is not waiting in Redis (a flushed Redis, a killed worker); the job resumes where the import was;
+7. re-enqueues the adding of a send's recipients whose last batch committed over
+   `recipient_batches.ADDING_STALE` ago (its job lost); it resumes after the last customer added.
 It works in batches and is safe beside workers and beside itself: every move is a conditional UPDATE,
 rows another transaction holds are skipped, and a job from an earlier turn of a message claims nothing.
 """
@@ -31,7 +33,7 @@ from sqlalchemy import select, update
 from app import clock, metrics
 from app.customers import import_jobs
 from app.extensions import db
-from app.messaging import deferred, lifecycle, receipts
+from app.messaging import deferred, lifecycle, receipts, recipient_batches
 from app.messaging.send import window
 from app.messaging.triggers import dispatch_due_campaign
 from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
@@ -55,6 +57,7 @@ class ReconcileReport:
     applied_receipts: int = 0
     expired_receipts: int = 0
     applied_deferred: int = 0
+    resumed_adding: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
@@ -62,7 +65,7 @@ class ReconcileReport:
             f"requeued {self.requeued}, "
             f"refilled {self.refilled}, finalized {self.finalized}, canceled {self.canceled}, "
             f"applied receipts {self.applied_receipts}, expired receipts {self.expired_receipts}, "
-            f"requeued imports {self.requeued_imports}"
+            f"requeued imports {self.requeued_imports}, resumed adding {self.resumed_adding}"
         )
 
     def __bool__(self) -> bool:
@@ -77,6 +80,7 @@ class ReconcileReport:
             or self.applied_receipts
             or self.expired_receipts
             or self.requeued_imports
+            or self.resumed_adding
         )
 
 
@@ -224,7 +228,7 @@ def requeue_stale_imports() -> int:
 
 
 def reconcile() -> ReconcileReport:
-    """One pass of the six steps above."""
+    """One pass of the seven steps above."""
     report = ReconcileReport(dispatched=dispatch_due_campaigns())
     # A send whose record waits in Redis (the database was unavailable) holds its claim until then: its
     # record goes in first, so that its lease running out meanwhile does not send it again.
@@ -243,6 +247,7 @@ def reconcile() -> ReconcileReport:
     report.applied_receipts = receipts.apply_waiting()
     report.expired_receipts = receipts.expire_kept()
     report.requeued_imports = requeue_stale_imports()
+    report.resumed_adding = recipient_batches.resume_stalled()
     if report:
         log.info(
             "reconciled",
@@ -257,6 +262,7 @@ def reconcile() -> ReconcileReport:
                 "applied_receipts": report.applied_receipts,
                 "expired_receipts": report.expired_receipts,
                 "requeued_imports": report.requeued_imports,
+                "resumed_adding": report.resumed_adding,
             },
         )
     return report
