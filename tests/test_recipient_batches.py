@@ -213,6 +213,15 @@ def test_a_scheduled_campaign_adds_its_audience_before_its_time(client, work, cl
     shown = detail(client, campaign.id)
     assert shown["status"] == "scheduled" and shown["stats"]["pending"] == 25 and shown["last_send"]["added"] == 25
 
+    # Taken back to draft while it adds: it keeps every recipient its send stored, as before batches.
+    unscheduled = make_campaign(name="unscheduled")
+    assert client.patch(f"/campaigns/{unscheduled.id}", json={"scheduled_at": later.isoformat()}).status_code == 200
+    assert send(client, unscheduled.id)["adding_recipients"]
+    assert client.patch(f"/campaigns/{unscheduled.id}", json={"scheduled_at": None}).get_json()["status"] == "draft"
+    work()
+    shown = detail(client, unscheduled.id)
+    assert shown["status"] == "draft" and shown["stats"]["pending"] == 25 and shown["last_send"]["adding"] is False
+
 
 @pytest.mark.real_only
 def test_two_add_jobs_at_once_add_each_customer_once_and_count_each_once(app, client, spawn_worker, send_log):

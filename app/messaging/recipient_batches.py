@@ -44,8 +44,10 @@ ADD_JOB = "app.messaging.jobs.add_recipients"
 # A campaign still adding whose last batch is older than this has lost its job: the reconciler enqueues
 # it again. A batch takes well under a second.
 ADDING_STALE = timedelta(seconds=30)
-# Statuses in which a campaign goes on adding: scheduled (its messages wait for its time), sending, paused.
-ADDING = (CampaignStatus.SCHEDULED, CampaignStatus.SENDING, CampaignStatus.PAUSED)
+# Statuses in which a campaign goes on adding: all but canceled (and sent or failed, which it cannot reach
+# while it adds). A scheduled campaign taken back to draft keeps every recipient its send stored, as a
+# send that stored them all at once would have.
+ADDING = (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED, CampaignStatus.SENDING, CampaignStatus.PAUSED)
 
 
 def audience_spec(audience: Mapping, lock: bool = True) -> dict:
