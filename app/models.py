@@ -82,7 +82,7 @@ class CampaignPriority:
 
 
 class MessageStatus:
-    PENDING = "pending"  # waits its turn: no job in Redis yet (or held by quiet hours until `not_before`)
+    PENDING = "pending"  # waits its turn: no job in Redis yet (or held until `not_before`: quiet hours, a provider)
     QUEUED = "queued"  # in its campaign's window: its send job (`job_seq`) is in Redis
     SENDING = "sending"  # claimed by a worker (`claimed_by`, until `lease_until`): at the provider now
     SENT = "sent"  # accepted by the provider
@@ -377,6 +377,9 @@ class OutboundMessage(db.Model):
     # When a message held by quiet hours may go (the window's end in its recipient's time zone); kept after
     # it goes, as a record. Set by the send job (`lifecycle.HOLD_UNTIL`), never a status change.
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the provider held it back to be tried later (WhatsApp 131049: Meta keeps marketing to this user
+    # in check): it went back to pending until `not_before`, 24 h on. Once only: held again, it fails.
+    provider_held_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The original URLs its short links lead to, by position (app.links: the position is in each code); null
     # when it was sent without any. Clicks per position (`{"0": 3}`), all its clicks, and the first one's time.
     # A click changes these only, never the status.

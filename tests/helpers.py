@@ -82,8 +82,8 @@ def job_ids_of(messages) -> list[str]:
 def stats(**counts: int) -> dict[str, int]:
     """A campaign's `stats` as the API answers them: every status counted (0 unless given), `read`, `clicked`,
     `clicks` and `total`;
-    `segments_sent` is compared only when given (the tests of segments give it); `waiting_quiet_hours` is 0
-    unless given."""
+    `segments_sent` is compared only when given (the tests of segments give it); `waiting_quiet_hours` and
+    `held_by_provider` are 0 unless given."""
     return {
         "segments_sent": ANY,
         "total": 0,
@@ -99,6 +99,7 @@ def stats(**counts: int) -> dict[str, int]:
         "clicked": 0,
         "clicks": 0,
         "waiting_quiet_hours": 0,
+        "held_by_provider": 0,
         **counts,
     }
 

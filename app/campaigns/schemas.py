@@ -39,6 +39,13 @@ class StatsSchema(Schema):
             "not_before (counted in pending too)."
         },
     )
+    held_by_provider = fields.Integer(
+        required=True,
+        metadata={
+            "description": "Pending messages the provider held back to be tried again at their not_before "
+            "(WhatsApp 131049: 24 h later, once; counted in pending too)."
+        },
+    )
 
 
 class DeliverySecondsSchema(Schema):
@@ -412,7 +419,14 @@ class MessageSchema(Schema):
         allow_none=True,
         metadata={
             "description": "Set when quiet hours held it: the time it may go (the window's end where its "
-            "recipient is). Kept once it goes."
+            "recipient is); or, with provider_held_at, when the provider's hold ends. Kept once it goes."
+        },
+    )
+    provider_held_at = UTCDateTime(
+        allow_none=True,
+        metadata={
+            "description": "When the provider held it back to be tried again at not_before (WhatsApp 131049: "
+            "24 h later, once; held again, it fails)."
         },
     )
     created_at = UTCDateTime()

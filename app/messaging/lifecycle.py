@@ -37,7 +37,15 @@ from app import clock
 from app.extensions import db
 from app.messaging import stats
 from app.messaging.recipients import NewRows
-from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
+from app.models import (
+    Campaign,
+    CampaignStatus,
+    CustomerImport,
+    ErrorClass,
+    ImportStatus,
+    MessageStatus,
+    OutboundMessage,
+)
 
 # Status -> the statuses it may move to.
 CAMPAIGN_TRANSITIONS: dict[str, frozenset[str]] = {
@@ -78,7 +86,10 @@ MESSAGE_TRANSITIONS: dict[str, frozenset[str]] = {
     ),
     # The provider's receipts. Never a step back: a late `sent` after `delivered`, or a repeated receipt,
     # changes nothing (a `read` one only sets `read_at` on a delivered message).
-    MessageStatus.SENT: frozenset({MessageStatus.DELIVERED, MessageStatus.UNDELIVERED, MessageStatus.FAILED}),
+    # And back to pending, once, when the provider held it back to try later (WhatsApp 131049, `hold_for_provider`).
+    MessageStatus.SENT: frozenset(
+        {MessageStatus.DELIVERED, MessageStatus.UNDELIVERED, MessageStatus.FAILED, MessageStatus.PENDING}
+    ),
     MessageStatus.DELIVERED: frozenset(),
     # retry-failed: a transient failure is tried again, with fresh retries.
     MessageStatus.UNDELIVERED: frozenset({MessageStatus.PENDING}),
@@ -624,6 +635,44 @@ def apply_receipt(
     if moved:
         return True
     return False if found else None
+
+
+def hold_for_provider(
+    provider: str, provider_message_id: str, until: datetime, error_code: str | None, error: str | None
+) -> int | None:
+    """A failed receipt saying the provider held the message back to be tried later (WhatsApp 131049), in the
+    caller's transaction: the sent message with this provider id goes back to `pending` until `until`, if it
+    was never held before and its campaign is not canceled; a finished campaign goes back to `sending` (it
+    has a message to send again). Returns the campaign's id, or None when it held nothing (the caller then
+    applies the receipt as the failure it is)."""
+    now = clock.now()
+    campaign_open = select(_C.c.id).where(_C.c.id == _M.c.campaign_id, _C.c.status != CampaignStatus.CANCELED).exists()
+    held = db.session.execute(
+        update(_M)
+        .where(
+            _M.c.provider == provider,
+            _M.c.provider_message_id == provider_message_id,
+            _M.c.status == MessageStatus.SENT,
+            _M.c.provider_held_at.is_(None),
+            campaign_open,
+        )
+        .values(
+            status=MessageStatus.PENDING,
+            not_before=until,
+            provider_held_at=now,
+            # Sent again later under a new provider id; the old one's late or repeated receipts then find
+            # nothing (kept, and aged out), never the message while it is sent again.
+            provider_message_id=None,
+            updated_at=now,
+            error_code=error_code,
+            error_class=ErrorClass.TRANSIENT,
+            last_error=error,
+        )
+        .returning(_M.c.campaign_id)
+    ).scalar()
+    if held is not None:
+        reopen_for_retry(held)
+    return held
 
 
 # --- customer imports run as jobs (app.customers.import_jobs) ---

@@ -12,29 +12,24 @@ age out after `KEPT_RECEIPT_TTL` (counted in `/metrics`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import timedelta
+import logging
+from dataclasses import replace
+from datetime import datetime, timedelta
 
 from flask import current_app
 from sqlalchemy import delete, exists, select
 
 from app import clock, metrics
+from app.customers import optouts
 from app.extensions import db
-from app.messaging import lifecycle
-from app.models import DeliveryReceipt, OutboundMessage
+from app.messaging import lifecycle, providers
+from app.messaging.providers.base import Receipt
+from app.messaging.send import window
+from app.models import Campaign, DeliveryReceipt, ErrorClass, MessageStatus, OptOutSource, OutboundMessage
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class Receipt:
-    """One receipt, in the service's terms: the message status it means (`read` is `delivered` plus read)."""
-
-    provider: str
-    provider_message_id: str
-    status: str
-    read: bool = False
-    error_code: str | None = None
-    error: str | None = None
-    error_class: str | None = None  # a failure's class from its code (providers' `receipt_error_class`)
+__all__ = ["Receipt", "apply_waiting", "expire_kept", "record"]
 
 
 def record(receipts: list[Receipt]) -> dict[str, int]:
@@ -45,13 +40,14 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
     One receipt (a Twilio or Africa's Talking callback) runs without a transaction around it: its
     statements are each atomic and safe alone, and a webhook burst then costs one round trip per receipt
     instead of three (BEGIN, UPDATE, COMMIT)."""
-    if len(receipts) == 1 and not db.session().in_transaction():
+    if len(receipts) == 1 and not _acts(receipts[0]) and not db.session().in_transaction():
         db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     counts = {"applied": 0, "unchanged": 0, "kept": 0}
     results = []
     kept = []
+    held: list[tuple[int, datetime]] = []
     for receipt in receipts:
-        applied = _apply(receipt)
+        applied = _apply(receipt, held)
         if applied is None:
             db.session.add(
                 DeliveryReceipt(
@@ -72,13 +68,39 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
         results.append((receipt.provider, receipt.status, result))
     db.session.commit()
     metrics.count_receipts(results)
+    _after_holds(held)
     for receipt in kept:  # its message recorded between the look and the keeping: applied now
         apply_waiting(receipt.provider, receipt.provider_message_id)
     return counts
 
 
-def _apply(receipt: Receipt) -> bool | None:
-    return lifecycle.apply_receipt(
+def _acts(receipt: Receipt) -> bool:
+    """Whether a failed receipt asks more than the failure: a hold, or an opt-out (several statements, which
+    must commit together)."""
+    return receipt.status == MessageStatus.FAILED and (
+        providers.receipt_hold(receipt.provider, receipt.error_code) is not None
+        or providers.receipt_opts_out(receipt.provider, receipt.error_code)
+    )
+
+
+def _apply(receipt: Receipt, held: list[tuple[int, datetime]]) -> bool | None:
+    """Apply one receipt in the caller's transaction (see `lifecycle.apply_receipt`). A failure the provider
+    means as a hold (WhatsApp 131049) puts its message back in line for later, once (`held` gets its
+    campaign and time, to refill its window then, after the commit); held before, it fails for good. A failure
+    saying the recipient opted out with the provider (WhatsApp 131050) opts them out of the channel here."""
+    if receipt.status == MessageStatus.FAILED:
+        hold = providers.receipt_hold(receipt.provider, receipt.error_code)
+        if hold is not None:
+            until = clock.now() + hold
+            error = f"{receipt.error or receipt.error_code}; held back by the provider until {until:%Y-%m-%d %H:%M} UTC"
+            campaign_id = lifecycle.hold_for_provider(
+                receipt.provider, receipt.provider_message_id, until, receipt.error_code, error
+            )
+            if campaign_id is not None:
+                held.append((campaign_id, until))
+                return True
+            receipt = replace(receipt, error_class=ErrorClass.PERMANENT)  # held once already: it fails now
+    applied = lifecycle.apply_receipt(
         receipt.provider,
         receipt.provider_message_id,
         receipt.status,
@@ -87,6 +109,36 @@ def _apply(receipt: Receipt) -> bool | None:
         error=receipt.error,
         error_class=receipt.error_class,
     )
+    if applied and receipt.status == MessageStatus.FAILED:
+        if providers.receipt_opts_out(receipt.provider, receipt.error_code):
+            _opt_out_recipient(receipt)
+    return applied
+
+
+def _opt_out_recipient(receipt: Receipt) -> None:
+    """The recipient of the receipt's message opted out with the provider: opt them out of the campaign's
+    channel here too (source `provider`), so that later sends leave them out before reaching it."""
+    found = db.session.execute(
+        select(OutboundMessage.customer_id, Campaign.channel)
+        .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
+        .where(
+            OutboundMessage.provider == receipt.provider,
+            OutboundMessage.provider_message_id == receipt.provider_message_id,
+        )
+    ).first()
+    if found is not None and found.customer_id is not None:
+        if optouts.opt_out_ids([found.customer_id], found.channel, OptOutSource.PROVIDER):
+            log.info(
+                "recipient opted out with the provider",
+                extra={"provider": receipt.provider, "customer_id": found.customer_id, "channel": found.channel},
+            )
+
+
+def _after_holds(held: list[tuple[int, datetime]]) -> None:
+    """After the commit: each held message's campaign refills its window when the hold ends (the reconciler
+    does too, should Redis lose the scheduled refill)."""
+    for campaign_id, until in held:
+        window.schedule_refill(campaign_id, until)
 
 
 def apply_waiting(provider: str | None = None, provider_message_id: str | None = None) -> int:
@@ -107,6 +159,7 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
             DeliveryReceipt.provider == provider, DeliveryReceipt.provider_message_id == provider_message_id
         )
     applied_ids, results = [], []
+    held: list[tuple[int, datetime]] = []
     for kept in db.session.scalars(stmt.limit(current_app.config["RECONCILE_BATCH_SIZE"])):
         outcome = _apply(
             Receipt(
@@ -117,7 +170,8 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
                 kept.error_code,
                 kept.error,
                 kept.error_class,
-            )
+            ),
+            held,
         )
         if outcome is not None:
             applied_ids.append(kept.id)
@@ -126,6 +180,7 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
         db.session.execute(delete(DeliveryReceipt).where(DeliveryReceipt.id.in_(applied_ids)))
     db.session.commit()
     metrics.count_receipts(results)
+    _after_holds(held)
     return len(applied_ids)
 
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable
 
 from flask import Flask, current_app
-from sqlalchemy import Select, and_, bindparam, func, select, text, union_all
+from sqlalchemy import Select, and_, bindparam, case, func, select, text, union_all
 
 from app import clock
 from app.database import statement_budget
@@ -145,7 +145,7 @@ def _empty() -> dict[str, int]:
 
 
 def stats_from(rows: Iterable[tuple]) -> dict[int, dict[str, int]]:
-    """`counts_query` or `rows_query` rows as each campaign's stats (without `waiting_quiet_hours`)."""
+    """`counts_query` or `rows_query` rows as each campaign's stats (without the held ones)."""
     stats: dict[int, dict[str, int]] = {}
     for campaign_id, status, messages, read, segments, clicked, clicks in rows:
         campaign = stats.setdefault(campaign_id, _empty())
@@ -164,7 +164,8 @@ def stats_for(campaign_ids: Iterable[int]) -> dict[int, dict[str, int]]:
     current one), `read` (delivered ones with `read_at`), `clicked` (messages whose links were clicked at
     least once) and `clicks` (all their clicks), `total`, `segments_sent` (the SMS segments of
     the messages a provider accepted: sent, delivered or undelivered; what the campaign is billed for) and
-    `waiting_quiet_hours` (pending messages held by quiet hours until a time still ahead). Two queries
+    `waiting_quiet_hours` and `held_by_provider` (pending messages held by quiet hours, or by the provider,
+    until a time still ahead). Two queries
     for any number of campaigns; neither reads a campaign's messages one by one."""
     ids = list(dict.fromkeys(campaign_ids))
     if not ids:
@@ -172,12 +173,13 @@ def stats_for(campaign_ids: Iterable[int]) -> dict[int, dict[str, int]]:
     counted = stats_from(db.session.execute(counts_query(ids)))
     stats = {campaign_id: counted.get(campaign_id, _empty()) for campaign_id in ids}
     for campaign in stats.values():
-        campaign["waiting_quiet_hours"] = 0
+        campaign["waiting_quiet_hours"] = campaign["held_by_provider"] = 0
     # Asked only of campaigns with pending messages (a finished campaign's stats stay one query).
     waiting = [campaign_id for campaign_id in ids if stats[campaign_id]["pending"]]
     if waiting:
-        for campaign_id, count in db.session.execute(waiting_quiet_hours_query(waiting)):
-            stats[campaign_id]["waiting_quiet_hours"] = count
+        for campaign_id, quiet_hours, provider in db.session.execute(waiting_quiet_hours_query(waiting)):
+            stats[campaign_id]["waiting_quiet_hours"] = quiet_hours
+            stats[campaign_id]["held_by_provider"] = provider
     return stats
 
 
@@ -225,14 +227,20 @@ def _percentile(ordered: list[float], fraction: float) -> float | None:
 
 
 def waiting_quiet_hours_query(campaign_ids: Iterable[int]) -> Select:
-    """Per campaign, its pending messages held by quiet hours until a time still ahead. Read from the
-    partial index `ix_outbound_messages_waiting` (only pending messages with a `not_before` are in it), so
-    it costs as much as there are waiting messages, not the campaign's size."""
+    """Per campaign, its pending messages held until a time still ahead: by quiet hours, and by the provider
+    (WhatsApp 131049, `provider_held_at`). Read from the partial index `ix_outbound_messages_waiting` (only
+    pending messages with a `not_before` are in it), so it costs as much as there are waiting messages, not
+    the campaign's size."""
     return _WAITING.params(campaign_ids=list(campaign_ids), now=clock.now())
 
 
+_HELD_BY_PROVIDER = OutboundMessage.provider_held_at.is_not(None)
 _WAITING = (
-    select(OutboundMessage.campaign_id, func.count())
+    select(
+        OutboundMessage.campaign_id,
+        func.sum(case((_HELD_BY_PROVIDER, 0), else_=1)),
+        func.sum(case((_HELD_BY_PROVIDER, 1), else_=0)),
+    )
     .where(
         OutboundMessage.campaign_id.in_(_IDS),
         OutboundMessage.status == MessageStatus.PENDING,

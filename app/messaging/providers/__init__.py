@@ -9,6 +9,8 @@ own: a network failure or a timeout is a transient refusal.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from flask import Flask
 
 from app.messaging.providers import africastalking, mock, twilio, whatsapp_cloud
@@ -40,6 +42,23 @@ def get_provider(app: Flask, channel: str) -> Provider:
         providers[name] = build_provider(app, name)
         http_client(app)  # built here, not inside the first send: nothing slow between a send's slot and its request
     return providers[name]
+
+
+# Per provider: the failed receipts' codes that opt the recipient out of the channel here, and those that
+# hold the message to be tried again after a while (WhatsApp's 131050 and 131049; none for the SMS providers).
+_RECEIPT_OPTS_OUT = {whatsapp_cloud.WhatsAppCloud.name: whatsapp_cloud.RECEIPT_OPTS_OUT}
+_RECEIPT_HOLDS = {whatsapp_cloud.WhatsAppCloud.name: whatsapp_cloud.RECEIPT_HOLDS}
+
+
+def receipt_opts_out(provider: str, error_code: str | None) -> bool:
+    """Whether a failed receipt of `provider` with `error_code` says its recipient opted out with it."""
+    return error_code is not None and error_code in _RECEIPT_OPTS_OUT.get(provider, ())
+
+
+def receipt_hold(provider: str, error_code: str | None) -> timedelta | None:
+    """How long a failed receipt of `provider` with `error_code` holds its message before it is tried again,
+    or None for a failure that holds nothing."""
+    return _RECEIPT_HOLDS.get(provider, {}).get(error_code) if error_code is not None else None
 
 
 __all__ = ["OutgoingMessage", "Provider", "SendResult", "WhatsAppTemplate", "get_provider"]

@@ -14,12 +14,12 @@ from app.messaging.providers.base import (
     MAX_CODE_LENGTH,
     MAX_ID_LENGTH,
     OutgoingMessage,
+    Receipt,
     SendResult,
     identifier,
     optional_identifier,
 )
 from app.messaging.providers.http import http_client, json_or_none, post, unexpected
-from app.messaging.receipts import Receipt
 from app.models import ErrorClass, MessageStatus
 
 DEFAULT_BASE_URL = "https://api.africastalking.com"

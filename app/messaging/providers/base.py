@@ -120,3 +120,16 @@ def free_text(value: object) -> str | None:
         return None
     kept = "".join(c for c in value if unicodedata.category(c) not in ("Cc", "Cs") and c not in BIDI_CONTROLS)
     return kept[:MAX_TEXT_LENGTH] or None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One receipt, in the service's terms: the message status it means (`read` is `delivered` plus read)."""
+
+    provider: str
+    provider_message_id: str
+    status: str
+    read: bool = False
+    error_code: str | None = None
+    error: str | None = None
+    error_class: str | None = None  # a failure's class from its code (providers' `receipt_error_class`)

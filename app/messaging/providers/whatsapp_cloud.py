@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import replace
+from datetime import timedelta
 
 from flask import Flask
 
@@ -19,13 +21,13 @@ from app.messaging.providers.base import (
     MAX_TEXT_LENGTH,
     BadItem,
     OutgoingMessage,
+    Receipt,
     SendResult,
     free_text,
     identifier,
     optional_identifier,
 )
 from app.messaging.providers.http import http_client, json_or_none, post, retry_after, unexpected
-from app.messaging.receipts import Receipt
 from app.models import ErrorClass, MessageStatus
 
 # error.code -> class. Other codes: 5xx transient, 4xx permanent.
@@ -36,6 +38,9 @@ CLASSES = {
     131050: ErrorClass.PERMANENT,  # the user stopped marketing messages
     100: ErrorClass.PERMANENT,  # invalid parameter
     131000: ErrorClass.TRANSIENT,  # something went wrong
+    # Held back by Meta: it comes in a failed status (held 24 h there, `HELD_BACK`); should the send's answer
+    # carry it, it is retried like a transient failure.
+    131049: ErrorClass.TRANSIENT,
     131016: ErrorClass.TRANSIENT,  # service unavailable
     1: ErrorClass.TRANSIENT,  # API unknown
     2: ErrorClass.TRANSIENT,  # API service
@@ -92,7 +97,8 @@ class WhatsAppCloud:
         text = f"WhatsApp {code}: {error.get('message') or response.reason_phrase}" + (
             f" ({details})" if details else ""
         )
-        return SendResult.refused(error_class, text, code, retry_after(response))
+        result = SendResult.refused(error_class, text, code, retry_after(response))
+        return replace(result, recipient_opted_out=True) if code == OPTED_OUT else result
 
 
 def payload(message: OutgoingMessage) -> dict:
@@ -106,6 +112,20 @@ def payload(message: OutgoingMessage) -> dict:
         template["components"] = [{"type": "body", "parameters": parameters}]
     return {"messaging_product": "whatsapp", "to": to, "type": "template", "template": template}
 
+
+# The user stopped marketing messages from the business: they are opted out of WhatsApp here too (source
+# `provider`), whether the send's answer or a failed status says it, and nothing else is tried.
+OPTED_OUT = 131050
+# Meta held a marketing message back to keep the user's engagement healthy: not a failure of the number, and
+# not one to retry soon. A failed status with it holds the message for `HOLD` and tries again, once
+# (`lifecycle.hold_for_provider`); held again, it fails for good.
+HELD_BACK = "131049"
+HOLD = timedelta(hours=24)
+
+# What a failed status's code asks beyond the failure (`app.messaging.providers.receipt_opts_out` and
+# `receipt_hold`).
+RECEIPT_OPTS_OUT = frozenset({str(OPTED_OUT)})
+RECEIPT_HOLDS = {HELD_BACK: HOLD}
 
 # A failed status's first error code -> permanent: the recipient can never receive this message, so
 # retry-failed does not send it again. Any other code (131049 held back by Meta, 131000, 131053, ...) is
