@@ -180,7 +180,10 @@ def test_a_worker_with_64_sends_in_flight_keeps_8_connections_and_no_transaction
     sampler.dispose()
     assert sent_count(send_log) == 640
     assert max(connections) <= 8, f"the worker opened {max(connections)} connections"
-    assert max(idle_in_transaction) < 0.1, f"a transaction stayed open {max(idle_in_transaction):.3f} s"
+    # A transaction held across a provider call would stay open 0.5 s or more (the mock's latency). The gaps
+    # between a short transaction's statements are milliseconds (under 0.1 s on an idle machine), but 64
+    # threads on a loaded 2-core machine can wait past 0.1 s for the interpreter between two of them.
+    assert max(idle_in_transaction) < 0.25, f"a transaction stayed open {max(idle_in_transaction):.3f} s"
     assert len(connections) > 20  # sampled all along the run (about 5 s)
 
 
