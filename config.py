@@ -354,12 +354,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DATABASE_CONNECT_TIMEOUT", "3", "seconds to wait for a new PostgreSQL connection (libpq "
             "`connect_timeout`, at least 2; 0: psycopg's default, 130); also the longest the pool's pre-ping may "
             "take", integer(0, 600)),
+    Setting("DATABASE_PING_AFTER", "0.5", "seconds a pooled PostgreSQL connection may rest and still be handed out "
+            "without a ping first (a connection back in the pool for longer is pinged, and replaced if the server "
+            "closed it); 0 pings every time", number(0, 60)),
     Setting("DATABASE_STATEMENT_TIMEOUT", "5", "seconds a statement may run (PostgreSQL `statement_timeout`) in "
             "the web, worker and scheduler processes, with a client-side deadline 1 s longer on each round trip "
             "for a server that stops answering; other Flask CLI commands (migrations, imports) run without; 0 "
             "turns both off", number(0, 3600)),
-    Setting("SEND_STATEMENT_TIMEOUT", "120", "seconds the audience send's one `INSERT ... SELECT` may run (about "
-            "9 s per million recipients)", number(1, 3600)),
+    Setting("SEND_STATEMENT_TIMEOUT", "120", "seconds a send's `INSERT ... SELECT` of one batch of recipients "
+            "(`RECIPIENT_BATCH`) may run, and a campaign's per-link table", number(1, 3600)),
     Setting("EXPORT_STATEMENT_TIMEOUT", "600", "seconds a campaign's CSV export (`GET /campaigns/{id}/messages.csv`) "
             "may run on PostgreSQL, the time its client takes to read it included (its one `COPY` statement's "
             "`statement_timeout`, and its round trips' deadline 1 s longer); 0: no limit", number(0, 86400)),

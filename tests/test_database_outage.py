@@ -222,3 +222,34 @@ def test_stopped_database_answers_503_and_the_service_recovers_when_it_is_back(p
             pg_server.start()
         assert http_get(f"{api}/campaigns", KEY).status == 200
         assert http_get(f"{api}/health").status == 200
+
+
+@pytest.mark.real_only
+def test_a_connection_back_in_the_pool_for_a_moment_is_not_pinged_and_a_rested_one_is(app, app_with):
+    """DATABASE_PING_AFTER: the pool's pre-ping is a round trip, skipped for a connection that came back a
+    moment ago (under load, every request's). Seen from outside: a server-side close within the window
+    fails the next statement on that connection; after the window the ping finds it closed and the pool
+    hands out a new one."""
+    other = app_with(DATABASE_PING_AFTER=2)
+    killer = create_engine(app.config["SQLALCHEMY_DATABASE_URI"], pool_size=1)
+
+    def close_on_the_server(pid: int) -> None:
+        with killer.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+            conn.commit()
+
+    with other.app_context():
+        engine = db.engine
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        close_on_the_server(pid)  # back in the pool under a second ago: handed out as it is
+        with pytest.raises(OperationalError), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+        with engine.connect() as conn:  # the pool replaced the lost one
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        close_on_the_server(pid)
+        time.sleep(2.2)  # rested past DATABASE_PING_AFTER: pinged first, found closed, replaced
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+    killer.dispose()
