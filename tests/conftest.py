@@ -225,7 +225,7 @@ def serve(app):
     """Serve `app` over HTTP on a free local port (a threaded werkzeug server); yields its base URL."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log line per request
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
