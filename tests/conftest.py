@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import pytest
@@ -42,6 +43,24 @@ ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = str(ROOT / "migrations")
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/campaigns_test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _for_xdist_worker(database: str, redis: str) -> tuple[str, str]:
+    """The test database and Redis of this pytest-xdist worker (`pytest -n 2`): worker gwN runs on the database
+    named with `_gwN` appended and on the Redis database N below the one named (gw0 on those named)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    if not worker:
+        return database, redis
+    url = make_url(database)
+    database = url.set(database=f"{url.database}_gw{worker}").render_as_string(hide_password=False)
+    parts = urlsplit(redis)
+    number = int(parts.path.strip("/") or 0) - worker
+    if number < 0:
+        raise pytest.UsageError(f"TEST_REDIS_URL names Redis database {number + worker}: too low for worker gw{worker}")
+    return database, urlunsplit(parts._replace(path=f"/{number}"))
+
+
+TEST_DATABASE_URL, TEST_REDIS_URL = _for_xdist_worker(TEST_DATABASE_URL, TEST_REDIS_URL)
 BACKENDS = [b.strip() for b in os.environ.get("TEST_BACKENDS", "fast,real").split(",") if b.strip()]
 
 if os.environ.get("CI") and "real" not in BACKENDS:
@@ -176,7 +195,7 @@ def empty_postgres_tables(conn) -> None:
 
 @pytest.fixture
 def redis_conn(backend):
-    """An empty Redis: fakeredis, or database 15 of the real server, flushed."""
+    """An empty Redis: fakeredis, or the real server's test database (TEST_REDIS_URL), flushed."""
     if backend == "fast":
         conn = fakeredis.FakeRedis()
     else:
