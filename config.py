@@ -538,6 +538,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_LEVEL", "INFO", "logs are JSON lines with a request id, and job/campaign/message ids in the "
             "worker; below DEBUG, RQ's and httpx's lines about each job and request are left out; gunicorn's own "
             "lines (not its access log) follow it too", log_level),
+    Setting("UP_PROGRESS_INTERVAL", "5", "seconds between two of `flask up`'s progress lines about each campaign "
+            "sending (done/total, outcomes, rate); it looks every 0.2 s", number(0.2, 3600)),
 )  # fmt: skip
 
 # Read by the Procfile and `flask up`, not by the app.

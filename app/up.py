@@ -47,8 +47,6 @@ STOP_GRACE = 2.0
 STOP_SIGNALS = {"web": signal.SIGINT}
 # Seconds the API gets to answer its first request.
 START_TIMEOUT = 60.0
-# Seconds between two progress lines about the campaigns sending.
-PROGRESS_INTERVAL = 5.0
 # The file that tells other commands on this instance folder (`flask settings`) which Redis `flask up`
 # runs with; removed when it stops.
 REDIS_URL_FILE = "up.redis-url"
@@ -243,10 +241,10 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 
 class Progress:
-    """One line per campaign sending, every `PROGRESS_INTERVAL` seconds while it sends (how many of its
-    messages are done, of how many, and at what rate since the last line), and one when it ends."""
+    """One line per campaign sending, every `interval` seconds (UP_PROGRESS_INTERVAL) while it sends (how many
+    of its messages are done, of how many, and at what rate since the last line), and one when it ends."""
 
-    def __init__(self, interval: float = PROGRESS_INTERVAL) -> None:
+    def __init__(self, interval: float) -> None:
         self.interval = interval
         self.next_at = time.monotonic() + interval
         self.done: dict[int, tuple[int, float]] = {}  # campaign id -> (messages done, when counted)
@@ -347,7 +345,7 @@ def run(app: Flask, host: str, port: int) -> None:
                     f"logs: {QUIET_LOG_LEVEL} and above, and a progress line per campaign sending "
                     "(LOG_LEVEL=info shows a line per message)"
                 )
-            progress = Progress()
+            progress = Progress(app.config["UP_PROGRESS_INTERVAL"])
             while not (exited := stack.exited()):
                 time.sleep(0.2)
                 progress.tick()

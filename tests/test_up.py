@@ -132,6 +132,8 @@ def socket_folder(output: str) -> Path:
 
 
 def test_up_runs_keeps_its_key_secret_and_stable_and_stops_at_once(tmp_path, start_up):
+    """One `flask up` serves every check of a running one (a second on its instance or port, `flask settings`
+    beside it) before its Ctrl-C, and its restart."""
     instance, port = tmp_path / "instance", free_port()
     up = start_up(instance, port)
     up.wait_for_output("running: API on")
@@ -144,8 +146,32 @@ def test_up_runs_keeps_its_key_secret_and_stable_and_stops_at_once(tmp_path, sta
     assert get(f"http://127.0.0.1:{port}/campaigns", key) == 200
     assert up.output.count("API key") == 1
 
-    children = up.family()[1:]
+    # A second `flask up` on a busy port or instance fails and changes nothing.
+    same_instance = start_up(instance, free_port())
+    assert same_instance.proc.wait(timeout=60) != 0
+    assert "another `flask up`" in same_instance.output
+    other = tmp_path / "other"
+    busy_port = start_up(other, port)
+    assert busy_port.proc.wait(timeout=60) != 0
+    assert "--port" in busy_port.output and "running" not in busy_port.output
+    assert not (other / "local-api-key").exists()
+    assert key_file.read_text().strip() == key
+    assert get(f"http://127.0.0.1:{port}/campaigns", key) == 200
+
+    # `flask settings` beside it shows the Redis it uses.
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(INSTANCE_PATH=str(instance), API_KEYS="k")
+
+    def settings() -> str:
+        command = [sys.executable, "-m", "flask", "--app", "wsgi", "settings"]
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return next(line for line in result.stdout.splitlines() if line.startswith("REDIS_URL="))
+
     sockets = socket_folder(up.output)
+    assert settings().startswith(f"REDIS_URL=unix://{sockets}/redis.sock")
+
+    children = up.family()[1:]
     assert sockets.is_dir()
     up.proc.send_signal(signal.SIGINT)  # Ctrl-C
     # STOP_GRACE (2 s) is what it gives its processes; the deadline leaves room for a loaded machine.
@@ -154,32 +180,13 @@ def test_up_runs_keeps_its_key_secret_and_stable_and_stops_at_once(tmp_path, sta
     assert not alive, "flask up left processes running"
     assert not sockets.exists(), "the embedded Redis's socket folder is left behind"
     assert not (instance / "up.redis-url").exists()
+    assert settings() == "REDIS_URL=redis://127.0.0.1:6379/0"  # nothing runs there now: the setting's value
 
     again = start_up(instance, port)
     again.wait_for_output("running: API on")
     assert key_file.read_text().strip() == key  # the key the user saved still works
     assert get(f"http://127.0.0.1:{port}/campaigns", key) == 200
     assert "seeded" not in again.output  # the sample data was there already: nothing to say
-
-
-def test_second_up_on_a_busy_port_or_instance_fails_and_changes_nothing(tmp_path, start_up):
-    instance, port = tmp_path / "instance", free_port()
-    first = start_up(instance, port)
-    first.wait_for_output("running: API on")
-    key = (instance / "local-api-key").read_text()
-
-    same_instance = start_up(instance, free_port())
-    assert same_instance.proc.wait(timeout=60) != 0
-    assert "another `flask up`" in same_instance.output
-
-    other = tmp_path / "other"
-    busy_port = start_up(other, port)
-    assert busy_port.proc.wait(timeout=60) != 0
-    assert "--port" in busy_port.output and "running" not in busy_port.output
-    assert not (other / "local-api-key").exists()
-
-    assert (instance / "local-api-key").read_text() == key
-    assert get(f"http://127.0.0.1:{port}/campaigns", key.strip()) == 200
 
 
 def test_up_exits_non_zero_when_one_of_its_processes_dies(tmp_path, start_up):
@@ -200,9 +207,9 @@ def test_up_exits_non_zero_when_one_of_its_processes_dies(tmp_path, start_up):
 
 def test_up_prints_a_progress_line_per_campaign_instead_of_a_line_per_message(tmp_path, start_up):
     instance, port = tmp_path / "instance", free_port()
-    # One send at a time, each taking 3 s, to four customers: the campaign sends for 12 s, longer than two
-    # progress intervals (5 s), so that a line while it sends has a rate.
-    up = start_up(instance, port, WORKER_CONCURRENCY="1", MOCK_SENDER_LATENCY="3")
+    # One send at a time, each taking 1.2 s, to four customers: the campaign sends for 4.8 s, longer than two
+    # progress intervals (2 s), so that a line while it sends has a rate.
+    up = start_up(instance, port, WORKER_CONCURRENCY="1", MOCK_SENDER_LATENCY="1.2", UP_PROGRESS_INTERVAL="2")
     up.wait_for_output("running: API on")
     key = (instance / "local-api-key").read_text().strip()
     api = f"http://127.0.0.1:{port}"
@@ -222,22 +229,3 @@ def test_up_prints_a_progress_line_per_campaign_instead_of_a_line_per_message(tm
     assert len(progress) < 2 * total  # a line every few seconds, not one a message
     assert '"message sent"' not in up.output  # the worker's line per message stays out of the terminal
     assert "Booting worker" not in up.output  # gunicorn's own lines follow the processes' level too
-
-
-def test_flask_settings_beside_a_running_up_shows_the_redis_it_uses(tmp_path, start_up):
-    instance, port = tmp_path / "instance", free_port()
-    up = start_up(instance, port)
-    up.wait_for_output("running: API on")
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update(INSTANCE_PATH=str(instance), API_KEYS="k")
-
-    def settings() -> str:
-        command = [sys.executable, "-m", "flask", "--app", "wsgi", "settings"]
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return next(line for line in result.stdout.splitlines() if line.startswith("REDIS_URL="))
-
-    assert settings().startswith(f"REDIS_URL=unix://{socket_folder(up.output)}/redis.sock")
-    up.proc.send_signal(signal.SIGINT)
-    assert up.proc.wait(timeout=30) == 0
-    assert settings() == "REDIS_URL=redis://127.0.0.1:6379/0"  # nothing runs there now: the setting's value
