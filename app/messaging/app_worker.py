@@ -192,7 +192,10 @@ class AppWorker(SimpleWorker):
             self._free.release()
             if idle:
                 with contextlib.suppress(Exception):
-                    self.set_state(WorkerStatus.IDLE)
+                    # Written whatever this process last wrote: a thread's BUSY, queued in its job's pipeline,
+                    # can reach Redis after the main thread's IDLE, so the state skipped as "already idle"
+                    # could stay BUSY in Redis (seen as a worker busy forever, about one run in eight).
+                    super().set_state(WorkerStatus.IDLE)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
         """RQ's dequeue, once a thread is free (heartbeating while none is); in burst mode, an empty
