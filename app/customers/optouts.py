@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from app import clock
 from app.customers.phones import InvalidPhone, normalize_phone
 from app.extensions import db
-from app.models import Customer, CustomerOptOut
+from app.models import Customer, CustomerOptOut, OptOutSource
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,18 @@ def opt_out_ids(customer_ids: Iterable[int], channel: str, source: str) -> int:
     rows = [{"customer_id": i, "channel": channel, "opted_out_at": now, "source": source} for i in ids]
     stmt = insert(_opt_outs).values(rows).on_conflict_do_nothing(index_elements=["customer_id", "channel"])
     return db.session.execute(stmt).rowcount
+
+
+def opt_out_at_provider(customer_id: int, channel: str, message_id: int | None = None) -> bool:
+    """The provider refused or failed a message because its recipient opted out with it (Twilio 21610,
+    WhatsApp 131050): record the opt-out here too (source `provider`), in the caller's transaction, so that
+    later sends leave them out before reaching the provider. True when they were not opted out before."""
+    changed = bool(opt_out_ids([customer_id], channel, OptOutSource.PROVIDER))
+    log.info(
+        "the provider says the recipient opted out; customer opted out",
+        extra={"message_id": message_id, "customer_id": customer_id, "channel": channel, "changed": changed},
+    )
+    return changed
 
 
 def opt_in_ids(customer_ids: Iterable[int], channel: str) -> int:

@@ -12,7 +12,6 @@ age out after `KEPT_RECEIPT_TTL` (counted in `/metrics`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -25,9 +24,7 @@ from app.extensions import db
 from app.messaging import lifecycle, providers
 from app.messaging.providers.base import Receipt
 from app.messaging.send import window
-from app.models import Campaign, DeliveryReceipt, ErrorClass, MessageStatus, OptOutSource, OutboundMessage
-
-log = logging.getLogger(__name__)
+from app.models import Campaign, DeliveryReceipt, ErrorClass, MessageStatus, OutboundMessage
 
 __all__ = ["Receipt", "apply_waiting", "expire_kept", "record"]
 
@@ -117,9 +114,9 @@ def _apply(receipt: Receipt, held: list[tuple[int, datetime]]) -> bool | None:
 
 def _opt_out_recipient(receipt: Receipt) -> None:
     """The recipient of the receipt's message opted out with the provider: opt them out of the campaign's
-    channel here too (source `provider`), so that later sends leave them out before reaching it."""
+    channel here too (`optouts.opt_out_at_provider`)."""
     found = db.session.execute(
-        select(OutboundMessage.customer_id, Campaign.channel)
+        select(OutboundMessage.id, OutboundMessage.customer_id, Campaign.channel)
         .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
         .where(
             OutboundMessage.provider == receipt.provider,
@@ -127,11 +124,7 @@ def _opt_out_recipient(receipt: Receipt) -> None:
         )
     ).first()
     if found is not None and found.customer_id is not None:
-        if optouts.opt_out_ids([found.customer_id], found.channel, OptOutSource.PROVIDER):
-            log.info(
-                "recipient opted out with the provider",
-                extra={"provider": receipt.provider, "customer_id": found.customer_id, "channel": found.channel},
-            )
+        optouts.opt_out_at_provider(found.customer_id, found.channel, found.id)
 
 
 def _after_holds(held: list[tuple[int, datetime]]) -> None:

@@ -99,17 +99,30 @@ def add_batch(campaign: Campaign, audience: ColumnElement[bool], after: int, siz
 
 @dataclass
 class Added:
-    """What a send request added: the totals of its batches, and whether more are left for `add_rest`."""
+    """What a send has added so far: the totals of its batches, and whether more are left for `add_rest`.
+    Kept on the campaign as `last_send`."""
 
     created: int = 0
     skipped_opted_out: int = 0
     skipped_frequency_cap: int = 0
     more: bool = False
 
+    @classmethod
+    def so_far(cls, last_send: Mapping | None) -> Added:
+        """The totals a campaign's `last_send` holds."""
+        last_send = last_send or {}
+        return cls(
+            last_send.get("added", 0),
+            last_send.get("skipped_opted_out", 0),
+            last_send.get("skipped_frequency_cap", 0),
+            bool(last_send.get("adding")),
+        )
+
     def count(self, batch: Batch) -> None:
         self.created += batch.created
         self.skipped_opted_out += batch.skipped_opted_out
         self.skipped_frequency_cap += batch.skipped_frequency_cap
+        self.more = batch.after is not None
 
     def as_last_send(self, at: datetime) -> dict:
         return {
@@ -131,17 +144,10 @@ def add_first(campaign: Campaign, spec: Mapping, has_pending: bool) -> Added:
     while True:
         batch = add_batch(campaign, audience, after, size)
         added.count(batch)
-        if batch.after is None:
+        if batch.after is None or added.created or has_pending:
             break
         after = batch.after
-        if added.created or has_pending:
-            added.more = True
-            break
-    now = clock.now()
-    campaign.adding_audience = dict(spec) if added.more else None
-    campaign.adding_after = after if added.more else None
-    campaign.adding_at = now if added.more else None
-    campaign.last_send = added.as_last_send(now)
+    _record(campaign, added, spec, batch.after)
     return added
 
 
@@ -160,40 +166,36 @@ def add_rest(campaign_id: int) -> int:
         if campaign is None or campaign.adding_after is None:
             db.session.commit()
             return created
+        added = Added.so_far(campaign.last_send)
         if campaign.status not in ADDING:  # canceled: what is not added yet never will be
-            _stop(campaign, clock.now())
+            added.more = False
+            _record(campaign, added)
             db.session.commit()
             log.info("stopped adding recipients", extra={"campaign_id": campaign_id, "status": campaign.status})
             return created
         batch = add_batch(campaign, audience_condition(campaign.adding_audience), campaign.adding_after, size)
-        now = clock.now()
-        counts = dict(campaign.last_send or {})
-        counts["added"] = counts.get("added", 0) + batch.created
-        counts["skipped_opted_out"] = counts.get("skipped_opted_out", 0) + batch.skipped_opted_out
-        counts["skipped_frequency_cap"] = counts.get("skipped_frequency_cap", 0) + batch.skipped_frequency_cap
-        counts["adding"] = batch.after is not None
-        counts["updated_at"] = now.isoformat()
-        campaign.last_send = counts
-        if batch.after is None:
-            _stop(campaign, now)
-        else:
-            campaign.adding_after, campaign.adding_at = batch.after, now
+        added.count(batch)
+        _record(campaign, added, campaign.adding_audience, batch.after)
         sending = campaign.status == CampaignStatus.SENDING
         db.session.commit()
         created += batch.created
         if sending:
             window.refill(campaign_id)
-        if batch.after is None:
-            log.info("added recipients", extra={"campaign_id": campaign_id, "added": counts["added"]})
+        if not added.more:
+            log.info("added recipients", extra={"campaign_id": campaign_id, "added": added.created})
             if sending:
                 lifecycle.finish_campaign(campaign_id)  # nothing to send among the last batches
             return created
 
 
-def _stop(campaign: Campaign, now: datetime) -> None:
-    campaign.adding_audience = campaign.adding_after = campaign.adding_at = None
-    if campaign.last_send and campaign.last_send.get("adding"):
-        campaign.last_send = {**campaign.last_send, "adding": False, "updated_at": now.isoformat()}
+def _record(campaign: Campaign, added: Added, spec: Mapping | None = None, after: int | None = None) -> None:
+    """Where the campaign's adding stands, on its row: the audience and the last customer id covered while
+    `added.more`, none of it once done; and `last_send`, the totals so far."""
+    now = clock.now()
+    campaign.adding_audience = dict(spec) if added.more else None
+    campaign.adding_after = after if added.more else None
+    campaign.adding_at = now if added.more else None
+    campaign.last_send = added.as_last_send(now)
 
 
 def add_job_id(campaign_id: int, after: int) -> str:

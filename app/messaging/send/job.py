@@ -56,7 +56,7 @@ from app.messaging.send.store import (
     record_through_outage,
 )
 from app.messaging.templates import over_limit, placeholder_values, render, render_values
-from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus, OptOutSource
+from app.models import CampaignStatus, Channel, ErrorClass, MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ def _follow_through(
     if recorded.receipt_waiting and outcome is not None:
         receipts.apply_waiting(outcome.provider, outcome.provider_message_id)
     if follow_up["recipient_opted_out"]:
-        _opt_out_at_provider(follow_up["customer_id"], follow_up["channel"], message_id)
+        optouts.opt_out_at_provider(follow_up["customer_id"], follow_up["channel"], message_id)
+        db.session.commit()
     if follow_up["account_refused"]:
         reason = f"paused: the provider refused the account: {follow_up['error']}"
         if lifecycle.pause_for_account(campaign_id, reason):
@@ -235,17 +236,6 @@ def _postpone_delay(retry_after: float | None) -> float:
     job = get_current_job()
     postponed = (job.number_of_retries or 0) if job is not None else 0
     return min(THROTTLE_BACKOFF * 2**postponed, THROTTLE_BACKOFF_CAP)
-
-
-def _opt_out_at_provider(customer_id: int, channel: str, message_id: int) -> None:
-    """The provider refused the message because its recipient opted out with it: record the opt-out here
-    too (source `provider`), so that later sends leave them out before reaching the provider."""
-    changed = optouts.opt_out_ids([customer_id], channel, OptOutSource.PROVIDER)
-    db.session.commit()
-    log.info(
-        "the provider says the recipient opted out; customer opted out",
-        extra={"message_id": message_id, "customer_id": customer_id, "channel": channel, "changed": bool(changed)},
-    )
 
 
 def _record_window() -> float:
