@@ -18,10 +18,13 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    case,
+    literal,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, column_property, mapped_column, relationship
 
 from app import clock
 from app.extensions import db
@@ -277,6 +280,9 @@ class Campaign(db.Model):
     # id covered and `adding_at` the last batch's commit; all three are null otherwise, and the campaign
     # cannot end meanwhile. `last_send`: the latest audience send's counts (added, skipped_opted_out,
     # skipped_frequency_cap), as they grow.
+    # A WhatsApp campaign's SMS fallback (app.messaging.fallback): `{"base_template", "on", "not_delivered_within"}`,
+    # the SMS sent to a customer its WhatsApp message could not reach; null without one.
+    sms_fallback: Mapped[dict | None] = mapped_column(JSON)
     adding_audience: Mapped[dict | None] = mapped_column(JSON)
     adding_after: Mapped[int | None] = mapped_column(BigInteger)
     adding_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -288,9 +294,25 @@ class Campaign(db.Model):
 class OutboundMessage(db.Model):
     __tablename__ = "outbound_messages"
     __table_args__ = (
-        # One message per customer per campaign. Customer first, so that it also finds a customer's
-        # messages (the delete check) and no separate index is kept up to date on every insert and update.
-        UniqueConstraint("customer_id", "campaign_id", name="uq_outbound_messages_customer_campaign"),
+        # One message per customer per campaign on the campaign's channel, and at most one fallback (an SMS
+        # replacing it, `fallback_for`). Customer first, so that it also finds a customer's messages (the
+        # delete check) and no separate index is kept up to date on every insert and update.
+        Index(
+            "uq_outbound_messages_customer_campaign_fallback",
+            "customer_id",
+            "campaign_id",
+            text("(fallback_for IS NOT NULL)"),
+            unique=True,
+        ),
+        # A message's fallback, found from the message it replaces; one each.
+        Index(
+            "uq_outbound_messages_fallback_for",
+            "campaign_id",
+            "fallback_for",
+            unique=True,
+            postgresql_where=text("fallback_for IS NOT NULL"),
+            sqlite_where=text("fallback_for IS NOT NULL"),
+        ),
         # Stats and the status-filtered listing; also keyset walks over a campaign's pending messages.
         Index("ix_outbound_messages_campaign_status", "campaign_id", "status", "id"),
         # The unfiltered listing, newest first, without sorting a million rows.
@@ -380,6 +402,16 @@ class OutboundMessage(db.Model):
     # When the provider held it back to be tried later (WhatsApp 131049: Meta keeps marketing to this user
     # in check): it went back to pending until `not_before`, 24 h on. Once only: held again, it fails.
     provider_held_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The WhatsApp message this SMS replaces (its campaign's `sms_fallback`); null for a message on its
+    # campaign's own channel. A fallback goes by SMS whatever its campaign's channel.
+    fallback_for: Mapped[int | None] = mapped_column(BigInteger)
+    # The channel it goes by: sms for a fallback, else its campaign's (read with the message).
+    channel: Mapped[str] = column_property(
+        case(
+            (fallback_for.is_not(None), literal(Channel.SMS)),
+            else_=select(Campaign.channel).where(Campaign.id == campaign_id).scalar_subquery(),
+        )
+    )
     # The original URLs its short links lead to, by position (app.links: the position is in each code); null
     # when it was sent without any. Clicks per position (`{"0": 3}`), all its clicks, and the first one's time.
     # A click changes these only, never the status.

@@ -9,6 +9,8 @@ from pathlib import Path
 from unittest.mock import ANY
 from urllib.parse import urlsplit
 
+from app.models import MessageStatus
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,9 +84,12 @@ def job_ids_of(messages) -> list[str]:
 def stats(**counts: int) -> dict[str, int]:
     """A campaign's `stats` as the API answers them: every status counted (0 unless given), `read`, `clicked`,
     `clicks` and `total`;
-    `segments_sent` is compared only when given (the tests of segments give it); `waiting_quiet_hours` and
-    `held_by_provider` are 0 unless given."""
+    `segments_sent` is compared only when given (the tests of segments give it); `waiting_quiet_hours`,
+    `held_by_provider` and the SMS fallbacks' counts are 0 unless given."""
+    fallbacks = ("total", *MessageStatus.ALL, "skipped_opted_out", "skipped_frequency_cap")
     return {
+        **{f"fallback_{name}": 0 for name in fallbacks},
+        "delivered_after_fallback": 0,
         "segments_sent": ANY,
         "total": 0,
         "pending": 0,

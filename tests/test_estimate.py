@@ -167,6 +167,7 @@ def test_estimate_for_ids_splits_by_encoding_and_stores_and_queues_nothing(clien
         "too_long": 0,
         "cost": None,
         "currency": None,
+        "fallback": None,
     }
     assert _stored_and_queued(redis_conn) == before
     assert client.get(f"/campaigns/{campaign.id}").get_json()["status"] == "draft"

@@ -39,6 +39,8 @@ HEADER = [
     "clicks",
     "first_clicked_at",
     "updated_at",
+    "channel",
+    "fallback_for",
 ]
 CREATED = datetime(2026, 12, 3, 15, 4, 5, 123456, tzinfo=UTC)
 UPDATED = datetime(2026, 12, 3, 15, 4, 6, tzinfo=UTC)  # no microseconds: still written with six digits
@@ -95,6 +97,8 @@ def expected_row(message: OutboundMessage, phone: str | None) -> list[str]:
         str(message.clicks or 0),
         iso(message.first_clicked_at),
         iso(message.updated_at),
+        message.channel,
+        "" if message.fallback_for is None else str(message.fallback_for),
     ]
 
 

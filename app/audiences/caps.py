@@ -21,17 +21,15 @@ def cap_for(campaign: Campaign | None = None) -> FrequencyCap | None:
     return current_app.config.get("FREQUENCY_CAP")
 
 
-def capped(cap: FrequencyCap, now: datetime | None = None) -> ColumnElement[bool]:
-    """Customers with `cap.messages` or more messages a provider took within `cap.period` before `now`. The
+def capped(cap: FrequencyCap, now: datetime | None = None, besides_campaign: int | None = None) -> ColumnElement[bool]:
+    """Customers with `cap.messages` or more messages a provider took within `cap.period` before `now` (those of
+    `besides_campaign` left out: an SMS fallback is not held back by the WhatsApp message it replaces). The
     count reads one range of `ix_outbound_messages_customer_sent_at` per customer, and stops at the cap."""
     since = (now or clock.now()) - cap.period
-    recent = (
-        select(OutboundMessage.id)
-        .where(OutboundMessage.customer_id == Customer.id, OutboundMessage.sent_at >= since)
-        .limit(cap.messages)
-        .correlate(Customer)
-        .subquery()
-    )
+    conditions = [OutboundMessage.customer_id == Customer.id, OutboundMessage.sent_at >= since]
+    if besides_campaign is not None:
+        conditions.append(OutboundMessage.campaign_id != besides_campaign)
+    recent = select(OutboundMessage.id).where(*conditions).limit(cap.messages).correlate(Customer).subquery()
     return select(func.count()).select_from(recent).scalar_subquery() >= cap.messages
 
 

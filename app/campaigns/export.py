@@ -50,6 +50,9 @@ COLUMNS = (
     ("clicks", OutboundMessage.clicks),
     ("first_clicked_at", OutboundMessage.first_clicked_at),
     ("updated_at", OutboundMessage.updated_at),
+    # Added after the rest, so that a reader of the earlier columns by position reads them still.
+    ("channel", OutboundMessage.channel.expression),  # sms for a fallback, else the campaign's channel
+    ("fallback_for", OutboundMessage.fallback_for),  # a fallback: the WhatsApp message it replaces
 )
 HEADER = tuple(name for name, _ in COLUMNS)
 

@@ -4,7 +4,7 @@ from app.models import CampaignPriority, CampaignStatus, Channel, ErrorClass, Me
 from app.schemas import Id, PageQuerySchema, Text, UTCDateTime
 
 
-class StatsSchema(Schema):
+class MessageCountsSchema(Schema):
     """Each message counted once, under its current status."""
 
     total = fields.Integer(required=True)
@@ -46,6 +46,39 @@ class StatsSchema(Schema):
             "(WhatsApp 131049: 24 h later, once; counted in pending too)."
         },
     )
+
+
+def _fallback_count(what: str) -> fields.Integer:
+    return fields.Integer(required=True, metadata={"description": f"SMS fallbacks {what} (sms_fallback)."})
+
+
+class FallbackStatsSchema(Schema):
+    """A WhatsApp campaign's SMS fallbacks, counted apart from its own messages (all zero without one)."""
+
+    fallback_total = _fallback_count("created (skipped ones included)")
+    fallback_pending = _fallback_count("waiting their turn")
+    fallback_queued = _fallback_count("in the campaign's window")
+    fallback_sending = _fallback_count("at the SMS provider now")
+    fallback_sent = _fallback_count("accepted by the SMS provider, no receipt yet")
+    fallback_delivered = _fallback_count("delivered")
+    fallback_undelivered = _fallback_count("accepted, then not delivered")
+    fallback_failed = _fallback_count("never accepted, or refused for good")
+    fallback_canceled = _fallback_count(
+        "canceled: the campaign was canceled, or the WhatsApp message was delivered before the fallback went"
+    )
+    fallback_skipped_opted_out = _fallback_count("not sent because the customer opted out of sms")
+    fallback_skipped_frequency_cap = _fallback_count("not sent because FREQUENCY_CAP held them back")
+    delivered_after_fallback = fields.Integer(
+        required=True,
+        metadata={
+            "description": "WhatsApp messages delivered after all although their SMS fallback went: what the "
+            "fallback cost twice."
+        },
+    )
+
+
+class StatsSchema(MessageCountsSchema, FallbackStatsSchema):
+    """Each message counted once, under its current status; SMS fallbacks apart."""
 
 
 class DeliverySecondsSchema(Schema):
@@ -99,6 +132,28 @@ class LastSendSchema(Schema):
     updated_at = fields.String(metadata={"description": "When its last batch was added (ISO 8601, UTC)."})
 
 
+class SmsFallbackSchema(Schema):
+    base_template = Text(
+        required=True,
+        multiline=True,
+        validate=validate.Length(min=1),
+        metadata={"description": "The SMS's template: every rule of an SMS campaign's base_template."},
+    )
+    on = fields.List(
+        fields.String(validate=validate.OneOf(("undeliverable", "window_closed", "not_delivered"))),
+        required=True,
+        validate=validate.Length(min=1),
+        metadata={
+            "description": "What triggers it: undeliverable (WhatsApp 131026: the number cannot get WhatsApp), "
+            "window_closed (131047: a text outside the 24-hour window), not_delivered (no delivered status "
+            "within not_delivered_within of being sent)."
+        },
+    )
+    not_delivered_within = fields.String(
+        metadata={"description": "Default 2h: a duration like 30s, 15m, 2h or 1d (at most 7d)."},
+    )
+
+
 class CampaignSchema(Schema):
     id = fields.Integer(dump_only=True)
     name = Text(required=True, validate=validate.Length(min=1, max=200))
@@ -123,6 +178,15 @@ class CampaignSchema(Schema):
             "description": "WhatsApp only: an approved template, sent with one body parameter per placeholder of "
             "base_template, in order. Without it messages go as text, which Meta delivers only within 24 h of the "
             "customer's last message."
+        },
+    )
+    sms_fallback = fields.Nested(
+        SmsFallbackSchema,
+        allow_none=True,
+        metadata={
+            "description": "WhatsApp only: an SMS to each customer WhatsApp could not reach, at most one per "
+            "WhatsApp message, through everything an SMS goes through (opt-outs, quiet hours, FREQUENCY_CAP, "
+            "the SMS provider's limit, retries). null: none (docs/api.md)."
         },
     )
     respect_quiet_hours = fields.Boolean(
@@ -338,6 +402,20 @@ class PreviewSchema(Schema):
     non_gsm_characters = fields.List(
         fields.String(), metadata={"description": "SMS only: the characters that force UCS-2, once each."}
     )
+    fallback = fields.Nested(
+        lambda: FallbackPreviewSchema(),
+        metadata={"description": "A campaign with an sms_fallback: the SMS this customer would get instead."},
+    )
+
+
+class FallbackPreviewSchema(Schema):
+    rendered_message = fields.String(required=True)
+    links = fields.List(fields.String(), required=True)
+    encoding = fields.String(required=True, metadata={"enum": ["GSM-7", "UCS-2"]})
+    characters = fields.Integer(required=True)
+    units = fields.Integer(required=True)
+    segments = fields.Integer(required=True)
+    non_gsm_characters = fields.List(fields.String(), required=True)
 
 
 class EncodingCountSchema(Schema):
@@ -383,11 +461,36 @@ class EstimateSchema(Schema):
         metadata={"description": "segments x SMS_SEGMENT_PRICE, exact; null when it is not set, or for WhatsApp."},
     )
     currency = fields.String(required=True, allow_none=True, metadata={"description": "CURRENCY (ISO 4217)."})
+    fallback = fields.Nested(
+        lambda: FallbackEstimateSchema(),
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "A campaign with an sms_fallback: the worst case, every WhatsApp message falling "
+            "back (customers opted out of sms left out). null without one."
+        },
+    )
+
+
+class FallbackEstimateSchema(Schema):
+    recipients = fields.Integer(required=True, metadata={"description": "SMS fallbacks at most."})
+    skipped_opted_out = fields.Integer(required=True, metadata={"description": "Recipients opted out of sms."})
+    segments = fields.Integer(required=True)
+    by_encoding = fields.Nested(ByEncodingSchema, required=True)
+    too_long = fields.Integer(required=True)
+    cost = fields.Decimal(required=True, allow_none=True, as_string=True)
+    currency = fields.String(required=True, allow_none=True)
 
 
 class MessageSchema(Schema):
     id = fields.Integer()
     customer_id = fields.Integer()
+    channel = fields.String(
+        metadata={"enum": list(Channel.ALL), "description": "sms for a fallback, else the campaign's channel."}
+    )
+    fallback_for = fields.Integer(
+        allow_none=True, metadata={"description": "An SMS fallback: the id of the WhatsApp message it replaces."}
+    )
     status = fields.String(metadata={"enum": list(MessageStatus.ALL)})
     rendered_content = fields.String(allow_none=True)
     last_error = fields.String(allow_none=True)

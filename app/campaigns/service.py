@@ -20,7 +20,7 @@ from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
 from app.links import shorten
 from app.links.clicks import link_counts
-from app.messaging import lifecycle, recipient_batches, recipients, triggers
+from app.messaging import fallback_spec, lifecycle, recipient_batches, recipients, triggers
 from app.messaging.segments import GSM_7, UCS_2, encode_info, measure
 from app.messaging.send import window
 from app.messaging.stats import campaign_stats, delivery_times, stats_for
@@ -86,8 +86,9 @@ def template_encoding(template: str) -> dict:
     return {**info.as_dict(), "warning": "; ".join(warnings) or None}
 
 
-def check_template(template: str, channel: str) -> None:
-    """422 naming any placeholder rendering cannot fill, or a template over the channel's limit."""
+def check_template(template: str, channel: str, field: str = "base_template") -> None:
+    """422 naming any placeholder rendering cannot fill, or a template over the channel's limit (`field`:
+    where the template is in the request)."""
     errors = []
     unknown = unknown_placeholders(template)
     if unknown:
@@ -100,7 +101,7 @@ def check_template(template: str, channel: str) -> None:
     if too_long:
         errors.append(too_long)
     if errors:
-        raise ValidationFailed("base_template: " + "; ".join(errors), {"base_template": errors})
+        raise ValidationFailed(f"{field}: " + "; ".join(errors), {field: errors})
 
 
 def _check_schedule(at: datetime) -> None:
@@ -116,9 +117,25 @@ def _check_whatsapp_template(template: Mapping | None, channel: str) -> None:
         raise ValidationFailed(f"whatsapp_template: {error}", {"whatsapp_template": [error]})
 
 
+def _checked_fallback(spec: Mapping | None, channel: str) -> dict | None:
+    """The `sms_fallback` as stored (`fallback.normalized`), or a 422 naming what is wrong with it."""
+    if spec is None:
+        return None
+    if channel != Channel.WHATSAPP:
+        error = "only a whatsapp campaign falls back to sms"
+        raise ValidationFailed(f"sms_fallback: {error}", {"sms_fallback": [error]})
+    check_template(spec["base_template"], Channel.SMS, "sms_fallback.base_template")
+    try:
+        return fallback_spec.normalized(dict(spec))
+    except fallback_spec.FallbackError as exc:
+        raise ValidationFailed(str(exc), {f"sms_fallback.{exc.field}": [exc.message]}) from None
+
+
 def create_campaign(data: Mapping) -> Campaign:
     check_template(data["base_template"], data["channel"])
     _check_whatsapp_template(data.get("whatsapp_template"), data["channel"])
+    if "sms_fallback" in data:
+        data = {**data, "sms_fallback": _checked_fallback(data["sms_fallback"], data["channel"])}
     scheduled_at = data.get("scheduled_at")
     if scheduled_at is not None:
         _check_schedule(scheduled_at)
@@ -142,6 +159,7 @@ def update_campaign(campaign_id: int, data: Mapping) -> Campaign:
     channel = data.get("channel", campaign.channel)
     check_template(data.get("base_template", campaign.base_template), channel)
     _check_whatsapp_template(data.get("whatsapp_template", campaign.whatsapp_template), channel)
+    data = {**data, "sms_fallback": _checked_fallback(data.get("sms_fallback", campaign.sms_fallback), channel)}
     if data.get("scheduled_at") is not None:
         _check_schedule(data["scheduled_at"])
     for key, value in data.items():
@@ -337,15 +355,26 @@ def preview(campaign_id: int, customer_id: int) -> dict:
     campaign = get_campaign(campaign_id)
     customer = get_customer(customer_id)
     fields = {name: getattr(customer, name) for name in recipients.RENDER_FIELDS}
-    body = render(campaign.base_template, fields)
+    answer = {
+        "campaign_id": campaign.id,
+        "customer_id": customer.id,
+        **_preview(campaign, campaign.base_template, fields),
+    }
+    if campaign.channel == Channel.SMS:
+        answer.update(encode_info(answer["rendered_message"]).as_dict())
+    if campaign.sms_fallback:
+        sms = _preview(campaign, campaign.sms_fallback["base_template"], fields)
+        answer["fallback"] = {**sms, **encode_info(sms["rendered_message"]).as_dict()}
+    return answer
+
+
+def _preview(campaign: Campaign, template: str, fields: dict) -> dict:
+    body = render(template, fields)
     links = []
     if campaign.track_links:
         shortener = shorten.sample(current_app)
         body, links = shortener.shorten(body), shortener.links
-    answer = {"campaign_id": campaign.id, "customer_id": customer.id, "rendered_message": body, "links": links}
-    if campaign.channel == Channel.SMS:
-        answer.update(encode_info(body).as_dict())
-    return answer
+    return {"rendered_message": body, "links": links}
 
 
 def estimate(campaign_id: int, customer_ids: list[int] | None = None, audience: Mapping | None = None) -> dict:
@@ -390,13 +419,32 @@ def estimate(campaign_id: int, customer_ids: list[int] | None = None, audience: 
             answer["skipped_opted_out"] = (
                 recipients.count_customers(targeted) - answer["recipients"] - answer["skipped_frequency_cap"]
             )
+        answer["fallback"] = _fallback_estimate(campaign, kept)
     finally:
         db.session.rollback()  # read only: end the transaction (and its cursor) here
+    _price(answer)
+    if answer["fallback"] is not None:
+        _price(answer["fallback"])
+    return answer
+
+
+def _price(answer: dict) -> None:
+    """An estimate's `cost` and `currency`, from its SMS `segments` (null for WhatsApp, or without a price)."""
     price, currency = current_app.config["SMS_SEGMENT_PRICE"], current_app.config["CURRENCY"]
     if answer["segments"] is not None and price is not None:
         answer["cost"] = price * answer["segments"]  # exact: a Decimal times a whole number
         answer["currency"] = currency
-    return answer
+
+
+def _fallback_estimate(campaign: Campaign, kept: ColumnElement[bool]) -> dict | None:
+    """The worst case of the campaign's SMS fallback: every recipient's WhatsApp message falling back, less
+    the customers opted out of sms (they get none). None without a fallback."""
+    if not campaign.sms_fallback:
+        return None
+    sms_allowed = recipients.opt_out_filter(Channel.SMS)
+    answer = _count_sms(campaign.sms_fallback["base_template"], and_(kept, sms_allowed), campaign.track_links)
+    skipped = recipients.count_customers(and_(kept, ~sms_allowed))
+    return {**answer, "skipped_opted_out": skipped, "cost": None, "currency": None}
 
 
 def _count_sms(template: str, where: ColumnElement[bool], track_links: bool) -> dict:

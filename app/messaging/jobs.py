@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rq import Retry
 
-from app.messaging import lifecycle, recipient_batches, reconcile
+from app.messaging import fallback, lifecycle, recipient_batches, reconcile
 from app.messaging.send import job, window
 from app.messaging.triggers import dispatch_due_campaign
 
@@ -37,6 +37,13 @@ def cancel_waiting_messages(campaign_id: int) -> str:
 def add_recipients(campaign_id: int) -> str:
     """Add the rest of a send's audience, batch by batch (`app.messaging.recipient_batches`)."""
     return f"added {recipient_batches.add_rest(campaign_id)}"
+
+
+def check_fallbacks(campaign_id: int) -> str:
+    """Create the campaign's SMS fallbacks whose not-delivered window has passed (`app.messaging.fallback`),
+    then end the campaign if nothing is left."""
+    created = fallback.check(campaign_id)
+    return f"created {created} fallbacks; {lifecycle.finish_campaign(campaign_id) or 'not finished'}"
 
 
 def dispatch_scheduled_campaign(campaign_id: int) -> str:

@@ -32,10 +32,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import aliased
 
 from app import clock
 from app.extensions import db
-from app.messaging import stats
+from app.messaging import fallback_spec, stats
 from app.messaging.recipients import NewRows
 from app.models import (
     Campaign,
@@ -255,7 +256,8 @@ def reopen_for_retry(campaign_id: int) -> bool:
 
 def retry_failed_messages(campaign_id: int, retryable: ColumnElement[bool]) -> NewRows:
     """Failed or undelivered messages matching `retryable` -> pending, with fresh retries, in one UPDATE in
-    the caller's transaction; returns how many and their id range (for queueing them). Their provider
+    the caller's transaction (those replaced by an SMS fallback left as they are); returns how many and their
+    id range (for queueing them). Their provider
     and provider id are cleared: the new attempt records its own, and a late receipt for the old id finds
     no message to change (it is kept, unmatched)."""
     stmt = (
@@ -264,6 +266,8 @@ def retry_failed_messages(campaign_id: int, retryable: ColumnElement[bool]) -> N
             OutboundMessage.campaign_id == campaign_id,
             OutboundMessage.status.in_((MessageStatus.FAILED, MessageStatus.UNDELIVERED)),
             retryable,
+            # A WhatsApp message whose SMS fallback exists is not sent again: its customer was reached by SMS.
+            ~replaced_by_fallback(OutboundMessage),
         )
         .values(
             status=MessageStatus.PENDING,
@@ -285,6 +289,31 @@ def retry_failed_messages(campaign_id: int, retryable: ColumnElement[bool]) -> N
         return NewRows(count, first, last)
     ids = db.session.scalars(stmt).all()
     return NewRows(len(ids), min(ids, default=None), max(ids, default=None))
+
+
+def replaced_by_fallback(message) -> ColumnElement[bool]:
+    """Whether `message` (the messages' table or an alias of it) has an SMS fallback already."""
+    fallbacks = aliased(OutboundMessage)
+    return exists().where(fallbacks.campaign_id == message.campaign_id, fallbacks.fallback_for == message.id)
+
+
+def may_still_trigger_fallback(campaign_id: int, spec: dict | None, now: datetime | None = None) -> bool:
+    """Whether a WhatsApp message of the campaign could still trigger its SMS fallback (app.messaging.fallback):
+    one the provider took (`sent`) without a delivered status or a fallback, whose not-delivered window has not
+    passed (the time a late failure is still acted on, whatever triggers the fallback), or, when `not_delivered`
+    triggers it, has passed with its fallback not made yet. The campaign does not end meanwhile."""
+    if not spec:
+        return False
+    now = now or clock.now()
+    waiting = and_(
+        OutboundMessage.campaign_id == campaign_id,
+        OutboundMessage.status == MessageStatus.SENT,
+        OutboundMessage.fallback_for.is_(None),
+        ~replaced_by_fallback(OutboundMessage),
+    )
+    if not fallback_spec.triggers_on(spec, fallback_spec.NOT_DELIVERED):
+        waiting = and_(waiting, OutboundMessage.sent_at > now - fallback_spec.within(spec))
+    return bool(db.session.scalar(select(exists().where(waiting))))
 
 
 def start_due_campaign(
@@ -378,13 +407,18 @@ def finish_campaign(campaign_id: int, checked: bool = False) -> str | None:
     """
     if not checked and unfinished_exists_now(campaign_id):
         return None  # the common case: a few indexed lookups, no lock, no transaction
-    locked = db.session.scalar(
-        select(Campaign.id)
+    locked = db.session.execute(
+        select(Campaign.id, Campaign.sms_fallback)
         # Not while a send still adds its recipients (app.messaging.recipient_batches): more are coming.
         .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.SENDING, Campaign.adding_after.is_(None))
         .with_for_update()
-    )
-    if locked is None or unfinished_exists(db.session, campaign_id):
+    ).first()
+    if (
+        locked is None
+        or unfinished_exists(db.session, campaign_id)
+        # Nor while a WhatsApp message may still trigger its SMS fallback.
+        or may_still_trigger_fallback(campaign_id, locked.sms_fallback)
+    ):
         db.session.commit()
         return None
     if _has_messages(campaign_id, MessageStatus.ACCEPTED):
@@ -476,7 +510,7 @@ CLAIM = (
         claim_token=case((_CAMPAIGN_SENDING, bindparam("token", type_=BigInteger)), else_=null()),
         updated_at=bindparam("now"),
     )
-    .returning(_M.c.id, _M.c.status, _M.c.retry_count, _M.c.campaign_id, _M.c.customer_id)
+    .returning(_M.c.id, _M.c.status, _M.c.retry_count, _M.c.campaign_id, _M.c.customer_id, _M.c.fallback_for)
 )
 
 # A claim ends: what its attempt came to (`sent`, `failed`, `canceled`), or the message goes back to

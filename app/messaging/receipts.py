@@ -21,12 +21,14 @@ from sqlalchemy import delete, exists, select
 from app import clock, metrics
 from app.customers import optouts
 from app.extensions import db
-from app.messaging import lifecycle, providers
+from app.messaging import fallback, lifecycle, providers
 from app.messaging.providers.base import Receipt
 from app.messaging.send import window
 from app.models import Campaign, DeliveryReceipt, ErrorClass, MessageStatus, OutboundMessage
 
 __all__ = ["Receipt", "apply_waiting", "expire_kept", "record"]
+
+_WHATSAPP = providers.whatsapp_cloud.WhatsAppCloud.name
 
 
 def record(receipts: list[Receipt]) -> dict[str, int]:
@@ -43,8 +45,9 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
     results = []
     kept = []
     held: list[tuple[int, datetime]] = []
+    triggered: list[tuple[str, str, str]] = []
     for receipt in receipts:
-        applied = _apply(receipt, held)
+        applied = _apply(receipt, held, triggered)
         if applied is None:
             db.session.add(
                 DeliveryReceipt(
@@ -65,7 +68,7 @@ def record(receipts: list[Receipt]) -> dict[str, int]:
         results.append((receipt.provider, receipt.status, result))
     db.session.commit()
     metrics.count_receipts(results)
-    _after_holds(held)
+    _after_commit(held, triggered)
     for receipt in kept:  # its message recorded between the look and the keeping: applied now
         apply_waiting(receipt.provider, receipt.provider_message_id)
     return counts
@@ -80,11 +83,13 @@ def _acts(receipt: Receipt) -> bool:
     )
 
 
-def _apply(receipt: Receipt, held: list[tuple[int, datetime]]) -> bool | None:
+def _apply(receipt: Receipt, held: list[tuple[int, datetime]], triggered: list[tuple[str, str, str]]) -> bool | None:
     """Apply one receipt in the caller's transaction (see `lifecycle.apply_receipt`). A failure the provider
     means as a hold (WhatsApp 131049) puts its message back in line for later, once (`held` gets its
     campaign and time, to refill its window then, after the commit); held before, it fails for good. A failure
-    saying the recipient opted out with the provider (WhatsApp 131050) opts them out of the channel here."""
+    saying the recipient opted out with the provider (WhatsApp 131050) opts them out of the channel here. One
+    that triggers an SMS fallback (WhatsApp 131026, 131047) adds its provider id and trigger to `triggered`,
+    for `_after_commit` (app.messaging.fallback)."""
     if receipt.status == MessageStatus.FAILED:
         hold = providers.receipt_hold(receipt.provider, receipt.error_code)
         if hold is not None:
@@ -109,6 +114,9 @@ def _apply(receipt: Receipt, held: list[tuple[int, datetime]]) -> bool | None:
     if applied and receipt.status == MessageStatus.FAILED:
         if providers.receipt_opts_out(receipt.provider, receipt.error_code):
             _opt_out_recipient(receipt)
+        reason = fallback.CODE_TRIGGERS.get(receipt.error_code or "") if receipt.provider == _WHATSAPP else None
+        if reason is not None:
+            triggered.append((receipt.provider, receipt.provider_message_id, reason))
     return applied
 
 
@@ -127,11 +135,14 @@ def _opt_out_recipient(receipt: Receipt) -> None:
         optouts.opt_out_at_provider(found.customer_id, found.channel, found.id)
 
 
-def _after_holds(held: list[tuple[int, datetime]]) -> None:
+def _after_commit(held: list[tuple[int, datetime]], triggered: list[tuple[str, str, str]]) -> None:
     """After the commit: each held message's campaign refills its window when the hold ends (the reconciler
-    does too, should Redis lose the scheduled refill)."""
+    does too, should Redis lose the scheduled refill), and each failure that triggers an SMS fallback gets it
+    (the reconciler makes up for one lost here)."""
     for campaign_id, until in held:
         window.schedule_refill(campaign_id, until)
+    for provider, provider_message_id, reason in triggered:
+        fallback.trigger_by_provider_id(provider, provider_message_id, reason)
 
 
 def apply_waiting(provider: str | None = None, provider_message_id: str | None = None) -> int:
@@ -153,6 +164,7 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
         )
     applied_ids, results = [], []
     held: list[tuple[int, datetime]] = []
+    triggered: list[tuple[str, str, str]] = []
     for kept in db.session.scalars(stmt.limit(current_app.config["RECONCILE_BATCH_SIZE"])):
         outcome = _apply(
             Receipt(
@@ -165,6 +177,7 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
                 kept.error_class,
             ),
             held,
+            triggered,
         )
         if outcome is not None:
             applied_ids.append(kept.id)
@@ -173,7 +186,7 @@ def apply_waiting(provider: str | None = None, provider_message_id: str | None =
         db.session.execute(delete(DeliveryReceipt).where(DeliveryReceipt.id.in_(applied_ids)))
     db.session.commit()
     metrics.count_receipts(results)
-    _after_holds(held)
+    _after_commit(held, triggered)
     return len(applied_ids)
 
 

@@ -111,7 +111,8 @@ def _insert(campaign_id: int, candidates, now, dialect: str):
     return (
         insert(OutboundMessage)
         .from_select(columns, rows)
-        .on_conflict_do_nothing(index_elements=["customer_id", "campaign_id"])
+        # `uq_outbound_messages_customer_campaign_fallback`: a customer messaged in the campaign already.
+        .on_conflict_do_nothing()
         .returning(OutboundMessage.id)
     )
 

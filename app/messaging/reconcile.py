@@ -14,7 +14,10 @@ It runs every `RECONCILE_INTERVAL` seconds and
 6. re-enqueues customer imports left `queued` or `running`, untouched for `STALE_AFTER` seconds, whose
    job is not waiting in Redis (a flushed Redis, a killed worker); the job resumes where the import was;
 7. re-enqueues the adding of a send's recipients whose last batch committed over
-   `recipient_batches.ADDING_STALE` ago (its job lost); it resumes after the last customer added.
+   `recipient_batches.ADDING_STALE` ago (its job lost); it resumes after the last customer added;
+8. (before step 3) creates the SMS fallbacks that are due and were not created: a not-delivered window that
+   passed with its scheduled check lost, or a trigger lost between a failure's record and its fallback
+   (`fallback.sweep`); step 3 then queues them.
 It works in batches and is safe beside workers and beside itself: every move is a conditional UPDATE,
 rows another transaction holds are skipped, and a job from an earlier turn of a message claims nothing.
 """
@@ -33,7 +36,7 @@ from sqlalchemy import select, update
 from app import clock, metrics
 from app.customers import import_jobs
 from app.extensions import db
-from app.messaging import deferred, lifecycle, receipts, recipient_batches
+from app.messaging import deferred, fallback, lifecycle, receipts, recipient_batches
 from app.messaging.send import window
 from app.messaging.triggers import dispatch_due_campaign
 from app.models import Campaign, CampaignStatus, CustomerImport, ImportStatus, MessageStatus, OutboundMessage
@@ -58,6 +61,7 @@ class ReconcileReport:
     expired_receipts: int = 0
     applied_deferred: int = 0
     resumed_adding: list[int] = field(default_factory=list)
+    fallbacks: int = 0
 
     def summary(self) -> str:
         return (
@@ -65,7 +69,8 @@ class ReconcileReport:
             f"requeued {self.requeued}, "
             f"refilled {self.refilled}, finalized {self.finalized}, canceled {self.canceled}, "
             f"applied receipts {self.applied_receipts}, expired receipts {self.expired_receipts}, "
-            f"requeued imports {self.requeued_imports}, resumed adding {self.resumed_adding}"
+            f"requeued imports {self.requeued_imports}, resumed adding {self.resumed_adding}, "
+            f"fallbacks {self.fallbacks}"
         )
 
     def __bool__(self) -> bool:
@@ -81,6 +86,7 @@ class ReconcileReport:
             or self.expired_receipts
             or self.requeued_imports
             or self.resumed_adding
+            or self.fallbacks
         )
 
 
@@ -228,12 +234,13 @@ def requeue_stale_imports() -> int:
 
 
 def reconcile() -> ReconcileReport:
-    """One pass of the seven steps above."""
+    """One pass of the eight steps above."""
     report = ReconcileReport(dispatched=dispatch_due_campaigns())
     # A send whose record waits in Redis (the database was unavailable) holds its claim until then: its
     # record goes in first, so that its lease running out meanwhile does not send it again.
     report.applied_deferred = deferred.drain()
     report.in_doubt = release_expired_claims()
+    report.fallbacks = fallback.sweep()
     sending = db.session.scalars(select(Campaign.id).where(Campaign.status == CampaignStatus.SENDING)).all()
     db.session.commit()
     for campaign_id in sending:
@@ -263,6 +270,7 @@ def reconcile() -> ReconcileReport:
                 "expired_receipts": report.expired_receipts,
                 "requeued_imports": report.requeued_imports,
                 "resumed_adding": report.resumed_adding,
+                "fallbacks": report.fallbacks,
             },
         )
     return report

@@ -16,7 +16,8 @@ import logging
 from collections.abc import Iterable
 
 from flask import Flask, current_app
-from sqlalchemy import Select, and_, bindparam, case, func, select, text, union_all
+from sqlalchemy import Select, and_, bindparam, case, func, literal, select, text, union_all
+from sqlalchemy.orm import aliased
 
 from app import clock
 from app.database import statement_budget
@@ -59,16 +60,36 @@ _FOLD = text(
     """
 )
 
+# The key a message is counted under: its status; for an SMS fallback (`fallback_for`) `f:` and its status,
+# or `f:opted_out` / `f:frequency_cap` for one skipped for that reason (app.messaging.fallback). Migration
+# 0018's trigger computes the same.
+FALLBACK_PREFIX = "f:"
+SKIPPED_FALLBACKS = ("opted_out", "frequency_cap")
+KEY = (
+    "CASE WHEN fallback_for IS NULL THEN status"
+    " WHEN status = 'canceled' AND error_code IN ('opted_out', 'frequency_cap') THEN 'f:' || error_code"
+    " ELSE 'f:' || status END"
+)
+COUNT_KEY = case(
+    (OutboundMessage.fallback_for.is_(None), OutboundMessage.status),
+    (
+        and_(OutboundMessage.status == MessageStatus.CANCELED, OutboundMessage.error_code.in_(SKIPPED_FALLBACKS)),
+        literal(FALLBACK_PREFIX) + OutboundMessage.error_code,
+    ),
+    else_=literal(FALLBACK_PREFIX) + OutboundMessage.status,
+)
+
 # In one statement, so that the count and the changes it drops share one snapshot: a change committed
 # after it (a receipt arriving meanwhile) is in neither, and stays to be added.
 _RECOUNT = text(
-    """
+    f"""
     WITH dropped AS (
         DELETE FROM campaign_message_count_changes WHERE campaign_id = :campaign_id
     ), fresh AS (
-        SELECT status, count(*) AS messages, count(read_at) AS read, coalesce(sum(segments), 0) AS segments,
-               count(first_clicked_at) AS clicked, coalesce(sum(clicks), 0) AS clicks
-        FROM outbound_messages WHERE campaign_id = :campaign_id GROUP BY status
+        SELECT {KEY} AS status, count(*) AS messages, count(read_at) AS read,
+               coalesce(sum(segments), 0) AS segments, count(first_clicked_at) AS clicked,
+               coalesce(sum(clicks), 0) AS clicks
+        FROM outbound_messages WHERE campaign_id = :campaign_id GROUP BY 1
     ), stale AS (
         DELETE FROM campaign_message_counts
         WHERE campaign_id = :campaign_id AND status NOT IN (SELECT status FROM fresh)
@@ -105,7 +126,7 @@ _IDS = bindparam("campaign_ids", expanding=True)
 _ROW_COUNTS = (
     select(
         OutboundMessage.campaign_id,
-        OutboundMessage.status,
+        COUNT_KEY.label("status"),
         func.count(),
         func.count(OutboundMessage.read_at),
         func.coalesce(func.sum(OutboundMessage.segments), 0),
@@ -113,7 +134,7 @@ _ROW_COUNTS = (
         func.coalesce(func.sum(OutboundMessage.clicks), 0),
     )
     .where(OutboundMessage.campaign_id.in_(_IDS))
-    .group_by(OutboundMessage.campaign_id, OutboundMessage.status)
+    .group_by(OutboundMessage.campaign_id, COUNT_KEY)
 )
 _BOTH = union_all(
     *(
@@ -135,25 +156,34 @@ _KEPT_COUNTS = select(
 
 
 def _empty() -> dict[str, int]:
-    return {status: 0 for status in MessageStatus.ALL} | {
-        "read": 0,
-        "clicked": 0,
-        "clicks": 0,
-        "total": 0,
-        "segments_sent": 0,
-    }
+    return (
+        {status: 0 for status in MessageStatus.ALL}
+        | {"read": 0, "clicked": 0, "clicks": 0, "total": 0, "segments_sent": 0}
+        | {f"fallback_{status}": 0 for status in MessageStatus.ALL}
+        | {f"fallback_skipped_{reason}": 0 for reason in SKIPPED_FALLBACKS}
+        | {"fallback_total": 0, "delivered_after_fallback": 0}
+    )
 
 
 def stats_from(rows: Iterable[tuple]) -> dict[int, dict[str, int]]:
-    """`counts_query` or `rows_query` rows as each campaign's stats (without the held ones)."""
+    """`counts_query` or `rows_query` rows as each campaign's stats (without the held ones). The campaign's own
+    messages are counted by status and in `total`; its SMS fallbacks apart (`fallback_<status>`,
+    `fallback_skipped_<reason>`, `fallback_total`), their segments and clicks with the campaign's."""
     stats: dict[int, dict[str, int]] = {}
-    for campaign_id, status, messages, read, segments, clicked, clicks in rows:
+    for campaign_id, key, messages, read, segments, clicked, clicks in rows:
         campaign = stats.setdefault(campaign_id, _empty())
-        campaign[status] = int(messages)
+        is_fallback = key.startswith(FALLBACK_PREFIX)
+        status = key.removeprefix(FALLBACK_PREFIX)
+        if not is_fallback:
+            campaign[status] = int(messages)
+            campaign["total"] += int(messages)
+        else:
+            name = f"fallback_skipped_{status}" if status in SKIPPED_FALLBACKS else f"fallback_{status}"
+            campaign[name] = int(messages)
+            campaign["fallback_total"] += int(messages)
         campaign["read"] += int(read)
         campaign["clicked"] += int(clicked)
         campaign["clicks"] += int(clicks)
-        campaign["total"] += int(messages)
         if status in MessageStatus.ACCEPTED:
             campaign["segments_sent"] += int(segments)
     return stats
@@ -175,12 +205,37 @@ def stats_for(campaign_ids: Iterable[int]) -> dict[int, dict[str, int]]:
     for campaign in stats.values():
         campaign["waiting_quiet_hours"] = campaign["held_by_provider"] = 0
     # Asked only of campaigns with pending messages (a finished campaign's stats stay one query).
-    waiting = [campaign_id for campaign_id in ids if stats[campaign_id]["pending"]]
+    waiting = [
+        campaign_id for campaign_id in ids if stats[campaign_id]["pending"] or stats[campaign_id]["fallback_pending"]
+    ]
     if waiting:
         for campaign_id, quiet_hours, provider in db.session.execute(waiting_quiet_hours_query(waiting)):
             stats[campaign_id]["waiting_quiet_hours"] = quiet_hours
             stats[campaign_id]["held_by_provider"] = provider
+    # And only of campaigns whose fallbacks went out: how many of their WhatsApp messages were delivered too.
+    fell_back = [
+        campaign_id for campaign_id in ids if any(stats[campaign_id][f"fallback_{s}"] for s in MessageStatus.ACCEPTED)
+    ]
+    if fell_back:
+        for campaign_id, count in db.session.execute(_DELIVERED_AFTER_FALLBACK, {"campaign_ids": fell_back}):
+            stats[campaign_id]["delivered_after_fallback"] = count
     return stats
+
+
+_REPLACED = aliased(OutboundMessage)
+# Per campaign: its WhatsApp messages delivered although their SMS fallback went (what the fallback cost twice).
+# Reads the campaign's fallbacks (`uq_outbound_messages_fallback_for`), each one's message by its id.
+_DELIVERED_AFTER_FALLBACK = (
+    select(OutboundMessage.campaign_id, func.count())
+    .join(_REPLACED, _REPLACED.id == OutboundMessage.fallback_for)
+    .where(
+        OutboundMessage.campaign_id.in_(_IDS),
+        OutboundMessage.fallback_for.is_not(None),
+        OutboundMessage.status.in_(MessageStatus.ACCEPTED),
+        _REPLACED.status == MessageStatus.DELIVERED,
+    )
+    .group_by(OutboundMessage.campaign_id)
+)
 
 
 def campaign_stats(campaign_id: int) -> dict[str, int]:

@@ -41,7 +41,7 @@ from app import clock, metrics
 from app.customers import optouts
 from app.extensions import db
 from app.links import shorten
-from app.messaging import lifecycle, receipts
+from app.messaging import fallback, lifecycle, receipts
 from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
 from app.messaging.providers.http import LATE_FOR_SLOT
 from app.messaging.segments import segments
@@ -149,6 +149,8 @@ def _follow_up(row: dict, outcome: Outcome) -> dict:
         "recipient_opted_out": outcome.recipient_opted_out,
         "account_refused": outcome.error_class == ErrorClass.ACCOUNT and outcome.status == MessageStatus.PENDING,
         "error": outcome.error,
+        # What the failure triggers: the message's SMS fallback (`undeliverable`, `window_closed`), or None.
+        "fallback": fallback.reason_for(row, outcome.status, outcome.error_code),
     }
 
 
@@ -162,6 +164,8 @@ def _after_record(
     extra = {"campaign_id": campaign_id, "message_id": message_id, "status": outcome.status}
     if not recorded.deferred:
         _follow_through(campaign_id, message_id, recorded, size, follow_up, outcome)
+        if outcome.status == MessageStatus.SENT and row["sms_fallback"] and row["channel"] == Channel.WHATSAPP:
+            fallback.schedule_check(campaign_id, clock.now(), row["sms_fallback"])
     if outcome.not_before is not None:
         window.schedule_refill(campaign_id, outcome.not_before)
         log.info(
@@ -202,6 +206,8 @@ def _follow_through(
     if follow_up["recipient_opted_out"]:
         optouts.opt_out_at_provider(follow_up["customer_id"], follow_up["channel"], message_id)
         db.session.commit()
+    if follow_up.get("fallback") and recorded.recorded:
+        fallback.trigger(message_id, follow_up["fallback"])
     if follow_up["account_refused"]:
         reason = f"paused: the provider refused the account: {follow_up['error']}"
         if lifecycle.pause_for_account(campaign_id, reason):
@@ -225,6 +231,7 @@ def apply_kept_outcome(params: dict, follow_up: dict) -> None:
         "recipient_opted_out": False,
         "account_refused": False,
         "error": params.get("error"),
+        "fallback": None,
         **follow_up,
     }
     _follow_through(params["campaign_id"], params["message_id"], recorded, params["cap"], follow_up)
@@ -253,6 +260,8 @@ def _attempt_and_decide(row: dict, message_id: int, claim: Claim) -> Outcome:
         return Outcome(MessageStatus.FAILED, retries, error="the customer no longer exists", **gone)
     if row["opted_out"]:  # since it was queued: never sent
         return Outcome(MessageStatus.CANCELED, retries, error=OPTED_OUT_REASON, error_code="opted_out")
+    if row["replaced_delivered"]:  # a fallback whose WhatsApp message was delivered after all
+        return Outcome(MessageStatus.CANCELED, retries, error=fallback.DELIVERED_FIRST, error_code="delivered_first")
     body, parameters, links = _rendered(row, message_id)
     too_long = over_limit(body, row["channel"])
     if too_long:  # long values made it so: no provider would take it, now or on a retry

@@ -25,22 +25,28 @@ from flask import current_app
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from redis.exceptions import RedisError
-from sqlalchemy import and_, bindparam, exists, select
+from sqlalchemy import and_, bindparam, case, exists, literal, null, select
 from sqlalchemy.engine import Compiled
+from sqlalchemy.orm import aliased
 
 from app import metrics
 from app.database import describe, is_unavailable
 from app.extensions import db
 from app.messaging import spool
 from app.messaging.lifecycle import CLAIM, RECORD, WINDOW_STATE
-from app.models import Campaign, Customer, CustomerOptOut, DeliveryReceipt, OutboundMessage
+from app.models import Campaign, Channel, Customer, CustomerOptOut, DeliveryReceipt, MessageStatus, OutboundMessage
 from app.queues import get_redis
 
 log = logging.getLogger(__name__)
 
 
 def _load(claimed):
-    """What a send renders and decides from, for the message `claimed` names (a table or the claim's CTE)."""
+    """What a send renders and decides from, for the message `claimed` names (a table or the claim's CTE). A
+    fallback (`fallback_for`) goes by SMS with its campaign's `sms_fallback` template, whatever the campaign's
+    channel (app.messaging.fallback)."""
+    is_fallback = claimed.c.fallback_for.is_not(None)
+    channel = case((is_fallback, literal(Channel.SMS)), else_=Campaign.channel)
+    replaced = aliased(OutboundMessage)
     return (
         select(
             claimed.c.id,
@@ -48,17 +54,24 @@ def _load(claimed):
             claimed.c.retry_count,
             claimed.c.campaign_id,
             claimed.c.customer_id,
+            claimed.c.fallback_for,
             # A customer who opted out of the channel after the message was queued is not messaged: the
             # message is canceled instead (one primary-key probe, in the same round trip).
             exists()
-            .where(
-                and_(CustomerOptOut.customer_id == claimed.c.customer_id, CustomerOptOut.channel == Campaign.channel)
-            )
+            .where(and_(CustomerOptOut.customer_id == claimed.c.customer_id, CustomerOptOut.channel == channel))
             .label("opted_out"),
+            # A fallback whose WhatsApp message was delivered after all (a late receipt) is not sent.
+            exists()
+            .where(replaced.id == claimed.c.fallback_for, replaced.status == MessageStatus.DELIVERED)
+            .label("replaced_delivered"),
             Campaign.status.label("campaign_status"),
-            Campaign.channel,
-            Campaign.base_template,
-            Campaign.whatsapp_template,
+            channel.label("channel"),
+            case((is_fallback, Campaign.sms_fallback["base_template"].as_string()), else_=Campaign.base_template).label(
+                "base_template"
+            ),
+            case((is_fallback, null()), else_=Campaign.whatsapp_template).label("whatsapp_template"),
+            # What a failure of a WhatsApp message may trigger (app.messaging.fallback).
+            Campaign.sms_fallback,
             # Whether QUIET_HOURS hold this message (checked before the throughput slot).
             Campaign.respect_quiet_hours,
             Campaign.priority,
