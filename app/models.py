@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    ColumnElement,
     DateTime,
     ForeignKey,
     Index,
@@ -20,11 +21,10 @@ from sqlalchemy import (
     UniqueConstraint,
     case,
     literal,
-    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, column_property, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app import clock
 from app.extensions import db
@@ -405,13 +405,6 @@ class OutboundMessage(db.Model):
     # The WhatsApp message this SMS replaces (its campaign's `sms_fallback`); null for a message on its
     # campaign's own channel. A fallback goes by SMS whatever its campaign's channel.
     fallback_for: Mapped[int | None] = mapped_column(BigInteger)
-    # The channel it goes by: sms for a fallback, else its campaign's (read with the message).
-    channel: Mapped[str] = column_property(
-        case(
-            (fallback_for.is_not(None), literal(Channel.SMS)),
-            else_=select(Campaign.channel).where(Campaign.id == campaign_id).scalar_subquery(),
-        )
-    )
     # The original URLs its short links lead to, by position (app.links: the position is in each code); null
     # when it was sent without any. Clicks per position (`{"0": 3}`), all its clicks, and the first one's time.
     # A click changes these only, never the status.
@@ -421,6 +414,11 @@ class OutboundMessage(db.Model):
     first_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+def message_channel(fallback_for, campaign_channel) -> ColumnElement[str]:
+    """The channel a message goes by, from its `fallback_for` and its campaign's channel: sms for a fallback."""
+    return case((fallback_for.is_not(None), literal(Channel.SMS)), else_=campaign_channel)
 
 
 class CampaignMessageCount(db.Model):

@@ -18,7 +18,7 @@ from sqlalchemy import insert, text
 
 from app.campaigns import export
 from app.extensions import db
-from app.models import Customer, OutboundMessage
+from app.models import Campaign, Customer, OutboundMessage
 from tests.conftest import TEST_API_KEY, TEST_DATABASE_URL
 from tests.factories import make_campaign, make_customer
 
@@ -97,7 +97,7 @@ def expected_row(message: OutboundMessage, phone: str | None) -> list[str]:
         str(message.clicks or 0),
         iso(message.first_clicked_at),
         iso(message.updated_at),
-        message.channel,
+        "sms" if message.fallback_for is not None else db.session.get(Campaign, message.campaign_id).channel,
         "" if message.fallback_for is None else str(message.fallback_for),
     ]
 

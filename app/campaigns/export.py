@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from app.campaigns.service import get_campaign
 from app.database import DEADLINE_MARGIN, DeadlineConnection, describe
 from app.extensions import db
-from app.models import Customer, OutboundMessage, UTCDateTime
+from app.models import Campaign, Customer, OutboundMessage, UTCDateTime, message_channel
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ COLUMNS = (
     ("first_clicked_at", OutboundMessage.first_clicked_at),
     ("updated_at", OutboundMessage.updated_at),
     # Added after the rest, so that a reader of the earlier columns by position reads them still.
-    ("channel", OutboundMessage.channel.expression),  # sms for a fallback, else the campaign's channel
+    ("channel", message_channel(OutboundMessage.fallback_for, Campaign.channel)),  # sms for a fallback
     ("fallback_for", OutboundMessage.fallback_for),  # a fallback: the WhatsApp message it replaces
 )
 HEADER = tuple(name for name, _ in COLUMNS)
@@ -107,6 +107,7 @@ def export_statement(campaign_id: int, status: str | None, timestamps_in_sql: bo
         select(*columns)
         .select_from(OutboundMessage)
         .outerjoin(Customer, Customer.id == OutboundMessage.customer_id)
+        .join(Campaign, Campaign.id == OutboundMessage.campaign_id)
         .where(OutboundMessage.campaign_id == campaign_id)
         .order_by(OutboundMessage.id)
     )

@@ -197,11 +197,14 @@ def list_campaigns(
 def list_messages(
     campaign_id: int, page_size: int, page: int | None = None, cursor: str | None = None, status: str | None = None
 ) -> dict:
-    get_campaign(campaign_id)
+    campaign = get_campaign(campaign_id)
     stmt = select(OutboundMessage).where(OutboundMessage.campaign_id == campaign_id)
     if status is not None:
         stmt = stmt.where(OutboundMessage.status == status)
-    return paginate(stmt, OutboundMessage.id, "messages", page_size, page, cursor)
+    listed = paginate(stmt, OutboundMessage.id, "messages", page_size, page, cursor)
+    for message in listed["data"]:
+        message.channel = Channel.SMS if message.fallback_for is not None else campaign.channel
+    return listed
 
 
 def _ids_filter(customer_ids: list[int]) -> ColumnElement[bool]:

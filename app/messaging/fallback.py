@@ -43,15 +43,15 @@ from app.audiences import caps
 from app.extensions import db
 from app.messaging import lifecycle
 from app.messaging.fallback_spec import (
+    CODE_TRIGGERS,
     NOT_DELIVERED,
-    UNDELIVERABLE,
-    WINDOW_CLOSED,
+    OPTED_OUT_CODE,
     FallbackError,
     normalized,
+    trigger_codes,
     triggers_on,
     within,
 )
-from app.messaging.providers import whatsapp_cloud
 from app.messaging.send import window
 from app.models import (
     Campaign,
@@ -67,11 +67,6 @@ from app.queues import get_control_queue
 
 log = logging.getLogger(__name__)
 
-# A WhatsApp failure's code -> what it triggers (no other code triggers one by itself).
-CODE_TRIGGERS = {
-    **{code: UNDELIVERABLE for code in whatsapp_cloud.UNDELIVERABLE_CODES},
-    whatsapp_cloud.WINDOW_CLOSED: WINDOW_CLOSED,
-}
 # The `last_error` of a fallback canceled because its WhatsApp message was delivered before it went, or
 # skipped before it was queued.
 DELIVERED_FIRST = "delivered on WhatsApp before its SMS fallback went"
@@ -168,7 +163,7 @@ def trigger(message_id: int, reason: str) -> bool:
     on for it and it has none yet, and the campaign's window refilled. Commits; True when one was created."""
     campaign_id = db.session.scalar(select(OutboundMessage.campaign_id).where(OutboundMessage.id == message_id))
     campaign = None if campaign_id is None else _open_campaign(campaign_id)
-    if campaign is None or reason not in campaign.sms_fallback.get("on", ()):
+    if campaign is None or not triggers_on(campaign.sms_fallback, reason):
         db.session.commit()
         return False
     replaced = aliased(OutboundMessage)
@@ -196,18 +191,17 @@ def trigger_by_provider_id(provider: str, provider_message_id: str, reason: str)
 def _due(replaced, spec: dict, now: datetime) -> ColumnElement[bool]:
     """The WhatsApp messages whose fallback is due now and was not created (a trigger lost between a record
     and its fallback, or a not-delivered window that has passed)."""
-    on = spec.get("on", ())
     due = []
-    codes = [code for code, trigger_name in CODE_TRIGGERS.items() if trigger_name in on]
+    codes = trigger_codes(spec)
     if codes:
         due.append(and_(replaced.status == MessageStatus.FAILED, replaced.error_code.in_(codes)))
-    if NOT_DELIVERED in on:
+    if triggers_on(spec, NOT_DELIVERED):
         due.append(
             and_(
                 replaced.status.in_((MessageStatus.SENT, MessageStatus.FAILED, MessageStatus.UNDELIVERED)),
                 replaced.sent_at.is_not(None),
                 replaced.sent_at <= now - within(spec),
-                or_(replaced.error_code.is_(None), replaced.error_code != str(whatsapp_cloud.OPTED_OUT)),
+                or_(replaced.error_code.is_(None), replaced.error_code != OPTED_OUT_CODE),
             )
         )
     return or_(*due) if due else false()

@@ -301,18 +301,23 @@ def may_still_trigger_fallback(campaign_id: int, spec: dict | None, now: datetim
     """Whether a WhatsApp message of the campaign could still trigger its SMS fallback (app.messaging.fallback):
     one the provider took (`sent`) without a delivered status or a fallback, whose not-delivered window has not
     passed (the time a late failure is still acted on, whatever triggers the fallback), or, when `not_delivered`
-    triggers it, has passed with its fallback not made yet. The campaign does not end meanwhile."""
+    triggers it, has passed with its fallback not made yet; or one whose failure triggers a fallback not made
+    yet. The campaign does not end meanwhile."""
     if not spec:
         return False
     now = now or clock.now()
+    sent = OutboundMessage.status == MessageStatus.SENT
+    if not fallback_spec.triggers_on(spec, fallback_spec.NOT_DELIVERED):
+        sent = and_(sent, OutboundMessage.sent_at > now - fallback_spec.within(spec))
+    codes = fallback_spec.trigger_codes(spec)
+    # A failure that triggers one whose fallback is not made yet (the reconciler makes it).
+    triggered = and_(OutboundMessage.status == MessageStatus.FAILED, OutboundMessage.error_code.in_(codes))
     waiting = and_(
         OutboundMessage.campaign_id == campaign_id,
-        OutboundMessage.status == MessageStatus.SENT,
         OutboundMessage.fallback_for.is_(None),
+        or_(sent, triggered) if codes else sent,
         ~replaced_by_fallback(OutboundMessage),
     )
-    if not fallback_spec.triggers_on(spec, fallback_spec.NOT_DELIVERED):
-        waiting = and_(waiting, OutboundMessage.sent_at > now - fallback_spec.within(spec))
     return bool(db.session.scalar(select(exists().where(waiting))))
 
 

@@ -122,12 +122,6 @@ OPTED_OUT = 131050
 HELD_BACK = "131049"
 HOLD = timedelta(hours=24)
 
-# The number cannot get WhatsApp messages (no account, an old app, terms not accepted): an SMS fallback's
-# `undeliverable` (app.messaging.fallback), at the send or in a failed status.
-UNDELIVERABLE_CODES = frozenset({"131026"})
-# A text outside the 24-hour customer service window: the fallback's `window_closed`.
-WINDOW_CLOSED = "131047"
-
 # What a failed status's code asks beyond the failure (`app.messaging.providers.receipt_opts_out` and
 # `receipt_hold`).
 RECEIPT_OPTS_OUT = frozenset({str(OPTED_OUT)})

@@ -25,7 +25,7 @@ from flask import current_app
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from redis.exceptions import RedisError
-from sqlalchemy import and_, bindparam, case, exists, literal, null, select
+from sqlalchemy import and_, bindparam, case, exists, null, select
 from sqlalchemy.engine import Compiled
 from sqlalchemy.orm import aliased
 
@@ -34,7 +34,15 @@ from app.database import describe, is_unavailable
 from app.extensions import db
 from app.messaging import spool
 from app.messaging.lifecycle import CLAIM, RECORD, WINDOW_STATE
-from app.models import Campaign, Channel, Customer, CustomerOptOut, DeliveryReceipt, MessageStatus, OutboundMessage
+from app.models import (
+    Campaign,
+    Customer,
+    CustomerOptOut,
+    DeliveryReceipt,
+    MessageStatus,
+    OutboundMessage,
+    message_channel,
+)
 from app.queues import get_redis
 
 log = logging.getLogger(__name__)
@@ -45,7 +53,7 @@ def _load(claimed):
     fallback (`fallback_for`) goes by SMS with its campaign's `sms_fallback` template, whatever the campaign's
     channel (app.messaging.fallback)."""
     is_fallback = claimed.c.fallback_for.is_not(None)
-    channel = case((is_fallback, literal(Channel.SMS)), else_=Campaign.channel)
+    channel = message_channel(claimed.c.fallback_for, Campaign.channel)
     replaced = aliased(OutboundMessage)
     return (
         select(
