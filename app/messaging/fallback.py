@@ -172,7 +172,7 @@ def trigger(message_id: int, reason: str) -> bool:
     refill = _after_insert(campaign.id, statuses)
     db.session.commit()
     if statuses:
-        log.info("sms fallback", extra={"campaign_id": campaign.id, "message_id": message_id, "reason": reason})
+        log.debug("sms fallback", extra={"campaign_id": campaign.id, "message_id": message_id, "reason": reason})
     if refill:
         window.refill(campaign.id)
     return bool(statuses)
