@@ -291,18 +291,23 @@ def test_the_reconciler_makes_a_fallback_whose_trigger_was_lost(
 
 
 def test_retry_failed_sends_a_failed_fallback_again_but_not_the_whatsapp_message_it_replaced(
-    app, client, providers, fake_providers, work
+    app, client, providers, fake_providers, work, clock
 ):
     customer = make_customer()
-    fake_providers.script("whatsapp", number(customer), refuse(131026))
-    campaign = fallback_campaign(["undeliverable"])
+    campaign = fallback_campaign(["not_delivered"], within="1m")
     send(client, campaign.id, [customer.id])
+    work()
+    # WhatsApp fails it with a transient code (retry-failed would send it again), and the window passes.
+    whatsapp_id = whatsapp_ids(fake_providers)[number(customer)]
+    assert fake_providers.send_receipt("whatsapp", whatsapp_id, "failed", errors=[131000]).status == 200
+    clock.advance(minutes=2)
+    reconcile()
     work()
     [sms] = fake_providers.requests("twilio")
     assert fake_providers.send_receipt("twilio", sms.message_id, "undelivered", error_code="30003").status == 200
-    assert detail(client, campaign.id)["stats"]["fallback_undelivered"] == 1
+    assert detail(client, campaign.id)["stats"] == stats(total=1, failed=1, fallback_total=1, fallback_undelivered=1)
     retried = client.post(f"/campaigns/{campaign.id}/retry-failed").get_json()
-    assert retried["requeued"] == 1
+    assert retried["requeued"] == 1  # the SMS only: the customer was reached by SMS, not WhatsApp again
     work()
     assert len(fake_providers.requests("whatsapp")) == 1 and sms_to(fake_providers) == [customer.phone] * 2
 
