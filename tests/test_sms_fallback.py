@@ -149,6 +149,28 @@ def test_not_delivered_within_its_window_falls_back_and_a_late_delivery_is_count
     assert sms_to(fake_providers) == [silent.phone]  # nothing more
 
 
+def test_a_message_meta_held_back_counts_its_window_from_its_next_send(
+    app, client, providers, fake_providers, work, clock
+):
+    customer = make_customer()
+    campaign = fallback_campaign(["not_delivered"], within="1h")
+    send(client, campaign.id, [customer.id])
+    work()
+    first = whatsapp_ids(fake_providers)[number(customer)]
+    assert fake_providers.send_receipt("whatsapp", first, "failed", errors=[131049]).status == 200  # held 24 h
+    clock.advance(hours=24, minutes=1)
+    reconcile()
+    work()
+    assert len(fake_providers.requests("whatsapp")) == 2  # sent again...
+    reconcile()
+    work()
+    assert sms_to(fake_providers) == []  # ...and its hour starts now, not a day ago
+    clock.advance(hours=1, minutes=1)
+    reconcile()
+    work()
+    assert sms_to(fake_providers) == [customer.phone]
+
+
 def test_a_delivery_before_the_fallback_goes_cancels_it(app, client, providers, fake_providers, work, clock):
     customer = make_customer()
     campaign = fallback_campaign(["not_delivered"], within="30s")

@@ -700,8 +700,10 @@ def hold_for_provider(
             not_before=until,
             provider_held_at=now,
             # Sent again later under a new provider id; the old one's late or repeated receipts then find
-            # nothing (kept, and aged out), never the message while it is sent again.
+            # nothing (kept, and aged out), never the message while it is sent again. Its `sent_at` is that
+            # of its next send (an SMS fallback's not-delivered window counts from it; the cap counts it then).
             provider_message_id=None,
+            sent_at=None,
             updated_at=now,
             error_code=error_code,
             error_class=ErrorClass.TRANSIENT,
