@@ -370,6 +370,7 @@ def test_the_api_checks_the_fallback_and_the_estimate_and_preview_show_it(app, c
         "on": ["undeliverable"],
         "not_delivered_within": "2h",
     }
+    assert campaign["sms_fallback_encoding"]["encoding"] == "GSM-7" and "template_encoding" not in campaign
     app.config["SMS_SEGMENT_PRICE"] = Decimal("0.8")
     app.config["CURRENCY"] = "KES"
     customers = [make_customer(first_name="Amina"), make_customer(first_name="Łukasz"), make_customer()]

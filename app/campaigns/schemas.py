@@ -270,6 +270,11 @@ class CampaignDetailSchema(CampaignListItemSchema):
             "removed), with a warning; never an error."
         },
     )
+    sms_fallback_encoding = fields.Nested(
+        TemplateEncodingSchema,
+        dump_only=True,
+        metadata={"description": "With an sms_fallback: the same for the fallback's template."},
+    )
 
 
 class CampaignQuerySchema(PageQuerySchema):

@@ -53,12 +53,14 @@ def get_campaign(campaign_id: int, lock: bool = False) -> Campaign:
 
 def with_stats(campaign: Campaign) -> Campaign:
     """`campaign` with its message `stats` attached, for the detail view; an SMS campaign also with its
-    `template_encoding`."""
+    `template_encoding`, one with an SMS fallback with its `sms_fallback_encoding`."""
     campaign.stats = campaign_stats(campaign.id)
     sending = campaign.status == CampaignStatus.SENDING and campaign.stats["queued"]
     campaign.queued_beside_others = window.queued_before(campaign.id, campaign.stats["queued"]) if sending else None
     if campaign.channel == Channel.SMS:
         campaign.template_encoding = template_encoding(campaign.base_template)
+    if campaign.sms_fallback:
+        campaign.sms_fallback_encoding = template_encoding(campaign.sms_fallback["base_template"])
     return campaign
 
 
