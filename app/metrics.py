@@ -154,6 +154,13 @@ LINK_REQUESTS = Metric(
     "counter",
     ("result",),
 )
+FALLBACKS = Metric(
+    "sms_fallbacks",
+    "SMS fallbacks of WhatsApp messages made, by result: `made` (to be sent), `skipped_opted_out` (the "
+    "customer opted out of sms), `skipped_frequency_cap` (FREQUENCY_CAP held it back)",
+    "counter",
+    ("result",),
+)
 EVENT_METRICS = (
     HTTP_REQUESTS,
     HTTP_DURATION,
@@ -165,6 +172,7 @@ EVENT_METRICS = (
     IN_DOUBT,
     WEBHOOK_INVALID_ITEMS,
     LINK_REQUESTS,
+    FALLBACKS,
 )
 
 # A histogram's fields: `<label values>` + SEPARATOR + `b<index of the bucket>` (the last is +Inf) or `sum`.
@@ -452,6 +460,14 @@ def count_in_doubt(count: int, reason: str = "lease_expired") -> None:
     recorder = _recorder()
     if recorder is not None and count:
         recorder.count(IN_DOUBT, (reason,), count)
+
+
+def count_fallbacks(results: Iterable[str]) -> None:
+    """Count SMS fallbacks made, one `result` each (`made`, `skipped_opted_out`, `skipped_frequency_cap`)."""
+    recorder = _recorder()
+    if recorder is not None:
+        for result in results:
+            recorder.count(FALLBACKS, (result,))
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import select
 
+from app import metrics
 from app.customers import optouts
 from app.extensions import db
 from app.messaging.reconcile import reconcile
@@ -223,6 +224,10 @@ def test_consent_an_sms_opt_out_a_whatsapp_stop_and_the_frequency_cap(
     assert detail(client, campaign.id)["stats"] == stats(
         total=3, failed=3, fallback_total=2, fallback_sent=1, fallback_skipped_opted_out=1
     )
+    assert metrics.flush(app)
+    scrape = client.get("/metrics").get_data(as_text=True)
+    assert 'dispatch_sms_fallbacks_total{result="made"} 1.0' in scrape
+    assert 'dispatch_sms_fallbacks_total{result="skipped_opted_out"} 1.0' in scrape
 
 
 def test_the_fallback_skips_a_customer_the_cap_holds_back_but_not_for_its_own_message(

@@ -38,7 +38,7 @@ from sqlalchemy import ColumnElement, and_, case, exists, false, literal, or_, s
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 
-from app import clock
+from app import clock, metrics
 from app.audiences import caps
 from app.extensions import db
 from app.messaging import lifecycle
@@ -136,7 +136,11 @@ def _insert(campaign: Campaign, replaced, where: ColumnElement[bool], now: datet
     ]
     insert = postgresql.insert if db.session.get_bind().dialect.name == "postgresql" else sqlite.insert
     statement = insert(OutboundMessage).from_select(columns, rows).on_conflict_do_nothing()
-    return db.session.scalars(statement.returning(OutboundMessage.status)).all()
+    made = db.session.execute(statement.returning(OutboundMessage.status, OutboundMessage.error_code)).all()
+    metrics.count_fallbacks(
+        "made" if status == MessageStatus.PENDING else f"skipped_{error_code}" for status, error_code in made
+    )
+    return [status for status, _ in made]
 
 
 def _open_campaign(campaign_id: int, lock: bool = True) -> Campaign | None:
