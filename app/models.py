@@ -283,6 +283,9 @@ class Campaign(db.Model):
     # A WhatsApp campaign's SMS fallback (app.messaging.fallback): `{"base_template", "on", "not_delivered_within"}`,
     # the SMS sent to a customer its WhatsApp message could not reach; null without one.
     sms_fallback: Mapped[dict | None] = mapped_column(JSON)
+    # A/B variants (app.messaging.variants): 2 to 5 of `{"name", "base_template", "whatsapp_template",
+    # "weight"}`; each recipient gets one, chosen from the campaign and the customer. Null without.
+    variants: Mapped[list | None] = mapped_column(JSON)
     adding_audience: Mapped[dict | None] = mapped_column(JSON)
     adding_after: Mapped[int | None] = mapped_column(BigInteger)
     adding_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -405,6 +408,8 @@ class OutboundMessage(db.Model):
     # The WhatsApp message this SMS replaces (its campaign's `sms_fallback`); null for a message on its
     # campaign's own channel. A fallback goes by SMS whatever its campaign's channel.
     fallback_for: Mapped[int | None] = mapped_column(BigInteger)
+    # The campaign's variant it was rendered from (its name), chosen when it was created; null without.
+    variant: Mapped[str | None] = mapped_column(String(40))
     # The original URLs its short links lead to, by position (app.links: the position is in each code); null
     # when it was sent without any. Clicks per position (`{"0": 3}`), all its clicks, and the first one's time.
     # A click changes these only, never the status.
@@ -431,7 +436,8 @@ class CampaignMessageCount(db.Model):
     __tablename__ = "campaign_message_counts"
 
     campaign_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # A message status, or a key of a variant's or the fallbacks' counts (`app.messaging.stats.KEY`).
+    status: Mapped[str] = mapped_column(String(64), primary_key=True)
     messages: Mapped[int] = mapped_column(BigInteger, default=0)
     read: Mapped[int] = mapped_column(BigInteger, default=0)
     segments: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -449,7 +455,7 @@ class CampaignMessageCountChange(db.Model):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     campaign_id: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(64))
     messages: Mapped[int] = mapped_column(BigInteger, default=0)
     read: Mapped[int] = mapped_column(BigInteger, default=0)
     segments: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -90,6 +90,7 @@ def stats(**counts: int) -> dict[str, int]:
     return {
         **{f"fallback_{name}": 0 for name in fallbacks},
         "delivered_after_fallback": 0,
+        "variants": {},
         "segments_sent": ANY,
         "total": 0,
         "pending": 0,

@@ -41,6 +41,7 @@ HEADER = [
     "updated_at",
     "channel",
     "fallback_for",
+    "variant",
 ]
 CREATED = datetime(2026, 12, 3, 15, 4, 5, 123456, tzinfo=UTC)
 UPDATED = datetime(2026, 12, 3, 15, 4, 6, tzinfo=UTC)  # no microseconds: still written with six digits
@@ -99,6 +100,7 @@ def expected_row(message: OutboundMessage, phone: str | None) -> list[str]:
         iso(message.updated_at),
         "sms" if message.fallback_for is not None else db.session.get(Campaign, message.campaign_id).channel,
         "" if message.fallback_for is None else str(message.fallback_for),
+        message.variant or "",
     ]
 
 

@@ -144,7 +144,7 @@ def add_waiting_segment(campaign_id: int) -> int:
     if spec is not None:
         condition = filters.compile_filter(spec, "segment.filter")
         created = recipients.create_pending_messages(
-            campaign.id, condition, campaign.channel, caps.cap_for(campaign)
+            campaign.id, condition, campaign.channel, caps.cap_for(campaign), campaign.variants
         ).count
     db.session.execute(update(Campaign).where(Campaign.id == campaign_id).values(segment_id=None))
     return created

@@ -53,6 +53,7 @@ COLUMNS = (
     # Added after the rest, so that a reader of the earlier columns by position reads them still.
     ("channel", message_channel(OutboundMessage.fallback_for, Campaign.channel)),  # sms for a fallback
     ("fallback_for", OutboundMessage.fallback_for),  # a fallback: the WhatsApp message it replaces
+    ("variant", OutboundMessage.variant),  # its A/B variant's name
 )
 HEADER = tuple(name for name, _ in COLUMNS)
 

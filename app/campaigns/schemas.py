@@ -77,8 +77,29 @@ class FallbackStatsSchema(Schema):
     )
 
 
+class VariantStatsSchema(MessageCountsSchema):
+    """One A/B variant's messages: every status, read, clicked, segments and cost."""
+
+    cost = fields.Decimal(
+        required=True,
+        allow_none=True,
+        as_string=True,
+        metadata={"description": "SMS: segments_sent x SMS_SEGMENT_PRICE; null for WhatsApp or without a price."},
+    )
+
+    class Meta:
+        exclude = ("waiting_quiet_hours", "held_by_provider")
+
+
 class StatsSchema(MessageCountsSchema, FallbackStatsSchema):
     """Each message counted once, under its current status; SMS fallbacks apart."""
+
+    variants = fields.Dict(
+        keys=fields.String(),
+        values=fields.Nested(VariantStatsSchema),
+        required=True,
+        metadata={"description": "Per A/B variant (by name), its own messages' counts; empty without variants."},
+    )
 
 
 class DeliverySecondsSchema(Schema):
@@ -154,6 +175,15 @@ class SmsFallbackSchema(Schema):
     )
 
 
+class VariantSchema(Schema):
+    name = fields.String(
+        required=True, metadata={"description": "1 to 40 letters, digits, _ or -; unique in the campaign."}
+    )
+    base_template = Text(required=True, multiline=True, validate=validate.Length(min=1))
+    whatsapp_template = fields.Nested(WhatsAppTemplateSchema, allow_none=True)
+    weight = fields.Integer(metadata={"description": "Default 1: its share of the recipients (1 to 1000)."})
+
+
 class CampaignSchema(Schema):
     id = fields.Integer(dump_only=True)
     name = Text(required=True, validate=validate.Length(min=1, max=200))
@@ -178,6 +208,15 @@ class CampaignSchema(Schema):
             "description": "WhatsApp only: an approved template, sent with one body parameter per placeholder of "
             "base_template, in order. Without it messages go as text, which Meta delivers only within 24 h of the "
             "customer's last message."
+        },
+    )
+    variants = fields.List(
+        fields.Nested(VariantSchema),
+        allow_none=True,
+        metadata={
+            "description": "A/B variants: 2 to 5 wordings, each recipient getting one chosen from the campaign "
+            "and the customer (the same one always), in proportion to their weights; each message is rendered "
+            'from its variant\'s template (docs/api.md, "A/B variants"). null: none.'
         },
     )
     sms_fallback = fields.Nested(
@@ -407,10 +446,26 @@ class PreviewSchema(Schema):
     non_gsm_characters = fields.List(
         fields.String(), metadata={"description": "SMS only: the characters that force UCS-2, once each."}
     )
+    variant = fields.String(metadata={"description": "With A/B variants: the customer's (what the message above is)."})
+    variants = fields.List(
+        fields.Nested(lambda: VariantPreviewSchema()),
+        metadata={"description": "With A/B variants: what each would send this customer."},
+    )
     fallback = fields.Nested(
         lambda: FallbackPreviewSchema(),
         metadata={"description": "A campaign with an sms_fallback: the SMS this customer would get instead."},
     )
+
+
+class VariantPreviewSchema(Schema):
+    name = fields.String(required=True)
+    rendered_message = fields.String(required=True)
+    links = fields.List(fields.String(), required=True)
+    encoding = fields.String(metadata={"enum": ["GSM-7", "UCS-2"], "description": "SMS only."})
+    characters = fields.Integer()
+    units = fields.Integer()
+    segments = fields.Integer()
+    non_gsm_characters = fields.List(fields.String())
 
 
 class FallbackPreviewSchema(Schema):
@@ -466,6 +521,10 @@ class EstimateSchema(Schema):
         metadata={"description": "segments x SMS_SEGMENT_PRICE, exact; null when it is not set, or for WhatsApp."},
     )
     currency = fields.String(required=True, allow_none=True, metadata={"description": "CURRENCY (ISO 4217)."})
+    variants = fields.List(
+        fields.Nested(lambda: VariantEstimateSchema()),
+        metadata={"description": "With A/B variants: each one's share (the totals above add them up)."},
+    )
     fallback = fields.Nested(
         lambda: FallbackEstimateSchema(),
         required=True,
@@ -475,6 +534,16 @@ class EstimateSchema(Schema):
             "back (customers opted out of sms left out). null without one."
         },
     )
+
+
+class VariantEstimateSchema(Schema):
+    name = fields.String(required=True)
+    recipients = fields.Integer(required=True)
+    segments = fields.Integer(required=True, allow_none=True, metadata={"description": "SMS only."})
+    by_encoding = fields.Nested(ByEncodingSchema, required=True, allow_none=True)
+    too_long = fields.Integer(required=True, allow_none=True)
+    cost = fields.Decimal(required=True, allow_none=True, as_string=True)
+    currency = fields.String(required=True, allow_none=True)
 
 
 class FallbackEstimateSchema(Schema):
@@ -496,6 +565,7 @@ class MessageSchema(Schema):
     fallback_for = fields.Integer(
         allow_none=True, metadata={"description": "An SMS fallback: the id of the WhatsApp message it replaces."}
     )
+    variant = fields.String(allow_none=True, metadata={"description": "Its A/B variant's name; null without."})
     status = fields.String(metadata={"enum": list(MessageStatus.ALL)})
     rendered_content = fields.String(allow_none=True)
     last_error = fields.String(allow_none=True)

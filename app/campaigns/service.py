@@ -20,7 +20,7 @@ from app.errors import ConflictError, NotFoundError, ValidationFailed
 from app.extensions import db
 from app.links import shorten
 from app.links.clicks import link_counts
-from app.messaging import fallback_spec, lifecycle, recipient_batches, recipients, triggers
+from app.messaging import fallback_spec, lifecycle, recipient_batches, recipients, triggers, variants
 from app.messaging.segments import GSM_7, UCS_2, encode_info, measure
 from app.messaging.send import window
 from app.messaging.stats import campaign_stats, delivery_times, stats_for
@@ -54,7 +54,7 @@ def get_campaign(campaign_id: int, lock: bool = False) -> Campaign:
 def with_stats(campaign: Campaign) -> Campaign:
     """`campaign` with its message `stats` attached, for the detail view; an SMS campaign also with its
     `template_encoding`, one with an SMS fallback with its `sms_fallback_encoding`."""
-    campaign.stats = campaign_stats(campaign.id)
+    campaign.stats = _with_costs(campaign_stats(campaign.id), campaign.channel)
     sending = campaign.status == CampaignStatus.SENDING and campaign.stats["queued"]
     campaign.queued_beside_others = window.queued_before(campaign.id, campaign.stats["queued"]) if sending else None
     if campaign.channel == Channel.SMS:
@@ -62,6 +62,15 @@ def with_stats(campaign: Campaign) -> Campaign:
     if campaign.sms_fallback:
         campaign.sms_fallback_encoding = template_encoding(campaign.sms_fallback["base_template"])
     return campaign
+
+
+def _with_costs(stats: dict, channel: str) -> dict:
+    """`stats` with each A/B variant's `cost`: its accepted SMS segments x SMS_SEGMENT_PRICE (null for
+    WhatsApp, or without a price)."""
+    price = current_app.config["SMS_SEGMENT_PRICE"]
+    for variant in stats["variants"].values():
+        variant["cost"] = price * variant["segments_sent"] if channel == Channel.SMS and price is not None else None
+    return stats
 
 
 def delivery_seconds(campaign_id: int) -> dict:
@@ -133,11 +142,26 @@ def _checked_fallback(spec: Mapping | None, channel: str) -> dict | None:
         raise ValidationFailed(str(exc), {f"sms_fallback.{exc.field}": [exc.message]}) from None
 
 
+def _checked_variants(spec: list | None, channel: str) -> list[dict] | None:
+    """The `variants` as stored (`variants.normalized`), or a 422 naming what is wrong with them."""
+    if spec is None:
+        return None
+    try:
+        stored = variants.normalized([dict(variant) for variant in spec], channel)
+    except variants.VariantError as exc:
+        raise ValidationFailed(str(exc), {exc.field: [exc.message]}) from None
+    for index, variant in enumerate(stored):
+        check_template(variant["base_template"], channel, f"variants.{index}.base_template")
+    return stored
+
+
 def create_campaign(data: Mapping) -> Campaign:
     check_template(data["base_template"], data["channel"])
     _check_whatsapp_template(data.get("whatsapp_template"), data["channel"])
     if "sms_fallback" in data:
         data = {**data, "sms_fallback": _checked_fallback(data["sms_fallback"], data["channel"])}
+    if "variants" in data:
+        data = {**data, "variants": _checked_variants(data["variants"], data["channel"])}
     scheduled_at = data.get("scheduled_at")
     if scheduled_at is not None:
         _check_schedule(scheduled_at)
@@ -161,7 +185,11 @@ def update_campaign(campaign_id: int, data: Mapping) -> Campaign:
     channel = data.get("channel", campaign.channel)
     check_template(data.get("base_template", campaign.base_template), channel)
     _check_whatsapp_template(data.get("whatsapp_template", campaign.whatsapp_template), channel)
-    data = {**data, "sms_fallback": _checked_fallback(data.get("sms_fallback", campaign.sms_fallback), channel)}
+    data = {
+        **data,
+        "sms_fallback": _checked_fallback(data.get("sms_fallback", campaign.sms_fallback), channel),
+        "variants": _checked_variants(data.get("variants", campaign.variants), channel),
+    }
     if data.get("scheduled_at") is not None:
         _check_schedule(data["scheduled_at"])
     for key, value in data.items():
@@ -192,7 +220,7 @@ def list_campaigns(
     listed = paginate(stmt, Campaign.id, "campaigns", page_size, page, cursor)
     stats = stats_for(campaign.id for campaign in listed["data"])
     for campaign in listed["data"]:
-        campaign.stats = stats[campaign.id]
+        campaign.stats = _with_costs(stats[campaign.id], campaign.channel)
     return listed
 
 
@@ -246,7 +274,9 @@ def _add_recipients(
     batches of an audience (`recipient_batches`; the campaign then records where the rest starts)."""
     if customer_ids is not None:
         where = _ids_filter(customer_ids)
-        rows = recipients.create_pending_messages(campaign.id, where, campaign.channel, caps.cap_for(campaign))
+        rows = recipients.create_pending_messages(
+            campaign.id, where, campaign.channel, caps.cap_for(campaign), campaign.variants
+        )
         # Read in the same transaction, after the insert: the opted-out among the ids it left out.
         return recipient_batches.Added(rows.count, optouts.count_opted_out(where, campaign.channel), rows.capped)
     if campaign.adding_after is not None:
@@ -360,16 +390,28 @@ def preview(campaign_id: int, customer_id: int) -> dict:
     campaign = get_campaign(campaign_id)
     customer = get_customer(customer_id)
     fields = {name: getattr(customer, name) for name in recipients.RENDER_FIELDS}
-    answer = {
-        "campaign_id": campaign.id,
-        "customer_id": customer.id,
-        **_preview(campaign, campaign.base_template, fields),
-    }
-    if campaign.channel == Channel.SMS:
-        answer.update(encode_info(answer["rendered_message"]).as_dict())
+    template = campaign.base_template
+    answer = {"campaign_id": campaign.id, "customer_id": customer.id}
+    if campaign.variants:
+        # The customer's own variant, and what each variant would send them.
+        answer["variant"] = variants.choose(campaign.variants, campaign.id, customer.id)
+        template = variants.named(campaign.variants, answer["variant"])["base_template"]
+        answer["variants"] = [
+            {"name": variant["name"], **_preview_for_channel(campaign, variant["base_template"], fields)}
+            for variant in campaign.variants
+        ]
+    answer.update(_preview_for_channel(campaign, template, fields))
     if campaign.sms_fallback:
         sms = _preview(campaign, campaign.sms_fallback["base_template"], fields)
         answer["fallback"] = {**sms, **encode_info(sms["rendered_message"]).as_dict()}
+    return answer
+
+
+def _preview_for_channel(campaign: Campaign, template: str, fields: dict) -> dict:
+    """`_preview`, with an SMS's encoding and segments."""
+    answer = _preview(campaign, template, fields)
+    if campaign.channel == Channel.SMS:
+        answer.update(encode_info(answer["rendered_message"]).as_dict())
     return answer
 
 
@@ -414,7 +456,12 @@ def estimate(campaign_id: int, customer_ids: list[int] | None = None, audience: 
             "cost": None,
             "currency": None,
         }
-        if campaign.channel != Channel.SMS:
+        if campaign.variants:
+            answer["variants"] = [_estimate_variant(campaign, variant, kept) for variant in campaign.variants]
+            answer["recipients"] = sum(variant["recipients"] for variant in answer["variants"])
+            if campaign.channel == Channel.SMS:
+                answer.update(_summed(answer["variants"]))
+        elif campaign.channel != Channel.SMS:
             answer["recipients"] = recipients.count_customers(kept)
         else:
             answer.update(_count_sms(campaign.base_template, kept, campaign.track_links))
@@ -428,9 +475,36 @@ def estimate(campaign_id: int, customer_ids: list[int] | None = None, audience: 
     finally:
         db.session.rollback()  # read only: end the transaction (and its cursor) here
     _price(answer)
-    if answer["fallback"] is not None:
-        _price(answer["fallback"])
+    for part in (answer["fallback"], *answer.get("variants", ())):
+        if part is not None:
+            _price(part)
     return answer
+
+
+def _estimate_variant(campaign: Campaign, variant: dict, kept: ColumnElement[bool]) -> dict:
+    """One variant's share of an estimate: its recipients (the customers it is chosen for), and for SMS their
+    messages rendered from its template and counted."""
+    where = and_(kept, variants.assignment(campaign.variants, campaign.id, Customer.id) == variant["name"])
+    answer = {"name": variant["name"], "segments": None, "by_encoding": None, "too_long": None}
+    if campaign.channel == Channel.SMS:
+        answer.update(_count_sms(variant["base_template"], where, campaign.track_links))
+    else:
+        answer["recipients"] = recipients.count_customers(where)
+    return {**answer, "cost": None, "currency": None}
+
+
+def _summed(parts: list[dict]) -> dict:
+    """SMS estimates' recipients, segments, split by encoding and too-long messages, added up."""
+    by_encoding = {
+        name: {key: sum(part["by_encoding"][name][key] for part in parts) for key in ("messages", "segments")}
+        for name in (GSM_7, UCS_2)
+    }
+    return {
+        "recipients": sum(part["recipients"] for part in parts),
+        "segments": sum(part["segments"] for part in parts),
+        "by_encoding": by_encoding,
+        "too_long": sum(part["too_long"] for part in parts),
+    }
 
 
 def _price(answer: dict) -> None:

@@ -515,7 +515,9 @@ CLAIM = (
         claim_token=case((_CAMPAIGN_SENDING, bindparam("token", type_=BigInteger)), else_=null()),
         updated_at=bindparam("now"),
     )
-    .returning(_M.c.id, _M.c.status, _M.c.retry_count, _M.c.campaign_id, _M.c.customer_id, _M.c.fallback_for)
+    .returning(
+        _M.c.id, _M.c.status, _M.c.retry_count, _M.c.campaign_id, _M.c.customer_id, _M.c.fallback_for, _M.c.variant
+    )
 )
 
 # A claim ends: what its attempt came to (`sent`, `failed`, `canceled`), or the message goes back to

@@ -88,7 +88,9 @@ def add_batch(campaign: Campaign, audience: ColumnElement[bool], after: int, siz
         select(Customer.id).where(audience, Customer.id > after).order_by(Customer.id).offset(size).limit(1)
     )
     in_batch = and_(audience, Customer.id > after, *([Customer.id < beyond] if beyond is not None else []))
-    rows = recipients.create_pending_messages(campaign.id, in_batch, campaign.channel, caps.cap_for(campaign))
+    rows = recipients.create_pending_messages(
+        campaign.id, in_batch, campaign.channel, caps.cap_for(campaign), campaign.variants
+    )
     return Batch(
         created=rows.count,
         skipped_opted_out=optouts.count_opted_out(in_batch, campaign.channel),

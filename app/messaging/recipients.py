@@ -20,6 +20,7 @@ from app.audiences.caps import capped
 from app.customers.optouts import not_opted_out
 from app.database import statement_budget
 from app.extensions import db
+from app.messaging.variants import assignment
 from app.models import Customer, MessageStatus, OutboundMessage
 from config import FrequencyCap
 
@@ -36,11 +37,16 @@ class NewRows:
 
 
 def create_pending_messages(
-    campaign_id: int, audience: ColumnElement[bool], channel: str, cap: FrequencyCap | None = None
+    campaign_id: int,
+    audience: ColumnElement[bool],
+    channel: str,
+    cap: FrequencyCap | None = None,
+    variants: list[dict] | None = None,
 ) -> NewRows:
     """Insert a pending message for every customer matching `audience` who has none in the campaign, is
     not opted out of `channel` and, with a frequency `cap`, is not capped; `capped` counts the customers the
-    cap left out (those without a message in the campaign before).
+    cap left out (those without a message in the campaign before). With `variants`, each message records the
+    customer's (`app.messaging.variants`).
 
     One statement, in the caller's transaction; the caller commits. On PostgreSQL it runs with
     `SEND_STATEMENT_TIMEOUT` for the rest of the transaction: a million recipients take about 9 s.
@@ -67,7 +73,7 @@ def create_pending_messages(
                 .where(source.c.capped, ~_has_message(source.c.customer_id, campaign_id))
                 .scalar_subquery()
             )
-        inserted = _insert(campaign_id, source, now, dialect).cte("inserted")
+        inserted = _insert(campaign_id, source, now, dialect, variants).cte("inserted")
         with statement_budget(db.session, current_app.config["SEND_STATEMENT_TIMEOUT"]):
             count, first, last, held = db.session.execute(
                 select(func.count(), func.min(inserted.c.id), func.max(inserted.c.id), left_out)
@@ -81,7 +87,7 @@ def create_pending_messages(
             select(func.count()).where(found.c.capped, ~_has_message(found.c.customer_id, campaign_id))
         )
     count, first, last = 0, None, None
-    for (message_id,) in db.session.execute(_insert(campaign_id, candidates.subquery(), now, dialect)):
+    for (message_id,) in db.session.execute(_insert(campaign_id, candidates.subquery(), now, dialect, variants)):
         count += 1
         first = message_id if first is None else min(first, message_id)
         last = message_id if last is None else max(last, message_id)
@@ -96,7 +102,7 @@ def _has_message(customer_id, campaign_id: int) -> ColumnElement[bool]:
     )
 
 
-def _insert(campaign_id: int, candidates, now, dialect: str):
+def _insert(campaign_id: int, candidates, now, dialect: str, variants: list[dict] | None = None):
     """`INSERT ... SELECT` of a pending message for each candidate the cap leaves in; repeats do nothing."""
     rows = select(
         literal(campaign_id),
@@ -105,8 +111,9 @@ def _insert(campaign_id: int, candidates, now, dialect: str):
         literal(0),
         literal(now, OutboundMessage.created_at.type),
         literal(now, OutboundMessage.updated_at.type),
+        assignment(variants, campaign_id, candidates.c.customer_id),
     ).where(~candidates.c.capped)
-    columns = ["campaign_id", "customer_id", "status", "retry_count", "created_at", "updated_at"]
+    columns = ["campaign_id", "customer_id", "status", "retry_count", "created_at", "updated_at", "variant"]
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return (
         insert(OutboundMessage)

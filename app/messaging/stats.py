@@ -60,18 +60,23 @@ _FOLD = text(
     """
 )
 
-# The key a message is counted under: its status; for an SMS fallback (`fallback_for`) `f:` and its status,
-# or `f:opted_out` / `f:frequency_cap` for one skipped for that reason (app.messaging.fallback). Migration
-# 0018's trigger computes the same.
+# The key a message is counted under: its status; `v:<variant>:<status>` for a message of an A/B variant
+# (app.messaging.variants); for an SMS fallback (`fallback_for`) `f:` and its status, or `f:opted_out` /
+# `f:frequency_cap` for one skipped for that reason (app.messaging.fallback). Migration 0019's trigger
+# computes the same.
 FALLBACK_PREFIX = "f:"
+VARIANT_PREFIX = "v:"
 SKIPPED_FALLBACKS = ("opted_out", "frequency_cap")
 KEY = (
-    "CASE WHEN fallback_for IS NULL THEN status"
+    "CASE WHEN fallback_for IS NULL AND variant IS NULL THEN status"
+    " WHEN fallback_for IS NULL THEN 'v:' || variant || ':' || status"
     " WHEN status = 'canceled' AND error_code IN ('opted_out', 'frequency_cap') THEN 'f:' || error_code"
     " ELSE 'f:' || status END"
 )
+_OWN = OutboundMessage.fallback_for.is_(None)
 COUNT_KEY = case(
-    (OutboundMessage.fallback_for.is_(None), OutboundMessage.status),
+    (and_(_OWN, OutboundMessage.variant.is_(None)), OutboundMessage.status),
+    (_OWN, literal(VARIANT_PREFIX) + OutboundMessage.variant + literal(":") + OutboundMessage.status),
     (
         and_(OutboundMessage.status == MessageStatus.CANCELED, OutboundMessage.error_code.in_(SKIPPED_FALLBACKS)),
         literal(FALLBACK_PREFIX) + OutboundMessage.error_code,
@@ -161,21 +166,42 @@ def _empty() -> dict[str, int]:
         | {"read": 0, "clicked": 0, "clicks": 0, "total": 0, "segments_sent": 0}
         | {f"fallback_{status}": 0 for status in MessageStatus.ALL}
         | {f"fallback_skipped_{reason}": 0 for reason in SKIPPED_FALLBACKS}
-        | {"fallback_total": 0, "delivered_after_fallback": 0}
+        | {"fallback_total": 0, "delivered_after_fallback": 0, "variants": {}}
     )
+
+
+def _variant_empty() -> dict[str, int]:
+    return {status: 0 for status in MessageStatus.ALL} | {
+        "read": 0,
+        "clicked": 0,
+        "clicks": 0,
+        "total": 0,
+        "segments_sent": 0,
+    }
 
 
 def stats_from(rows: Iterable[tuple]) -> dict[int, dict[str, int]]:
     """`counts_query` or `rows_query` rows as each campaign's stats (without the held ones). The campaign's own
-    messages are counted by status and in `total`; its SMS fallbacks apart (`fallback_<status>`,
-    `fallback_skipped_<reason>`, `fallback_total`), their segments and clicks with the campaign's."""
+    messages are counted by status and in `total`, and per A/B variant in `variants` (by name); its SMS
+    fallbacks apart (`fallback_<status>`, `fallback_skipped_<reason>`, `fallback_total`), their segments and
+    clicks with the campaign's."""
     stats: dict[int, dict[str, int]] = {}
     for campaign_id, key, messages, read, segments, clicked, clicks in rows:
         campaign = stats.setdefault(campaign_id, _empty())
         is_fallback = key.startswith(FALLBACK_PREFIX)
         status = key.removeprefix(FALLBACK_PREFIX)
+        if key.startswith(VARIANT_PREFIX):
+            name, status = key.removeprefix(VARIANT_PREFIX).rsplit(":", 1)
+            variant = campaign["variants"].setdefault(name, _variant_empty())
+            variant[status] += int(messages)
+            variant["total"] += int(messages)
+            variant["read"] += int(read)
+            variant["clicked"] += int(clicked)
+            variant["clicks"] += int(clicks)
+            if status in MessageStatus.ACCEPTED:
+                variant["segments_sent"] += int(segments)
         if not is_fallback:
-            campaign[status] = int(messages)
+            campaign[status] += int(messages)
             campaign["total"] += int(messages)
         else:
             name = f"fallback_skipped_{status}" if status in SKIPPED_FALLBACKS else f"fallback_{status}"

@@ -99,6 +99,12 @@ def upgrade():
     else:
         _create_customer_campaign_fallback()
         _drop_customer_campaign()
+    _create_fallback_for()
+    if op.get_context().dialect.name == "postgresql":
+        op.execute(CAPTURE)
+
+
+def _create_fallback_for():
     op.create_index(
         "uq_outbound_messages_fallback_for",
         "outbound_messages",
@@ -107,8 +113,12 @@ def upgrade():
         postgresql_where=sa.text("fallback_for IS NOT NULL"),
         sqlite_where=sa.text("fallback_for IS NOT NULL"),
     )
-    if op.get_context().dialect.name == "postgresql":
-        op.execute(CAPTURE)
+
+
+def create_indexes():
+    """The two indexes this migration makes (a later migration's SQLite downgrade makes them again)."""
+    _create_customer_campaign_fallback()
+    _create_fallback_for()
 
 
 def downgrade():

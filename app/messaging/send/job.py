@@ -41,7 +41,7 @@ from app import clock, metrics
 from app.customers import optouts
 from app.extensions import db
 from app.links import shorten
-from app.messaging import fallback, lifecycle, receipts
+from app.messaging import fallback, lifecycle, receipts, variants
 from app.messaging.providers import OutgoingMessage, Provider, SendResult, WhatsAppTemplate, get_provider
 from app.messaging.providers.http import LATE_FOR_SLOT
 from app.messaging.segments import segments
@@ -105,6 +105,7 @@ def send_outbound_message(message_id: int, job_seq: int) -> str | Retry:
     if row["status"] != MessageStatus.SENDING:
         metrics.count_message(row["channel"], "held" if row["status"] == MessageStatus.PENDING else "canceled")
         return f"held: campaign {row['campaign_status']}"
+    row = variants.for_message(row)  # its variant's templates, when the campaign has variants
     try:
         outcome = _attempt_and_decide(row, message_id, claim)
     except Exception as exc:

@@ -63,6 +63,9 @@ def _load(claimed):
             claimed.c.campaign_id,
             claimed.c.customer_id,
             claimed.c.fallback_for,
+            # Its A/B variant, and the campaign's variants: the job renders it from its variant's template.
+            claimed.c.variant,
+            Campaign.variants,
             # A customer who opted out of the channel after the message was queued is not messaged: the
             # message is canceled instead (one primary-key probe, in the same round trip).
             exists()
