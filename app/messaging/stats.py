@@ -180,6 +180,19 @@ def _variant_empty() -> dict[str, int]:
     }
 
 
+def _add(counts: dict, name: str, status: str, total: str, figures: tuple[int, int, int, int, int]) -> None:
+    """Add one key's figures (messages, read, segments, clicked, clicks) to `counts`: its messages under
+    `name` and `total`, the rest to read and clicks, and its segments when the provider accepted them."""
+    messages, read, segments, clicked, clicks = figures
+    counts[name] += messages
+    counts[total] += messages
+    counts["read"] += read
+    counts["clicked"] += clicked
+    counts["clicks"] += clicks
+    if status in MessageStatus.ACCEPTED:
+        counts["segments_sent"] += segments
+
+
 def stats_from(rows: Iterable[tuple]) -> dict[int, dict[str, int]]:
     """`counts_query` or `rows_query` rows as each campaign's stats (without the held ones). The campaign's own
     messages are counted by status and in `total`, and per A/B variant in `variants` (by name); its SMS
@@ -188,30 +201,17 @@ def stats_from(rows: Iterable[tuple]) -> dict[int, dict[str, int]]:
     stats: dict[int, dict[str, int]] = {}
     for campaign_id, key, messages, read, segments, clicked, clicks in rows:
         campaign = stats.setdefault(campaign_id, _empty())
-        is_fallback = key.startswith(FALLBACK_PREFIX)
-        status = key.removeprefix(FALLBACK_PREFIX)
+        figures = (int(messages), int(read), int(segments), int(clicked), int(clicks))
         if key.startswith(VARIANT_PREFIX):
             name, status = key.removeprefix(VARIANT_PREFIX).rsplit(":", 1)
-            variant = campaign["variants"].setdefault(name, _variant_empty())
-            variant[status] += int(messages)
-            variant["total"] += int(messages)
-            variant["read"] += int(read)
-            variant["clicked"] += int(clicked)
-            variant["clicks"] += int(clicks)
-            if status in MessageStatus.ACCEPTED:
-                variant["segments_sent"] += int(segments)
-        if not is_fallback:
-            campaign[status] += int(messages)
-            campaign["total"] += int(messages)
-        else:
+            _add(campaign["variants"].setdefault(name, _variant_empty()), status, status, "total", figures)
+            _add(campaign, status, status, "total", figures)
+        elif key.startswith(FALLBACK_PREFIX):
+            status = key.removeprefix(FALLBACK_PREFIX)
             name = f"fallback_skipped_{status}" if status in SKIPPED_FALLBACKS else f"fallback_{status}"
-            campaign[name] = int(messages)
-            campaign["fallback_total"] += int(messages)
-        campaign["read"] += int(read)
-        campaign["clicked"] += int(clicked)
-        campaign["clicks"] += int(clicks)
-        if status in MessageStatus.ACCEPTED:
-            campaign["segments_sent"] += int(segments)
+            _add(campaign, name, status, "fallback_total", figures)
+        else:
+            _add(campaign, key, key, "total", figures)
     return stats
 
 
