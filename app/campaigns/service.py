@@ -129,7 +129,7 @@ def _check_whatsapp_template(template: Mapping | None, channel: str) -> None:
 
 
 def _checked_fallback(spec: Mapping | None, channel: str) -> dict | None:
-    """The `sms_fallback` as stored (`fallback.normalized`), or a 422 naming what is wrong with it."""
+    """The `sms_fallback` as stored (`fallback_spec.normalized`), or a 422 naming what is wrong with it."""
     if spec is None:
         return None
     if channel != Channel.WHATSAPP:

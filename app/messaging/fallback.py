@@ -42,16 +42,8 @@ from app import clock, metrics
 from app.audiences import caps
 from app.extensions import db
 from app.messaging import lifecycle
-from app.messaging.fallback_spec import (
-    CODE_TRIGGERS,
-    NOT_DELIVERED,
-    OPTED_OUT_CODE,
-    FallbackError,
-    normalized,
-    trigger_codes,
-    triggers_on,
-    within,
-)
+from app.messaging.fallback_spec import NOT_DELIVERED, triggers_on, within
+from app.messaging.providers import whatsapp_cloud
 from app.messaging.send import window
 from app.models import (
     Campaign,
@@ -85,7 +77,7 @@ def reason_for(row: dict, status: str, error_code: str | None) -> str | None:
         return None
     if status != MessageStatus.FAILED:
         return None
-    trigger = CODE_TRIGGERS.get(error_code or "")
+    trigger = whatsapp_cloud.FALLBACK_TRIGGERS.get(error_code or "")
     return trigger if triggers_on(spec, trigger) else None
 
 
@@ -98,19 +90,20 @@ def _insert(campaign: Campaign, replaced, where: ColumnElement[bool], now: datet
     )
     cap = caps.cap_for(campaign)
     capped = false() if cap is None else caps.capped(cap, now, besides_campaign=campaign.id)
-    status = case((opted_out, MessageStatus.CANCELED), (capped, MessageStatus.CANCELED), else_=MessageStatus.PENDING)
+    # Why it is skipped (its error code), or null: it goes.
     code = case((opted_out, "opted_out"), (capped, "frequency_cap"), else_=None)
+    skipped = code.is_not(None)
     error = case((opted_out, SKIPPED_OPTED_OUT), (capped, SKIPPED_CAPPED), else_=None)
     rows = (
         select(
             replaced.campaign_id,
             replaced.customer_id,
-            status,
+            case((skipped, MessageStatus.CANCELED), else_=MessageStatus.PENDING),
             literal(0),
             replaced.id,
             code,
             error,
-            case((opted_out, ErrorClass.PERMANENT), (capped, ErrorClass.PERMANENT), else_=None),
+            case((skipped, ErrorClass.PERMANENT), else_=None),
             literal(now, OutboundMessage.created_at.type),
             literal(now, OutboundMessage.updated_at.type),
         )
@@ -143,14 +136,16 @@ def _insert(campaign: Campaign, replaced, where: ColumnElement[bool], now: datet
     return [status for status, _ in made]
 
 
-def _open_campaign(campaign_id: int, lock: bool = True) -> Campaign | None:
+def _open_campaign(campaign_id: int) -> Campaign | None:
     """The campaign, locked, if it has a fallback and is not canceled."""
-    stmt = select(Campaign).where(
-        Campaign.id == campaign_id, Campaign.sms_fallback.is_not(None), Campaign.status != CampaignStatus.CANCELED
+    return db.session.scalar(
+        select(Campaign)
+        .where(
+            Campaign.id == campaign_id, Campaign.sms_fallback.is_not(None), Campaign.status != CampaignStatus.CANCELED
+        )
+        .with_for_update()
+        .execution_options(populate_existing=True)
     )
-    if lock:
-        stmt = stmt.with_for_update().execution_options(populate_existing=True)
-    return db.session.scalar(stmt)
 
 
 def _after_insert(campaign_id: int, statuses: list[str]) -> bool:
@@ -196,7 +191,7 @@ def _due(replaced, spec: dict, now: datetime) -> ColumnElement[bool]:
     """The WhatsApp messages whose fallback is due now and was not created (a trigger lost between a record
     and its fallback, or a not-delivered window that has passed)."""
     due = []
-    codes = trigger_codes(spec)
+    codes = whatsapp_cloud.fallback_codes(spec)
     if codes:
         due.append(and_(replaced.status == MessageStatus.FAILED, replaced.error_code.in_(codes)))
     if triggers_on(spec, NOT_DELIVERED):
@@ -205,7 +200,7 @@ def _due(replaced, spec: dict, now: datetime) -> ColumnElement[bool]:
                 replaced.status.in_((MessageStatus.SENT, MessageStatus.FAILED, MessageStatus.UNDELIVERED)),
                 replaced.sent_at.is_not(None),
                 replaced.sent_at <= now - within(spec),
-                or_(replaced.error_code.is_(None), replaced.error_code != OPTED_OUT_CODE),
+                or_(replaced.error_code.is_(None), replaced.error_code != str(whatsapp_cloud.OPTED_OUT)),
             )
         )
     return or_(*due) if due else false()
@@ -275,6 +270,3 @@ def schedule_check(campaign_id: int, sent_at: datetime, spec: dict) -> None:
     if len(_scheduled) > 10_000:
         _scheduled.clear()
     _scheduled[campaign_id] = bucket
-
-
-__all__ = ["FallbackError", "check", "normalized", "reason_for", "schedule_check", "sweep", "trigger"]

@@ -1,5 +1,6 @@
 """A campaign's `sms_fallback` as data: what triggers it and how long a WhatsApp message has to be delivered
-(app.messaging.fallback acts on it; the lifecycle reads it to know when a campaign may end)."""
+(app.messaging.fallback acts on it; the lifecycle reads it to know when a campaign may end). The WhatsApp codes
+that trigger it are WhatsApp's (`providers.whatsapp_cloud.FALLBACK_TRIGGERS`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,6 @@ UNDELIVERABLE = "undeliverable"
 WINDOW_CLOSED = "window_closed"
 NOT_DELIVERED = "not_delivered"
 TRIGGERS = (UNDELIVERABLE, WINDOW_CLOSED, NOT_DELIVERED)
-# A WhatsApp failure's code (in the send's answer or a failed status) -> what it triggers; no other code
-# triggers one by itself. 131026: the number cannot get WhatsApp messages (no account, an old app, terms
-# not accepted). 131047: a text outside the 24-hour customer service window.
-CODE_TRIGGERS = {"131026": UNDELIVERABLE, "131047": WINDOW_CLOSED}
-# The customer stopped WhatsApp marketing: never a fallback (they asked for less marketing).
-OPTED_OUT_CODE = "131050"
 # What a fallback waits for when `not_delivered_within` is not given.
 DEFAULT_WITHIN = "2h"
 # The longest `not_delivered_within`: WhatsApp keeps trying a message for up to 30 days, but a fallback days
@@ -66,8 +61,3 @@ def within(spec: dict) -> timedelta:
 
 def triggers_on(spec: dict | None, trigger: str) -> bool:
     return bool(spec) and trigger in spec.get("on", ())
-
-
-def trigger_codes(spec: dict | None) -> list[str]:
-    """The WhatsApp codes whose failure triggers this fallback."""
-    return [code for code, trigger in CODE_TRIGGERS.items() if triggers_on(spec, trigger)]

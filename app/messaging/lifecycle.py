@@ -37,6 +37,7 @@ from sqlalchemy.orm import aliased
 from app import clock
 from app.extensions import db
 from app.messaging import fallback_spec, stats
+from app.messaging.providers import whatsapp_cloud
 from app.messaging.recipients import NewRows
 from app.models import (
     Campaign,
@@ -309,7 +310,7 @@ def may_still_trigger_fallback(campaign_id: int, spec: dict | None, now: datetim
     sent = OutboundMessage.status == MessageStatus.SENT
     if not fallback_spec.triggers_on(spec, fallback_spec.NOT_DELIVERED):
         sent = and_(sent, OutboundMessage.sent_at > now - fallback_spec.within(spec))
-    codes = fallback_spec.trigger_codes(spec)
+    codes = whatsapp_cloud.fallback_codes(spec)
     # A failure that triggers one whose fallback is not made yet (the reconciler makes it).
     triggered = and_(OutboundMessage.status == MessageStatus.FAILED, OutboundMessage.error_code.in_(codes))
     waiting = and_(

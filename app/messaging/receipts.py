@@ -21,7 +21,7 @@ from sqlalchemy import delete, exists, select
 from app import clock, metrics
 from app.customers import optouts
 from app.extensions import db
-from app.messaging import fallback, fallback_spec, lifecycle, providers
+from app.messaging import fallback, lifecycle, providers
 from app.messaging.providers.base import Receipt
 from app.messaging.send import window
 from app.models import Campaign, DeliveryReceipt, ErrorClass, MessageStatus, OutboundMessage
@@ -114,7 +114,8 @@ def _apply(receipt: Receipt, held: list[tuple[int, datetime]], triggered: list[t
     if applied and receipt.status == MessageStatus.FAILED:
         if providers.receipt_opts_out(receipt.provider, receipt.error_code):
             _opt_out_recipient(receipt)
-        reason = fallback_spec.CODE_TRIGGERS.get(receipt.error_code or "") if receipt.provider == _WHATSAPP else None
+        whatsapp = providers.whatsapp_cloud
+        reason = whatsapp.FALLBACK_TRIGGERS.get(receipt.error_code or "") if receipt.provider == _WHATSAPP else None
         if reason is not None:
             triggered.append((receipt.provider, receipt.provider_message_id, reason))
     return applied

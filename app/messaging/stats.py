@@ -160,17 +160,8 @@ _KEPT_COUNTS = select(
 ).group_by(_BOTH.c.campaign_id, _BOTH.c.status)
 
 
-def _empty() -> dict[str, int]:
-    return (
-        {status: 0 for status in MessageStatus.ALL}
-        | {"read": 0, "clicked": 0, "clicks": 0, "total": 0, "segments_sent": 0}
-        | {f"fallback_{status}": 0 for status in MessageStatus.ALL}
-        | {f"fallback_skipped_{reason}": 0 for reason in SKIPPED_FALLBACKS}
-        | {"fallback_total": 0, "delivered_after_fallback": 0, "variants": {}}
-    )
-
-
-def _variant_empty() -> dict[str, int]:
+def _no_messages() -> dict[str, int]:
+    """Every status, read, clicks, total and segments at 0: a variant's counts, and the start of a campaign's."""
     return {status: 0 for status in MessageStatus.ALL} | {
         "read": 0,
         "clicked": 0,
@@ -178,6 +169,15 @@ def _variant_empty() -> dict[str, int]:
         "total": 0,
         "segments_sent": 0,
     }
+
+
+def _empty() -> dict[str, int]:
+    return (
+        _no_messages()
+        | {f"fallback_{status}": 0 for status in MessageStatus.ALL}
+        | {f"fallback_skipped_{reason}": 0 for reason in SKIPPED_FALLBACKS}
+        | {"fallback_total": 0, "delivered_after_fallback": 0, "variants": {}}
+    )
 
 
 def _add(counts: dict, name: str, status: str, total: str, figures: tuple[int, int, int, int, int]) -> None:
@@ -204,7 +204,7 @@ def stats_from(rows: Iterable[tuple]) -> dict[int, dict[str, int]]:
         figures = (int(messages), int(read), int(segments), int(clicked), int(clicks))
         if key.startswith(VARIANT_PREFIX):
             name, status = key.removeprefix(VARIANT_PREFIX).rsplit(":", 1)
-            _add(campaign["variants"].setdefault(name, _variant_empty()), status, status, "total", figures)
+            _add(campaign["variants"].setdefault(name, _no_messages()), status, status, "total", figures)
             _add(campaign, status, status, "total", figures)
         elif key.startswith(FALLBACK_PREFIX):
             status = key.removeprefix(FALLBACK_PREFIX)

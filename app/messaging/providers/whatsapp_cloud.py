@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from flask import Flask
 
+from app.messaging.fallback_spec import UNDELIVERABLE, WINDOW_CLOSED, triggers_on
 from app.messaging.providers.base import (
     MAX_CODE_LENGTH,
     MAX_ID_LENGTH,
@@ -121,6 +122,18 @@ OPTED_OUT = 131050
 # (`lifecycle.hold_for_provider`); held again, it fails for good.
 HELD_BACK = "131049"
 HOLD = timedelta(hours=24)
+
+# A failure's code, in the send's answer or a failed status -> the SMS fallback trigger it is
+# (app.messaging.fallback); no other code triggers one by itself. 131026: the number cannot get WhatsApp
+# messages (no account, an old app, terms not accepted). 131047: a text outside the 24-hour customer service
+# window. Never 131050 (`OPTED_OUT`): the customer asked for less marketing, not for another channel.
+FALLBACK_TRIGGERS = {"131026": UNDELIVERABLE, "131047": WINDOW_CLOSED}
+
+
+def fallback_codes(spec: dict | None) -> list[str]:
+    """The codes whose failure triggers this `sms_fallback`."""
+    return [code for code, trigger in FALLBACK_TRIGGERS.items() if triggers_on(spec, trigger)]
+
 
 # What a failed status's code asks beyond the failure (`app.messaging.providers.receipt_opts_out` and
 # `receipt_hold`).
